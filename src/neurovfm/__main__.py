@@ -1,0 +1,3 @@
+from neurovfm.cli import main
+
+raise SystemExit(main())

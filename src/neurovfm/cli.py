@@ -1,0 +1,107 @@
+"""The ``neurovfm`` command line: one subcommand per stage of the data's path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from neurovfm import __version__
+from neurovfm.errors import NeuroVFMError
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = text.split("/")
+        return int(i), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like i/N, got {text!r}") from None
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from neurovfm.ingest.pipeline import IngestOptions, run_ingest
+
+    opts = IngestOptions(workers=a.workers, shard=a.shard, modality=a.modality, strict=a.strict,
+                         progress=not a.quiet)
+    summary = run_ingest(a.src, a.cache, opts)
+    print(summary.table())
+    print(f"manifest: {a.cache.rstrip('/')}/manifest.csv")
+    if a.strict and summary.failed:
+        print(f"--strict: {summary.failed} failure(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_audit(a: argparse.Namespace) -> int:
+    from neurovfm.privacy.audit import audit
+
+    rep = audit(a.cache, a.source)
+    print(f"needles: {rep.needles}  files: {rep.files_scanned}  bytes: {rep.bytes_scanned}")
+    if rep.clean:
+        print("PHI audit: clean (no identifying value from the source headers found in the cache)")
+        return 0
+    print(f"PHI audit: FOUND {len(rep.hits)} identifying value(s) in the cache:", file=sys.stderr)
+    for f, kind, off in rep.hits[:50]:
+        print(f"  {f} @ {off}: value of {kind}", file=sys.stderr)
+    return 3
+
+
+def cmd_cache_info(a: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from neurovfm.tokens.cache import TokenCache
+
+    c = TokenCache(a.cache)
+    rows = c.series()
+    by = Counter((r.modality, r.sequence or r.kernel) for r in rows)
+    info = {
+        "series": len(rows),
+        "tokens": int(sum(r.n_tokens for r in rows)),
+        "schema_hash": c.meta["schema_hash"],
+        "policy_hash": c.policy_hash,
+        "by_type": {f"{m}/{s}": n for (m, s), n in sorted(by.items(), key=lambda kv: str(kv[0]))},
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="neurovfm", description=__doc__)
+    p.add_argument("--version", action="version", version=f"neurovfm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("ingest", help="DICOM/NIfTI folder tree -> token cache")
+    s.add_argument("src", help="folder to walk (any layout, nested, files with or without extensions)")
+    s.add_argument("cache", help="token cache folder (created or appended to)")
+    s.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    s.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/N", help="process only studies of shard i of N")
+    s.add_argument("--modality", choices=["ct", "mr"], help="modality of NIfTI files without a sidecar")
+    s.add_argument("--strict", action="store_true", help="exit non-zero if any file or series failed")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("audit-phi", help="scan every byte of a cache for identifying values from the source headers")
+    s.add_argument("cache")
+    s.add_argument("--source", required=True, help="the source folder the cache was built from")
+    s.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("cache-info", help="counts and hashes of a token cache")
+    s.add_argument("cache")
+    s.set_defaults(func=cmd_cache_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return int(a.func(a))
+    except NeuroVFMError as e:
+        print(f"neurovfm {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad option values (validated dataclasses)
+        print(f"neurovfm {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

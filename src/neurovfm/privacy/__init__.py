@@ -1,0 +1,1 @@
+"""Patient privacy: keyed-hash identifiers, the metadata allowlist and the PHI audit."""

@@ -1,0 +1,1 @@
+"""Embedded data: writers and generators for the project's own DICOM/NIfTI archives."""
