@@ -22,9 +22,13 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     from neurovfm.ingest.pipeline import IngestOptions, run_ingest
 
     opts = IngestOptions(workers=a.workers, shard=a.shard, modality=a.modality, strict=a.strict,
-                         progress=not a.quiet)
+                         progress=not a.quiet, series_per_shard=a.series_per_shard)
     summary = run_ingest(a.src, a.cache, opts)
     print(summary.table())
+    if a.show_paths and summary.refused_files:
+        print("refused (paths are shown here only, never written to the cache):")
+        for rel, status, code, reason in summary.refused_files:
+            print(f"  {status:7s} {code:20s} {rel}: {reason}")
     print(f"manifest: {a.cache.rstrip('/')}/manifest.csv")
     if a.strict and summary.failed:
         print(f"--strict: {summary.failed} failure(s)", file=sys.stderr)
@@ -78,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", choices=["ct", "mr"], help="modality of NIfTI files without a sidecar")
     s.add_argument("--strict", action="store_true", help="exit non-zero if any file or series failed")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--show-paths", action="store_true",
+                   help="print the source paths of refused files/series on this terminal (they may contain identifiers)")
+    s.add_argument("--series-per-shard", type=int, default=64, help="commit a shard every N series (default 64)")
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("audit-phi", help="scan every byte of a cache for identifying values from the source headers")

@@ -42,11 +42,14 @@ class IngestOptions:
     strict: bool = False
     policy: PreprocessPolicy = DEFAULT_POLICY
     progress: bool = True
+    series_per_shard: int = 64  # a shard is committed after this many series (or 256 MiB)
 
     def __post_init__(self) -> None:
         i, n = self.shard
         if n < 1 or not 0 <= i < n:
             raise ValueError(f"--shard must be i/N with 0 <= i < N, got {i}/{n}")
+        if self.series_per_shard < 1:
+            raise ValueError("--series-per-shard must be >= 1")
         if self.workers < 1:
             raise ValueError("--workers must be >= 1")
         if self.modality is not None and self.modality.lower() not in ("ct", "mr", "mri"):
@@ -61,6 +64,8 @@ class IngestSummary:
     cached: int = 0  # already in the cache from an earlier run
     tokens: int = 0
     reasons: Counter = field(default_factory=Counter)
+    # (path relative to the source, status, code, reason): shown on request, never written to the cache
+    refused_files: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def table(self) -> str:
         lines = [
@@ -169,6 +174,7 @@ def _patient_of(unit: Unit, sidecar: dict | None = None) -> str:
 class UnitResult:
     rows: list[tuple[dict[str, Any], TokenizedSeries]]
     refusals: list[dict[str, Any]]
+    where: str = ""  # the unit's folder or file, for the user's terminal only
 
 
 def process_unit(unit: Unit, policy: PreprocessPolicy, modality_hint: str | None, secret: bytes) -> UnitResult:
@@ -205,7 +211,7 @@ def process_unit(unit: Unit, policy: PreprocessPolicy, modality_hint: str | None
         except MemoryError:
             refusals.append(dict(base, entry_key=series_key, kind="series", modality=first.modality,
                                  status="failed", code="memory", reason="out of memory building this series"))
-        return UnitResult(rows, refusals)
+        return UnitResult(rows, refusals, cand.display_path)
 
     # NIfTI
     path = unit.path or ""
@@ -248,7 +254,7 @@ def process_unit(unit: Unit, policy: PreprocessPolicy, modality_hint: str | None
     except IngestError as e:
         refusals.append(dict(entry_key=fkey, kind="file", study_key=study_key, status=e.status,
                              code=e.code, reason=e.reason))
-    return UnitResult(rows, refusals)
+    return UnitResult(rows, refusals, path)
 
 
 def _num(v: Any) -> float | None:
@@ -311,7 +317,7 @@ def run_ingest(src: str, cache_dir: str, options: IngestOptions | None = None,
                 summary.cached += 1
                 continue
             todo.append(u)
-        with cache.writer() as writer:
+        with cache.writer(max_series=opts.series_per_shard) as writer:
             src_abs = os.path.abspath(src)
             for e in file_errors:
                 rel = os.path.relpath(e.path or "", src_abs)
@@ -320,6 +326,7 @@ def run_ingest(src: str, cache_dir: str, options: IngestOptions | None = None,
                 writer.add_manifest(dict(entry_key=keyer.key("file", rel), kind="file", status=e.status,
                                          code=e.code, reason=e.reason))
                 _count(summary, e.status, e.code)
+                summary.refused_files.append((rel, e.status, e.code, e.reason))
             args = [(u, opts.policy, opts.modality, keyer.secret) for u in todo]
             bar = tqdm(total=len(args), desc="series", unit="series", disable=not opts.progress, file=sys.stderr)
             results = pool.map(_process_star, args, chunksize=1) if pool is not None else map(_process_star, args)
@@ -331,6 +338,8 @@ def run_ingest(src: str, cache_dir: str, options: IngestOptions | None = None,
                 for r in res.refusals:
                     writer.add_manifest(r)
                     _count(summary, r["status"], r["code"])
+                    if res.where:
+                        summary.refused_files.append((os.path.relpath(res.where, src_abs), r["status"], r["code"], r["reason"]))
                 bar.update(1)
             bar.close()
         cache.export_manifest()
