@@ -18,7 +18,7 @@ from neurovfm.ingest.pipeline import IngestOptions, run_ingest
 from neurovfm.synth.dicom_writer import Identity, SeriesSpec
 from neurovfm.tokens.cache import TokenCache
 
-from conftest import write_phantom_series
+from neurovfm.synth.phantom import write_phantom_series
 
 
 def _small(out, **kw):

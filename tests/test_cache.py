@@ -22,7 +22,7 @@ from neurovfm.tokens.cache import TokenCache
 from neurovfm.tokens.patches import patchify
 from neurovfm.tokens.windows import window_to_uint8
 
-from conftest import write_phantom_series
+from neurovfm.synth.phantom import write_phantom_series
 
 
 def _tree(root, n_series, modality="CT", n=16):

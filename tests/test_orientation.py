@@ -20,7 +20,7 @@ from neurovfm.ingest.geometry import LAYOUT, canonicalize
 from neurovfm.ingest.policy import DEFAULT_POLICY
 from neurovfm.tokens.patches import tokenize
 
-from conftest import MARKER_LPS, write_phantom_series
+from neurovfm.synth.phantom import MARKER_LPS, write_phantom_series
 
 MARKER_RAS = MARKER_LPS * np.array([-1, -1, 1])
 

@@ -17,7 +17,7 @@ from neurovfm.privacy.keys import Keyer, load_site_secret, secret_path
 from neurovfm.synth.dicom_writer import Identity, SeriesSpec
 from neurovfm.tokens.cache import SERIES_COLUMNS
 
-from conftest import write_phantom_series
+from neurovfm.synth.phantom import write_phantom_series
 
 PHI = Identity(
     patient_name="ZEBULON^QUINTAVIUS^M", patient_id="MRN7391846", birth_date="19480317", sex="M", age="077Y",

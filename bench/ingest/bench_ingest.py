@@ -179,7 +179,7 @@ def _inside(x, y, z, centre, axes, edge_mm=0.8):
 
 # tissue values (CT: HU; MR: T2-like signal)
 _TISSUE = {
-    "CT": dict(air=-1000.0, scalp=40.0, skull=None, csf=8.0, grey=39.0, white=29.0, deep_grey=36.0,
+    "CT": dict(air=-1000.0, scalp=40.0, skull=None, csf=8.0, grey=40.0, white=27.0, deep_grey=36.0,
                ventricle=5.0, lesion=65.0),
     "MR": dict(air=0.0, scalp=700.0, skull=60.0, csf=1800.0, grey=1100.0, white=780.0, deep_grey=950.0,
                ventricle=1850.0, lesion=1450.0),
@@ -205,9 +205,9 @@ def head_phantom(x, y, z, modality: str) -> np.ndarray:
     put(_inside(x, y, z, c, ax - 5.0), skull_val)
     put(_inside(x, y, z, c, ax - 12.0), tv["csf"])
     put(_inside(x, y, z, c, ax - 14.0), tv["grey"])
-    # white matter: a smaller, slightly lobulated core under a ~3 mm cortex
-    lob = 2.0 * np.sin(x / 7.0) * np.sin(y / 8.0) * np.cos(z / 6.0)
-    put(np.clip(0.5 + (_ellipsoid_depth(x, y, z, c, ax - 17.5) + lob) / 0.8, 0, 1).astype(np.float32),
+    # white matter: a lobulated core under a 2..7 mm cortex (gyri)
+    lob = 2.5 * np.sin(x / 6.0) * np.sin(y / 7.0) * np.cos(z / 5.0)
+    put(np.clip(0.5 + (_ellipsoid_depth(x, y, z, c, ax - 18.5) + lob) / 0.8, 0, 1).astype(np.float32),
         tv["white"])
     for sx in (-1.0, 1.0):
         put(_inside(x, y, z, c + [sx * 18.0, -4.0, 2.0], [7.0, 10.0, 8.0]), tv["deep_grey"])
@@ -281,3 +281,294 @@ def make_inputs(root: str, quick: bool, seed: int) -> dict[str, dict]:
     out[name] = make_series(os.path.join(root, "mr"), modality="MR", plane="sagittal", seed=seed + 1,
                             noise_sd=15.0, **mr)
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# parity
+# ----------------------------------------------------------------------------------------
+
+
+def parity(modality: str, cv, ts, ref) -> dict:
+    """Shape, affine and uint8-view agreement of our canonical volume and the reference's."""
+    from neurovfm.ingest.policy import DEFAULT_POLICY
+    from neurovfm.tokens.windows import mr_to_uint8, window_to_uint8
+
+    a, b = cv.data, ref.volume
+    out: dict = dict(shape_ours=list(a.shape), shape_ref=list(b.shape))
+    if a.shape != b.shape:
+        raise AssertionError(f"{modality}: shapes differ, ours {a.shape} vs reference {b.shape}")
+    aff_err = float(np.abs(cv.affine - ref.affine).max())
+    out["affine_max_abs_diff"] = aff_err
+    if aff_err > 1e-3:
+        raise AssertionError(f"{modality}: affines differ by {aff_err:.3g}\nours\n{cv.affine}\nreference\n{ref.affine}")
+    if modality == "CT":
+        brain = DEFAULT_POLICY.ct_windows[0]
+        ua, ub = window_to_uint8(a, brain), window_to_uint8(b, brain)
+        out["view"] = f"{brain.name} W{brain.width:g}/L{brain.level:g}"
+        out["ref_view_equals_window_to_uint8"] = bool(np.array_equal(ub, ref.views[brain.name]))
+        fg = (a > DEFAULT_POLICY.ct_background_hu) & (b > DEFAULT_POLICY.ct_background_hu)
+        out["foreground_rule"] = "HU > -500 in both"
+    else:
+        lo, hi = DEFAULT_POLICY.mr_clip_percentiles
+        ua, ub = mr_to_uint8(a, lo, hi), mr_to_uint8(b, lo, hi)
+        out["view"] = f"mr {lo:g}-{hi:g} percentile"
+        out["ref_view_equals_window_to_uint8"] = bool(np.array_equal(ub, ref.views["mr"]))
+        pct = DEFAULT_POLICY.mr_background_percentile
+        fg = (a > np.percentile(a, pct)) & (b > np.percentile(b, pct))
+        out["foreground_rule"] = f"> {pct:g}th percentile in both"
+    sel = fg & (ua > 0) & (ua < 255) & (ub > 0) & (ub < 255)
+    d = np.abs(ua.astype(np.int16) - ub.astype(np.int16))[sel]
+    out["compared_voxels"] = int(sel.sum())
+    out["compared_fraction"] = float(sel.mean())
+    out["u8_mean_abs_diff"] = float(d.mean()) if d.size else float("nan")
+    out["u8_max_abs_diff"] = int(d.max()) if d.size else 0
+    out["u8_equal_fraction"] = float((d == 0).mean()) if d.size else float("nan")
+    out["float_mean_abs_diff_fg"] = float(np.abs(a - b)[fg].mean()) if fg.any() else float("nan")
+    out["float_max_abs_diff"] = float(np.abs(a - b).max())
+    ours_tok = {tuple(c) for c in ts.coords.tolist()}
+    ref_tok = {tuple(c) for c in ref.coords.tolist()}
+    out["tokens_ours"] = len(ours_tok)
+    out["tokens_ref"] = len(ref_tok)
+    out["tokens_jaccard"] = len(ours_tok & ref_tok) / max(len(ours_tok | ref_tok), 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runs:
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    stages: list[dict[str, float]] = field(default_factory=list)
+
+    def add(self, wall: float, cpu: float, stages: dict[str, float]) -> None:
+        self.wall.append(wall)
+        self.cpu.append(cpu)
+        self.stages.append(stages)
+
+    def summary(self) -> dict:
+        med = statistics.median(self.wall)
+        return dict(
+            median_s=med,
+            series_per_s=1.0 / med,
+            min_s=min(self.wall),
+            max_s=max(self.wall),
+            median_cpu_s=statistics.median(self.cpu),
+            stages_median_s={k: statistics.median(s[k] for s in self.stages) for k in self.stages[0]},
+            runs_s=self.wall,
+        )
+
+
+def _timed(fn):
+    import gc
+
+    gc.collect()
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _memory_subprocess(pipeline: str, directory: str, modality: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memprobe", pipeline, "--series-dir", directory,
+           "--modality", modality]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(REPO, "src"), HERE, env.get("PYTHONPATH")) if p)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe {pipeline} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _versions() -> dict:
+    import pydicom
+    import scipy
+    import SimpleITK as sitk
+
+    import reference_sitk
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return dict(python=platform.python_version(), numpy=np.__version__, scipy=scipy.__version__,
+                pydicom=pydicom.__version__, simpleitk=sitk.Version_VersionString(),
+                cpu=cpu, cpu_count=os.cpu_count(), sitk_threads=reference_sitk.sitk_threads(),
+                platform=platform.platform())
+
+
+def _fmt_stages(st: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.3f}" for k, v in st.items())
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs per pipeline and input (median reported)")
+    ap.add_argument("--quick", action="store_true", help="smaller CT (256x256x60) for a smoke run")
+    ap.add_argument("--seed", type=int, default=20250102)
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/ingest.json, "
+                                                  "ingest_quick.json with --quick)")
+    ap.add_argument("--workdir", default=None, help="where to write the DICOM series (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated series")
+    ap.add_argument("--memprobe", choices=("ours", "ref"), help=argparse.SUPPRESS)
+    ap.add_argument("--series-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--modality", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.memprobe:
+        print(json.dumps(memprobe(args.memprobe, args.series_dir, args.modality)))
+        return 0
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+
+    import reference_sitk
+
+    command = " ".join(shlex.quote(a) for a in
+                       [os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable,
+                        os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:])
+    out_path = args.out or os.path.join(REPO, "bench", "results", "ingest_quick.json" if args.quick else "ingest.json")
+    t_start = time.perf_counter()
+    root = args.workdir or tempfile.mkdtemp(prefix="neurovfm-bench-")
+    os.makedirs(root, exist_ok=True)
+    try:
+        print(f"writing synthetic series to {root} (seed {args.seed}) ...", flush=True)
+        t0 = time.perf_counter()
+        inputs = make_inputs(root, args.quick, args.seed)
+        gen_s = time.perf_counter() - t0
+        for name, d in inputs.items():
+            print(f"  {name}: {d['files']} files, {_mib(d['file_bytes'])}, {d['pixel_mm']} mm pixels, "
+                  f"{d['step_mm']} mm slices", flush=True)
+        print(f"  ({gen_s:.1f} s)", flush=True)
+
+        # warm-up (page cache, lazy imports) and parity, untimed
+        results: dict[str, dict] = {}
+        for name, d in inputs.items():
+            cv, ts, _ = run_ours(d["dir"])
+            ref = reference_sitk.run_reference(d["dir"], d["modality"])
+            results[name] = dict(input={k: v for k, v in d.items() if k != "dir"},
+                                 parity=parity(d["modality"], cv, ts, ref))
+            del cv, ts, ref
+
+        # timed, interleaved; the order alternates every repeat
+        runs = {name: {"ours": Runs(), "ref": Runs()} for name in inputs}
+        print(f"timing: {args.repeats} repeats per pipeline and input, interleaved ...", flush=True)
+        for r in range(args.repeats):
+            for name, d in inputs.items():
+                order = ("ours", "ref") if r % 2 == 0 else ("ref", "ours")
+                for which in order:
+                    if which == "ours":
+                        (cv, ts, st), wall, cpu = _timed(lambda: run_ours(d["dir"]))
+                        del cv, ts
+                    else:
+                        ref, wall, cpu = _timed(lambda: reference_sitk.run_reference(d["dir"], d["modality"]))
+                        st = ref.timings
+                        del ref
+                    runs[name][which].add(wall, cpu, st)
+        for name in inputs:
+            o, f = runs[name]["ours"].summary(), runs[name]["ref"].summary()
+            results[name]["ours"] = o
+            results[name]["ref"] = f
+            results[name]["throughput_ratio"] = o["series_per_s"] / f["series_per_s"]
+
+        # memory: one series per fresh subprocess
+        print("memory: one series per pipeline in a fresh subprocess ...", flush=True)
+        memory: dict[str, dict] = {}
+        for name, d in inputs.items():
+            m = {p: _memory_subprocess(p, d["dir"], d["modality"]) for p in ("ours", "ref")}
+            for p in m.values():
+                p["growth_over_raw"] = p["growth_bytes"] / d["raw_bytes"]
+            m["raw_bytes"] = d["raw_bytes"]
+            memory[name] = m
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    # ------------------------------------------------------------------ report
+    ct_name = next(n for n, d in inputs.items() if d["modality"] == "CT")
+    bar = "-" * 118
+    print()
+    print(f"NeuroVFM ingestion vs SimpleITK reference  ({'quick' if args.quick else 'full'} run, "
+          f"{args.repeats} repeats, median)")
+    info = _versions()
+    print(f"machine: {info['cpu']}, {info['cpu_count']} cores; SimpleITK {info['simpleitk']} with its default "
+          f"{info['sitk_threads']} threads; ours single-threaded numpy/scipy")
+    print(bar)
+    print(f"{'input':<26}{'pipeline':<11}{'median s':>9}{'series/s':>10}{'cpu s':>8}   stages (median s)")
+    print(bar)
+    for name in inputs:
+        for which, label in (("ours", "ours"), ("ref", "reference")):
+            s = results[name][which]
+            print(f"{name if which == 'ours' else '':<26}{label:<11}{s['median_s']:>9.3f}{s['series_per_s']:>10.2f}"
+                  f"{s['median_cpu_s']:>8.2f}   {_fmt_stages(s['stages_median_s'])}")
+        print(f"{'':<26}{'ratio':<11}{'':>9}{results[name]['throughput_ratio']:>9.2f}x   ours/reference throughput")
+    print(bar)
+    print("parity (ours vs reference, uint8 view over foreground voxels that neither saturates)")
+    print(f"{'input':<26}{'shape':>14}{'affine err':>12}{'view':>24}{'MAD u8':>8}{'max':>5}{'equal':>7}"
+          f"{'voxels':>9}{'HU/MR MAD':>11}{'tokens o/r':>12}")
+    for name in inputs:
+        p = results[name]["parity"]
+        print(f"{name:<26}{'x'.join(map(str, p['shape_ours'])):>14}{p['affine_max_abs_diff']:>12.1e}{p['view']:>24}"
+              f"{p['u8_mean_abs_diff']:>8.3f}{p['u8_max_abs_diff']:>5}{p['u8_equal_fraction']:>7.1%}"
+              f"{p['compared_voxels']:>9}{p['float_mean_abs_diff_fg']:>11.2e}"
+              f"{str(p['tokens_ours']) + '/' + str(p['tokens_ref']):>12}")
+    print(bar)
+    print("memory: peak RSS growth processing one series in a fresh subprocess (after imports)")
+    for name in inputs:
+        m = memory[name]
+        print(f"{name:<26}raw int16 {_mib(m['raw_bytes']):>11}   "
+              f"ours {_mib(m['ours']['growth_bytes']):>11} ({m['ours']['growth_over_raw']:.2f}x raw)   "
+              f"reference {_mib(m['ref']['growth_bytes']):>11} ({m['ref']['growth_over_raw']:.2f}x raw)   "
+              f"ours/ref {m['ours']['growth_bytes'] / max(m['ref']['growth_bytes'], 1):.2f}")
+    print(f"  ({memory[ct_name]['ours']['method']})")
+    print(bar)
+
+    targets = {}
+    for name in inputs:
+        targets[f"throughput >= 2x reference [{name}]"] = (results[name]["throughput_ratio"],
+                                                           results[name]["throughput_ratio"] >= 2.0)
+        mad = results[name]["parity"]["u8_mean_abs_diff"]
+        targets[f"uint8 MAD <= 2 levels [{name}]"] = (mad, bool(mad <= 2.0))
+    g = memory[ct_name]["ours"]["growth_over_raw"]
+    targets[f"ours peak RSS growth <= 2x raw [{ct_name}]"] = (g, g <= 2.0)
+    print("targets")
+    for k, (v, ok) in targets.items():
+        print(f"  {'PASS' if ok else 'MISS'}  {k}: {v:.3f}")
+    total_s = time.perf_counter() - t_start
+
+    doc = dict(
+        benchmark="ingest", command=command, cwd=os.getcwd(), quick=args.quick, repeats=args.repeats,
+        seed=args.seed, generated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), total_seconds=total_s,
+        generation_seconds=gen_s, machine=info,
+        notes=[
+            "series/s = 1 / median wall time of one series, directory listing to tokens; runs interleaved, "
+            "order alternating per repeat, files warm in the page cache",
+            "reference: SimpleITK ImageSeriesReader -> DICOMOrient RPI -> Resample sitkBSpline (float32 output) "
+            "-> Extract centre crop -> windows / percentile scaling -> tokens; SimpleITK threads left at default",
+            "memory: VmHWM after processing minus VmRSS after imports, in a fresh subprocess per pipeline",
+        ],
+        inputs=results, memory=memory,
+        targets={k: dict(value=v, passed=bool(ok)) for k, (v, ok) in targets.items()},
+    )
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w") as fh:
+        json.dump(doc, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    print(f"wrote {os.path.relpath(out_path)}  (total {total_s:.0f} s)")
+    print(f"command: {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

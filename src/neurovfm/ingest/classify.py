@@ -70,14 +70,21 @@ def mr_sequence(description: str, image_type: tuple[str, ...], b_value: float | 
         return "DWI"
     if "SWI" in it or _has(d, r"\bswi\b", r"\bswan\b", r"t2\*", r"\bt2star", r"\bgre\b.*\bhemo", r"susceptib"):
         return "SWI"
+    named = []
     if _has(d, r"flair", r"\bdark ?fluid", r"\btirm"):
-        return "FLAIR"
+        named.append("FLAIR")
     if _has(d, r"\bpd\b", r"proton density", r"\bpdw"):
-        return "PD"
+        named.append("PD")
     if _has(d, r"\bt2\b", r"t2w", r"\bt2_", r"_t2\b", r"\btse\b.*t2", r"\bfse\b.*t2"):
-        return "T2"
+        named.append("T2")
     if _has(d, r"\bt1\b", r"t1w", r"\bt1_", r"_t1\b", r"mprage", r"\bspgr", r"\bbravo", r"\bmp-?rage", r"\bvibe", r"\bflash"):
-        return "T1C" if post else "T1"
+        named.append("T1C" if post else "T1")
+    if len(named) == 1:
+        return named[0]
+    if set(named) == {"PD", "T2"} and te is not None:  # dual-echo series: the echo decides
+        return "T2" if te >= 60 else "PD"
+    if named:
+        return named[0]
     # acquisition parameters (ms)
     if tr is not None and te is not None:
         if ti is not None and ti > 1500 and tr > 5000:

@@ -9,6 +9,7 @@ here; they are hashed or dropped before anything is written.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +195,23 @@ def _series_attrs(ds: Any, shared: Any, frame0: Any) -> dict[str, Any]:
     }
 
 
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+
+
+def _looks_like_dicom(ds: Any) -> bool:
+    """Whether a dataset read with ``force=True`` (no preamble, no file meta) is real DICOM.
+
+    Forced reads of arbitrary bytes give garbage elements; a real pre-Part-10 object has a
+    SOP Instance UID and either image dimensions or a well-formed SOP Class UID, which lets
+    non-image objects (RT structures, plans) be skipped as such rather than called non-DICOM.
+    """
+    if "SOPInstanceUID" not in ds:
+        return False
+    if "Rows" in ds:
+        return True
+    return "SOPClassUID" in ds and bool(_UID.match(_s(ds.get("SOPClassUID")).strip()))
+
+
 def read_header(path: str) -> list[SliceRecord]:
     """Header records of one file, or a typed refusal naming it.
 
@@ -206,7 +224,7 @@ def read_header(path: str) -> list[SliceRecord]:
     except InvalidDicomError:
         try:  # pre-Part-10 files have no preamble; accept them only if they look like images
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-            if "Rows" not in ds or "SOPInstanceUID" not in ds:
+            if not _looks_like_dicom(ds):
                 raise IngestError("not_dicom", "not a DICOM or NIfTI file", path)
         except IngestError:
             raise
@@ -251,6 +269,14 @@ def read_header(path: str) -> list[SliceRecord]:
         burned_in=burned, number_of_frames=n_frames, file_size=size, attrs=attrs,
     )
 
+    if per_frame is None and n_frames > 1:
+        # classic multi-frame object (or enhanced without functional groups): one position
+        # for all frames, so the frames cannot be placed in space
+        raise IngestError(
+            "missing_geometry",
+            f"multi-frame image ({n_frames} frames) without per-frame functional groups; frame positions unknown",
+            path,
+        )
     if per_frame is None or n_frames <= 1 and shared is None:
         ps = ds.get("PixelSpacing")
         iop = ds.get("ImageOrientationPatient")

@@ -116,7 +116,7 @@ class DicomStack:
         except Exception as exc:
             raise IngestError("unreadable", f"file cannot be read ({type(exc).__name__})", path) from None
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            raise IngestError("no_pixel_data", "no pixel data in the file", path)
+            raise IngestError("no_pixel_data", "no pixel data in the file (missing, or the file is truncated)", path)
         try:
             arr = ds.pixel_array
         except NotImplementedError as exc:
@@ -135,6 +135,14 @@ class DicomStack:
                 self._frames_path = r.path
             frames = self._frames
             assert frames is not None
+            n_decoded = frames.shape[0] if frames.ndim == 3 else 1
+            if r.frame >= n_decoded:
+                raise IngestError(
+                    "bad_pixel_data",
+                    f"frame {r.frame} requested but the pixel data holds {n_decoded} frame(s) "
+                    f"(header says {r.number_of_frames})",
+                    r.path,
+                )
             arr = frames[r.frame] if frames.ndim == 3 else frames
         if arr.ndim != 2 or arr.shape != (r.rows, r.cols):
             raise IngestError("bad_pixel_data", f"pixel array has shape {arr.shape}, header says {(r.rows, r.cols)}", r.path)

@@ -154,7 +154,7 @@ def open_nifti(path: str, policy: PreprocessPolicy) -> list[NiftiStack]:
     cols = aff[:3, :3]
     spacing = np.linalg.norm(cols, axis=0)
     if np.any(spacing <= 1e-6) or np.any(spacing > 50):
-        raise IngestError("bad_geometry", f"implausible voxel sizes {tuple(np.round(spacing, 3))}", path)
+        raise IngestError("bad_geometry", f"implausible voxel sizes {tuple(round(float(v), 3) for v in spacing)} mm", path)
     dirs = cols / spacing
     gram = dirs.T @ dirs
     if np.abs(gram - np.eye(3)).max() > 1e-2:
