@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from neurovfm.errors import IngestError
-from neurovfm.ingest.geometry import StackGeometry, canonicalize, reference_slice_axis
+from neurovfm.ingest.geometry import LAYOUT, StackGeometry, canonicalize, reference_slice_axis
 from neurovfm.ingest.nifti import NiftiStack
 from neurovfm.ingest.policy import PreprocessPolicy
 from neurovfm.ingest.resample import interpolation_matrix, prefilter
@@ -35,10 +35,12 @@ def test_matrix_matches_scipy_map_coordinates():
 
 @pytest.mark.parametrize("flip", [(1, 1, 1), (-1, 1, -1), (1, -1, 1)])
 @pytest.mark.parametrize("order", [1, 3])
-def test_canonicalize_matches_3d_interpolation(flip, order):
-    """Every canonical voxel equals a 3-D B-spline of the source at that voxel's world point."""
-    vol = _smooth_volume((70, 60, 24))
-    spacing = np.array([0.8, 0.9, 3.0])
+@pytest.mark.parametrize("slice_mm,n_slices", [(3.0, 24), (0.625, 120), (0.75, 90)])
+def test_canonicalize_matches_3d_interpolation(flip, order, slice_mm, n_slices):
+    """Every canonical voxel equals a 3-D B-spline of the source at that voxel's world point,
+    also for thin slices where output positions fall between input slices (0.625, 0.75 mm)."""
+    vol = _smooth_volume((70, 60, n_slices))
+    spacing = np.array([0.8, 0.9, slice_mm])
     aff = np.diag(np.r_[spacing * np.array(flip), 1.0])
     aff[:3, 3] = [-20.0, 15.0, -30.0]
     geom = StackGeometry(shape=vol.shape, spacing_ij=(spacing[0], spacing[1]), dir_i=aff[:3, 0] / spacing[0],
@@ -54,7 +56,9 @@ def test_canonicalize_matches_3d_interpolation(flip, order):
     np.testing.assert_allclose(cv.data, ref, atol=2e-3 * np.abs(vol).max())
     # canonical axes: 4 mm first, then 1 mm; x toward Right, y toward Posterior, z toward Inferior
     assert np.allclose(np.abs(cv.affine[:3, :3]).sum(0), [4, 1, 1])
-    assert cv.affine[2, 0] < 0 and cv.affine[1, 1] < 0 and cv.affine[0, 2] > 0
+    for out_axis, world_axis in enumerate(LAYOUT[cv.slice_axis]):
+        sign = np.sign(cv.affine[world_axis, out_axis])
+        assert sign == (1, -1, -1)[world_axis]  # R, P, I
 
 
 def test_reference_slice_axis_rule():

@@ -27,12 +27,7 @@ from nibabel.orientations import io_orientation
 
 from neurovfm.errors import IngestError
 from neurovfm.ingest.policy import PreprocessPolicy
-from neurovfm.ingest.resample import (
-    apply_along_axis0,
-    interpolation_matrix,
-    prefilter,
-    resample_plane,
-)
+from neurovfm.ingest.resample import folded_matrix, resample_plane
 
 # RPI as RAS signs: +x toward Right, -y (toward Posterior), -z (toward Inferior)
 _RPI_SIGNS = np.array([1, -1, -1])
@@ -221,38 +216,38 @@ def canonicalize(source: PlaneSource, policy: PreprocessPolicy, name: str | None
         coords.append(c)
 
     order = policy.spline_order
-    mat_k = interpolation_matrix(_fractional_index(coords[2], geom.positions), n[2], order)
+    mat_k = folded_matrix(_fractional_index(coords[2], geom.positions), n[2], order).tocsc()
     base_i = coords[0] / spacing[0]
     base_j = coords[1] / spacing[1]
     tilted = geom.is_tilted
-    mat_i = interpolation_matrix(base_i, n[0], order)
-    mat_j = interpolation_matrix(base_j, n[1], order)
+    mat_i = folded_matrix(base_i, n[0], order)
+    mat_j = folded_matrix(base_j, n[1], order)
 
-    # in-plane pass, one plane at a time (only planes the through-plane weights touch)
-    needed = np.unique(mat_k.indices)
-    stack = np.zeros((n[2], coords[0].size, coords[1].size), dtype=np.float32)
-    for k in needed:
+    # one pass over the planes: each is resampled in-plane and added into the output slices
+    # its through-plane weights reach (prefilters folded into the matrices, so the raw volume
+    # and the full-resolution stack are never held in memory)
+    vol = np.zeros((coords[2].size, coords[0].size, coords[1].size), dtype=np.float32)
+    for k in range(n[2]):
+        lo, hi = mat_k.indptr[k], mat_k.indptr[k + 1]
+        if lo == hi:
+            continue  # no output slice depends on this plane
         plane = source.plane(int(k))
         if plane.shape != (n[0], n[1]):
             raise IngestError("plane_shape", f"plane {k} has shape {plane.shape}, expected {(n[0], n[1])}", name)
         if tilted:
             si, sj = geom.shifts[k]
-            mi = interpolation_matrix(base_i - si / spacing[0], n[0], order)
-            mj = interpolation_matrix(base_j - sj / spacing[1], n[1], order)
+            mi = folded_matrix(base_i - si / spacing[0], n[0], order)
+            mj = folded_matrix(base_j - sj / spacing[1], n[1], order)
         else:
             mi, mj = mat_i, mat_j
-        stack[k] = resample_plane(prefilter(plane, order, (0, 1)), mi, mj)
+        res = resample_plane(np.asarray(plane, np.float32), mi, mj)
+        for o, wgt in zip(mat_k.indices[lo:hi], mat_k.data[lo:hi]):
+            vol[o] += np.float32(wgt) * res
         if progress is not None:
             progress(1)
 
-    # through-plane pass
-    coeffs = prefilter(stack, order, (0,))
-    del stack
-    vol = apply_along_axis0(mat_k, coeffs)  # [k, i, j]
-    del coeffs
-
     # transpose to the reference layout [D, H, W]
-    current = [2, 0, 1]  # input axes of vol's array axes
+    current = [2, 0, 1]  # input axes of vol's array axes: [k, i, j]
     perm = [current.index(int(axis_of_world[w])) for w in layout]
     data = np.ascontiguousarray(np.transpose(vol, perm))
 

@@ -9,8 +9,12 @@ Boundaries are mirror-symmetric, as in ITK.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from scipy import ndimage, sparse
+
+FOLD_TOLERANCE = 1e-7  # weights below this (relative) are dropped from folded matrices
 
 
 def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
@@ -81,3 +85,28 @@ def resample_plane(coeffs: np.ndarray, mat_i: sparse.csr_matrix, mat_j: sparse.c
     tmp = mat_i @ coeffs  # (out_i, n_j)
     out = (mat_j @ np.ascontiguousarray(tmp.T)).T  # (out_i, out_j)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+@lru_cache(maxsize=16)
+def _prefilter_matrix(n: int) -> np.ndarray:
+    """Dense (n, n) matrix P with ``coefficients = P @ samples`` (cubic, mirror boundary)."""
+    eye = np.eye(n, dtype=np.float64)
+    p = ndimage.spline_filter1d(eye, order=3, axis=0, mode="mirror", output=np.float64) if n > 1 else eye
+    p.setflags(write=False)
+    return p
+
+
+def folded_matrix(positions: np.ndarray, n_in: int, order: int = 3) -> sparse.csr_matrix:
+    """Sparse float32 (len(positions), n_in) matrix acting directly on samples.
+
+    For cubic B-splines the prefilter is folded in (``W @ P``), so a resampled axis is one
+    sparse product with no prefilter pass, and samples can be streamed in one at a time.
+    Weights below ``FOLD_TOLERANCE`` of the row maximum are dropped (they decay as 0.268^k).
+    """
+    w = interpolation_matrix(positions, n_in, order)
+    if order == 1:
+        return w.astype(np.float32)
+    m = np.asarray(w @ _prefilter_matrix(n_in))
+    thresh = FOLD_TOLERANCE * np.abs(m).max(axis=1, keepdims=True)
+    m[np.abs(m) < thresh] = 0.0
+    return sparse.csr_matrix(m.astype(np.float32))
