@@ -222,7 +222,7 @@ def read_header(path: str) -> list[SliceRecord]:
         size = os.path.getsize(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
-        try:  # pre-Part-10 files have no preamble; accept them only if they look like images
+        try:  # pre-Part-10 files have no preamble; accept them only if they look like DICOM
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             if not _looks_like_dicom(ds):
                 raise IngestError("not_dicom", "not a DICOM or NIfTI file", path)
@@ -240,6 +240,15 @@ def read_header(path: str) -> list[SliceRecord]:
     if sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
         raise SkipSeries("secondary_capture", "secondary capture (screenshot or scanned image)", path)
     if "Rows" not in ds or "Columns" not in ds:
+        if sop_class in IMAGE_STORAGE_CT | IMAGE_STORAGE_MR:
+            # a CT/MR image object without image attributes is broken (usually cut short), not out of scope
+            raise IngestError(
+                "incomplete_header",
+                f"{modality or 'CT/MR'} image object without Rows/Columns (truncated or incomplete header)",
+                path,
+            )
+        if len(ds) == 0:
+            raise IngestError("unreadable", "DICOM file holds no data elements (truncated?)", path)
         raise SkipSeries("not_image", f"no image in this DICOM object (modality {modality or '?'})", path)
     if modality not in ("CT", "MR"):
         raise SkipSeries("modality", f"modality {modality or 'missing'} is not CT or MR", path)
