@@ -69,6 +69,15 @@ def cmd_cache_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(a: argparse.Namespace) -> int:
+    from neurovfm.synth.archive import write_archive
+
+    summary = write_archive(a.out, a.studies, a.seed, site=a.site, workers=a.workers, preview=a.preview,
+                            progress=not a.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neurovfm", description=__doc__)
     p.add_argument("--version", action="version", version=f"neurovfm {__version__}")
@@ -91,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("cache")
     s.add_argument("--source", required=True, help="the source folder the cache was built from")
     s.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("synth", help="write a synthetic hospital archive (DICOM + ground truth)")
+    s.add_argument("out")
+    s.add_argument("--studies", type=int, default=500)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--site", default="main", help="scanner site; any other name is an external site")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--preview", action="store_true", help="PNG montages with lesion outlines")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("cache-info", help="counts and hashes of a token cache")
     s.add_argument("cache")

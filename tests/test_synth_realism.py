@@ -1,0 +1,127 @@
+"""Synthetic anatomy and physics, checked in numbers against stated realism targets and
+against real head-CT slices from pydicom-data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from scipy import ndimage
+
+from neurovfm.synth.anatomy import make_subject
+from neurovfm.synth.assets import load_template
+from neurovfm.synth.pathology import FAMILIES, Painter
+from neurovfm.synth.scanner import Protocol, Site, _sample, ct_series, mr_series, slice_geometry
+
+
+@pytest.fixture(scope="module")
+def template():
+    return load_template()
+
+
+@pytest.fixture(scope="module")
+def sick(template):
+    rng = np.random.default_rng(42)
+    s = make_subject(template, rng, age=60)
+    p = Painter(s, rng)
+    FAMILIES["iph"](p)
+    FAMILIES["infarct_acute"](p)
+    return s, p
+
+
+def _frac(subject, name, prot):
+    pos, row, col = slice_geometry(prot)
+    return _sample(subject, subject.tissues[name], pos, row, col, prot, order=1, subslices=1)
+
+
+def _hp_noise(img, mask):
+    hp = img - ndimage.uniform_filter(img, 9)
+    z = hp * mask
+    lag1 = (z[:, 1:] * z[:, :-1]).sum() / max((z ** 2).sum(), 1e-9)
+    return float(hp[mask].std()), float(lag1)
+
+
+def test_ct_hounsfield_units_per_tissue(sick):
+    s, p = sick
+    prot = Protocol("CT", "soft", n_slices=30, step=5.0, thickness=5.0, pixel=0.5, rows=448, cols=448,
+                    centre=tuple(s.world_from_template[:3, 3] * [-1, -1, 1]))
+    hu, pos, row, col, labels = ct_series(s, prot, Site(), np.random.default_rng(0))
+    means = {}
+    for name in ("gm", "wm", "csf", "bone", "air"):
+        f = _frac(s, name, prot)
+        m = ndimage.binary_erosion(f > (0.8 if name == "bone" else 0.95), iterations=1)  # skull is thin
+        assert m.sum() > 200, name
+        means[name] = float(np.median(hu[m]))
+    blood_idx = [les.index for les in p.lesions if les.family == "iph"][0]
+    bm = ndimage.binary_erosion(labels == blood_idx, iterations=1)
+    assert bm.sum() > 5
+    means["blood"] = float(np.median(hu[bm]))
+    assert 35 <= means["gm"] <= 45, means
+    assert 20 <= means["wm"] <= 30, means
+    assert 0 <= means["csf"] <= 15, means
+    assert 50 <= means["blood"] <= 90, means
+    assert means["bone"] > 700, means
+    assert means["air"] < -900, means
+
+
+def test_ct_noise_texture_like_real_head_ct(sick):
+    """White-matter noise (high-pass SD) and its lag-1 correlation vs the real 5 mm head CTs."""
+    real = []
+    for name in ("693_UNCR.dcm", "J2K_pixelrep_mismatch.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        a = ds.pixel_array.astype(float) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+        m = ndimage.binary_erosion((a > 15) & (a < 60), iterations=6)
+        real.append(_hp_noise(a[None], m[None]))
+    s, _ = sick
+    prot = Protocol("CT", "soft", n_slices=12, step=5.0, thickness=5.0, pixel=0.47, rows=512, cols=512,
+                    centre=tuple(s.world_from_template[:3, 3] * [-1, -1, 1]))
+    hu, *_ = ct_series(s, prot, Site(), np.random.default_rng(1))
+    wm = ndimage.binary_erosion(_frac(s, "wm", prot) > 0.95, iterations=3)
+    sd, lag1 = _hp_noise(hu, wm)
+    real_sd = np.mean([r[0] for r in real])
+    real_lag = np.mean([r[1] for r in real])
+    assert 0.6 * real_sd <= sd <= 1.6 * real_sd, (sd, real)
+    assert abs(lag1 - real_lag) < 0.15, (lag1, real)
+
+
+def test_bone_kernel_noisier_and_sharper(sick):
+    s, _ = sick
+    kw = dict(n_slices=8, step=5.0, thickness=5.0, pixel=0.47, rows=512, cols=512,
+              centre=tuple(s.world_from_template[:3, 3] * [-1, -1, 1]))
+    soft, *_ = ct_series(s, Protocol("CT", "soft", **kw), Site(), np.random.default_rng(2))
+    bone, *_ = ct_series(s, Protocol("CT", "bone", **kw), Site(), np.random.default_rng(2))
+    wm = ndimage.binary_erosion(_frac(s, "wm", Protocol("CT", "soft", **kw)) > 0.95, iterations=3)
+    assert _hp_noise(bone, wm)[0] > 3 * _hp_noise(soft, wm)[0]
+
+
+def test_mr_contrast_ordering(sick):
+    s, p = sick
+    prot = dict(n_slices=24, step=6.0, thickness=5.0, pixel=0.9, rows=256, cols=256,
+                centre=tuple(s.world_from_template[:3, 3] * [-1, -1, 1]))
+    csf = wm = None
+    vals = {}
+    for seq in ("T1", "T2", "FLAIR", "DWI", "ADC"):
+        pr = Protocol("MR", seq, **prot)
+        img, pos, row, col, labels = mr_series(s, pr, Site(), np.random.default_rng(3))
+        if csf is None:
+            csf = ndimage.binary_erosion(_frac(s, "csf", pr) > 0.95, iterations=1)
+            wm = ndimage.binary_erosion(_frac(s, "wm", pr) > 0.95, iterations=2)
+            inf_idx = [les.index for les in p.lesions if les.family == "infarct_acute"][0]
+            infarct = ndimage.binary_erosion(labels == inf_idx, iterations=1)
+        vals[seq] = (np.median(img[csf]), np.median(img[wm]), np.median(img[infarct]) if infarct.any() else None)
+    assert vals["T1"][0] < 0.5 * vals["T1"][1]  # CSF dark on T1
+    assert vals["FLAIR"][0] < 0.5 * vals["FLAIR"][1]  # CSF dark on FLAIR
+    assert vals["T2"][0] > 1.5 * vals["T2"][1]  # CSF bright on T2
+    assert vals["DWI"][2] is not None and vals["DWI"][2] > 1.5 * vals["DWI"][1]  # acute infarct bright on DWI
+    assert vals["ADC"][2] < 0.8 * vals["ADC"][1]  # and dark on ADC
+
+
+def test_subjects_differ_and_are_deterministic(template):
+    a = make_subject(template, np.random.default_rng(5))
+    b = make_subject(template, np.random.default_rng(5))
+    c = make_subject(template, np.random.default_rng(6))
+    np.testing.assert_array_equal(a.world_from_template, b.world_from_template)
+    np.testing.assert_array_equal(a.tissues["gm"], b.tissues["gm"])
+    assert not np.allclose(a.world_from_template, c.world_from_template)
+    assert not np.allclose(a.warp, c.warp)
