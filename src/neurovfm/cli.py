@@ -78,6 +78,15 @@ def cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rekey(a: argparse.Namespace) -> int:
+    from neurovfm.privacy.keys import Keyer
+    from neurovfm.synth.rekey import rekey_archive
+
+    paths = rekey_archive(a.archive, a.out, Keyer.from_site())
+    print("\n".join(paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neurovfm", description=__doc__)
     p.add_argument("--version", action="version", version=f"neurovfm {__version__}")
@@ -110,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preview", action="store_true", help="PNG montages with lesion outlines")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("rekey", help="re-key an archive's labels/findings with the cache's keyed hashes")
+    s.add_argument("archive", help="folder with labels.csv and findings.jsonl")
+    s.add_argument("--out", required=True, help="where to write labels_keyed.csv and findings_keyed.jsonl")
+    s.set_defaults(func=cmd_rekey)
 
     s = sub.add_parser("cache-info", help="counts and hashes of a token cache")
     s.add_argument("cache")
