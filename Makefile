@@ -10,8 +10,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# torch: the CPU build is pinned here only (a bare `torch` would pull a multi-GB CUDA build);
+# the package itself accepts torch>=2.4.
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[synth,test,bench]"
 	touch $(STAMP)
 
 venv: $(STAMP)

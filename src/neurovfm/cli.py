@@ -73,7 +73,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from neurovfm.synth.archive import write_archive
 
     summary = write_archive(a.out, a.studies, a.seed, site=a.site, workers=a.workers, preview=a.preview,
-                            progress=not a.quiet)
+                            progress=not a.quiet, nifti=a.nifti)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--site", default="main", help="scanner site; any other name is an external site")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--preview", action="store_true", help="PNG montages with lesion outlines")
+    s.add_argument("--nifti", action="store_true", help="also write every series as NIfTI + BIDS sidecar")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_synth)
 

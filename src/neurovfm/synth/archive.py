@@ -243,7 +243,30 @@ def _series_affine(positions, row, col, p: Protocol) -> np.ndarray:
     return a
 
 
-def render_study(plan: StudyPlan, out: str, seed: int) -> dict:
+def _write_nifti(out: str, rel_dir: str, planes: np.ndarray, affine: np.ndarray, prot: Protocol, n: int) -> str:
+    """The same series as NIfTI [i, j, k] + a BIDS-style sidecar (modality and sequence)."""
+    suffix = {"T1": "T1w", "T1C": "T1w", "T2": "T2w", "FLAIR": "FLAIR", "DWI": "dwi", "ADC": "ADC", "PD": "PDw",
+              "SWI": "swi", "soft": "ct", "bone": "ct"}[prot.kind]
+    ce = "_ce-gad" if prot.kind == "T1C" else ""
+    rec = f"_rec-{prot.kind}" if prot.modality == "CT" else ""
+    base = os.path.join(out, "nifti", rel_dir, f"run-{n + 1:02d}{ce}{rec}_{suffix}")
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    data = np.transpose(planes, (2, 1, 0)).astype(np.int16 if prot.modality == "CT" else np.float32)
+    nib.save(nib.Nifti1Image(data, affine), base + ".nii.gz")
+    side = {"Modality": prot.modality, "SeriesDescription": prot.description, "SliceThickness": prot.thickness}
+    if prot.modality == "CT":
+        side["ConvolutionKernel"] = {"soft": "H30s", "bone": "H70h"}[prot.kind]
+    else:
+        side.update({k: v / 1000.0 for k, v in (("RepetitionTime", prot.tr), ("EchoTime", prot.te),
+                                                 ("InversionTime", prot.ti)) if v is not None})
+        if prot.kind == "T1C":
+            side["ContrastBolusIngredient"] = "GADOLINIUM"
+    with open(base + ".json", "w") as fh:
+        json.dump(side, fh, indent=1)
+    return os.path.relpath(base + ".nii.gz", out)
+
+
+def render_study(plan: StudyPlan, out: str, seed: int, nifti: bool = False) -> dict:
     """Render and write one study; returns its ground-truth record."""
     site = Site.named(plan.site)
     srng = np.random.default_rng([plan.subject_seed, 3])
@@ -293,6 +316,9 @@ def render_study(plan: StudyPlan, out: str, seed: int) -> dict:
         mask = np.transpose(labels, (2, 1, 0)).astype(np.int16)  # [i (column), j (row), k (slice)]
         os.makedirs(os.path.join(out, "masks"), exist_ok=True)
         nib.save(nib.Nifti1Image(mask, _series_affine(positions, row, col, prot)), os.path.join(out, mask_rel))
+        if nifti:
+            _write_nifti(out, os.path.join(f"sub-{plan.patient:05d}", f"ses-{plan.index:05d}"), planes,
+                         _series_affine(positions, row, col, prot), prot, n)
         series_records.append(dict(series_uid=suid, kind=prot.kind, plane=prot.plane, thickness_mm=prot.thickness,
                                    step_mm=prot.step, pixel_mm=round(prot.pixel, 4), tilt_deg=round(prot.tilt_deg, 2),
                                    n_slices=len(planes), mask=mask_rel, path=os.path.relpath(sdir, out)))
@@ -331,12 +357,12 @@ def _ground_truth(plan: StudyPlan, painter: Painter, ident: Identity, series: li
 
 
 def _render_star(args):
-    plan, out, seed = args
-    return render_study(plan, out, seed)
+    plan, out, seed, nifti = args
+    return render_study(plan, out, seed, nifti)
 
 
 def write_archive(out: str, n_studies: int, seed: int, site: str = "main", workers: int = 1,
-                  preview: bool = False, progress: bool = True) -> dict:
+                  preview: bool = False, progress: bool = True, nifti: bool = False) -> dict:
     """Plan, render and write an archive; returns a summary (counts per label and split)."""
     os.makedirs(out, exist_ok=True)
     plans = plan_archive(n_studies, seed, site)
@@ -356,7 +382,8 @@ def write_archive(out: str, n_studies: int, seed: int, site: str = "main", worke
                file=sys.stderr)
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
-        results = pool.map(_render_star, [(p, out, seed) for p in todo]) if pool else map(_render_star, [(p, out, seed) for p in todo])
+        args = [(p, out, seed, nifti) for p in todo]
+        results = pool.map(_render_star, args) if pool else map(_render_star, args)
         with open(done_path, "a") as fh:
             for p, rec in zip(todo, results):
                 rec["_index"] = p.index
