@@ -143,7 +143,7 @@ def dense_volume(cache, e, size) -> np.ndarray:
     return F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0, 0].numpy().astype(np.float16)
 
 
-def run_cnn(cache, studies, labels, epochs: int, size=(24, 80, 80), seed: int = 0) -> dict:
+def run_cnn(cache, studies, labels, epochs: int, size=(28, 96, 96), seed: int = 0) -> dict:
     import torch
     import torch.nn as nn
 
@@ -159,24 +159,26 @@ def run_cnn(cache, studies, labels, epochs: int, size=(24, 80, 80), seed: int = 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            ch = [1, 16, 32, 48, 64]
+            ch = [1, 16, 32, 64, 96]
             layers = []
             for a, b in zip(ch[:-1], ch[1:]):
-                layers += [nn.Conv3d(a, b, 3, stride=(1 if a == 1 else 2, 2, 2), padding=1), nn.BatchNorm3d(b), nn.ReLU()]
+                layers += [nn.Conv3d(a, b, 3, stride=(1 if a == 1 else 2, 2, 2), padding=1), nn.GroupNorm(8, b), nn.ReLU(),
+                           nn.Conv3d(b, b, 3, padding=1), nn.GroupNorm(8, b), nn.ReLU()]
             self.enc = nn.Sequential(*layers)
-            self.kind = nn.Embedding(len(KINDS), 64)
-            self.head = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, len(HEADLINE)))
+            self.kind = nn.Embedding(len(KINDS), 2 * ch[-1])
+            self.head = nn.Sequential(nn.Linear(4 * ch[-1], 128), nn.ReLU(), nn.Linear(128, len(HEADLINE)))
 
         def forward(self, vols, kinds):
-            f = self.enc(vols)
-            f = torch.cat([f.amax(dim=(2, 3, 4)), f.mean(dim=(2, 3, 4))], 1)[:, :64] + self.kind(kinds)
-            g = torch.cat([f.max(0).values, f.mean(0)])
-            return self.head(g)
+            f = self.enc((vols - 0.25) / 0.3)
+            f = torch.cat([f.amax(dim=(2, 3, 4)), f.mean(dim=(2, 3, 4))], 1) + self.kind(kinds)
+            return self.head(torch.cat([f.max(0).values, f.mean(0)]))
 
     net = Net()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    accum = 8
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     train = [k for k in data if labels[k]["split"] == "train"]
     val = [k for k in data if labels[k]["split"] == "val"]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=epochs * (len(train) // accum + 1))
     ys = np.stack([labels[k]["y"] for k in train])
     pos_w = torch.tensor((len(ys) - ys.sum(0)) / np.maximum(ys.sum(0), 1), dtype=torch.float32).clamp(max=5)
     lossf = nn.BCEWithLogitsLoss(pos_weight=pos_w)
@@ -195,23 +197,34 @@ def run_cnn(cache, studies, labels, epochs: int, size=(24, 80, 80), seed: int = 
         net.train()
         t0 = time.time()
         order = np.random.permutation(len(train))
-        for i in order:
+        losses = []
+        opt.zero_grad()
+        for step, i in enumerate(order):
             k = train[i]
             v, kd = data[k]
             x = torch.from_numpy(v.astype(np.float32))[:, None]
             if np.random.rand() < 0.5:
                 x = x.flip(-1)  # left-right flip: headline labels are side-free
             loss = lossf(net(x, torch.from_numpy(kd)), torch.from_numpy(labels[k]["y"]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {ep}")
+            (loss / accum).backward()
+            losses.append(loss.item())
+            if (step + 1) % accum == 0 or step == len(order) - 1:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad()
+                sched.step()
         vs = predict(val)
         yv = np.stack([labels[k]["y"] for k in val])
         sv = np.stack([vs[k] for k in val])
         vals = [auroc(yv[:, i], sv[:, i]) for i in range(len(HEADLINE))] if val else []
         vauc = float(np.nanmean(vals)) if vals and not np.all(np.isnan(vals)) else 0.0
-        history.append({"epoch": ep, "val_macro_auroc": vauc, "seconds": time.time() - t0})
-        print(f"  cnn epoch {ep}: val macro AUROC {vauc:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+        spread = float(sv.std(0).mean()) if len(sv) else 0.0
+        history.append({"epoch": ep, "train_loss": float(np.mean(losses)), "val_macro_auroc": vauc,
+                        "val_score_spread": spread, "seconds": time.time() - t0})
+        print(f"  cnn epoch {ep}: loss {np.mean(losses):.3f} val macro AUROC {vauc:.3f} spread {spread:.3f} "
+              f"({time.time() - t0:.0f} s)", file=sys.stderr)
         if vauc > best:
             best = vauc
             best_state = {k: v.clone() for k, v in net.state_dict().items()}
