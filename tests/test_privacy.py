@@ -115,3 +115,12 @@ def test_keys_depend_on_secret_and_kind():
     assert a.patient("X1") != b.patient("X1")
     assert a.patient("X1") != a.study("X1")
     assert "X1" not in a.patient("X1") and len(a.patient("X1")) == 20
+
+
+def test_audit_refuses_missing_folders(tmp_path, capsys):
+    """A typo in a path must never read as a clean audit."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "notcache").mkdir()
+    assert main(["audit-phi", str(tmp_path / "nope"), "--source", str(tmp_path / "src")]) == 2
+    assert main(["audit-phi", str(tmp_path / "notcache"), "--source", str(tmp_path / "src")]) == 2
+    assert "not a token cache" in capsys.readouterr().err

@@ -584,3 +584,11 @@ def test_indication_is_plausible():
     kid = [indication("MR", [Finding("chiari_malformation", "midline", 7.0)], 6, "M", np.random.default_rng(s))
            for s in range(40)]
     assert not any("man with" in ln for ln in kid)
+
+
+def test_synth_and_rekey_cli_refuse_bad_arguments(tmp_path, capsys):
+    from neurovfm.cli import main
+
+    assert main(["synth", str(tmp_path / "a"), "--studies", "0"]) == 2
+    assert main(["rekey", str(tmp_path), "--out", str(tmp_path / "k")]) == 2
+    assert "labels.csv" in capsys.readouterr().err

@@ -73,13 +73,6 @@ def prefilter(arr: np.ndarray, order: int, axes: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def apply_along_axis0(mat: sparse.csr_matrix, arr: np.ndarray) -> np.ndarray:
-    """``mat @ arr`` contracting axis 0 of an N-d array."""
-    flat = arr.reshape(arr.shape[0], -1)
-    out = mat @ flat
-    return np.asarray(out, dtype=np.float32).reshape((mat.shape[0],) + arr.shape[1:])
-
-
 def resample_plane(coeffs: np.ndarray, mat_i: sparse.csr_matrix, mat_j: sparse.csr_matrix) -> np.ndarray:
     """Resample a prefiltered 2-D plane [i, j] with one matrix per axis."""
     tmp = mat_i @ coeffs  # (out_i, n_j)

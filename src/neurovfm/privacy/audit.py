@@ -163,4 +163,12 @@ def scan_cache(cache: str, needles: dict[bytes, str], chunk: int = 64 << 20) -> 
 
 
 def audit(cache: str, src: str) -> AuditReport:
+    """Audit ``cache`` against ``src``; a missing folder is an error, never a clean report."""
+    from neurovfm.errors import NeuroVFMError
+
+    for what, path in (("cache", cache), ("source", src)):
+        if not os.path.isdir(path):
+            raise NeuroVFMError(f"{path}: {what} folder does not exist")
+    if not os.path.exists(os.path.join(cache, "index.sqlite")):
+        raise NeuroVFMError(f"{cache}: not a token cache (no index.sqlite)")
     return scan_cache(cache, collect_needles(src))

@@ -364,6 +364,10 @@ def _render_star(args):
 def write_archive(out: str, n_studies: int, seed: int, site: str = "main", workers: int = 1,
                   preview: bool = False, progress: bool = True, nifti: bool = False) -> dict:
     """Plan, render and write an archive; returns a summary (counts per label and split)."""
+    if n_studies < 1:
+        raise ValueError(f"--studies must be >= 1, got {n_studies}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
     os.makedirs(out, exist_ok=True)
     plans = plan_archive(n_studies, seed, site)
     done_path = os.path.join(out, "records.jsonl")

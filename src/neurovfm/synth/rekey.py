@@ -26,6 +26,11 @@ def series_identity(study_uid: str, series_uid: str) -> str:
 
 def rekey_archive(archive: str, out_dir: str, keyer: Keyer) -> tuple[str, str]:
     """Write ``labels_keyed.csv`` and ``findings_keyed.jsonl`` into ``out_dir``."""
+    from neurovfm.errors import NeuroVFMError
+
+    for name in ("labels.csv", "findings.jsonl"):
+        if not os.path.exists(os.path.join(archive, name)):
+            raise NeuroVFMError(f"{archive}: no {name}; is this a `neurovfm synth` archive?")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(archive, "labels.csv"), newline="") as fh:
         rows = list(csv.DictReader(fh))

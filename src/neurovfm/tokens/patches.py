@@ -89,9 +89,10 @@ def tokenize(cv: CanonicalVolume, modality: str, policy: PreprocessPolicy) -> To
             stacks = [window_to_uint8(vol, w) for w in policy.ct_windows]
             storage, views = "u8", tuple(w.name for w in policy.ct_windows)
     elif modality == "MR":
-        thr = np.percentile(vol, policy.mr_background_percentile)
+        lo_pct, hi_pct = policy.mr_clip_percentiles
+        thr, lo, hi = np.percentile(vol, [policy.mr_background_percentile, lo_pct, hi_pct])  # one selection pass
         fg = vol > thr
-        stacks = [mr_to_uint8(vol, *policy.mr_clip_percentiles)]
+        stacks = [mr_to_uint8(vol, lo_pct, hi_pct, bounds=(float(lo), float(hi)))]
         storage, views = "u8", ("mr",)
     else:
         raise ValueError(f"modality must be CT or MR, got {modality!r}")

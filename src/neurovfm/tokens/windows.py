@@ -43,10 +43,11 @@ def fixed_to_window(fixed: np.ndarray, window: Window, scale: float) -> np.ndarr
     return lut[idx]
 
 
-def mr_to_uint8(vol: np.ndarray, lo_pct: float, hi_pct: float) -> np.ndarray:
-    """Clip an MR volume to its [lo, hi] percentiles and scale to 0..255."""
+def mr_to_uint8(vol: np.ndarray, lo_pct: float, hi_pct: float,
+                bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """Clip an MR volume to its [lo, hi] percentiles (or given ``bounds``) and scale to 0..255."""
     v = np.asarray(vol, np.float32)
-    lo, hi = np.percentile(v, [lo_pct, hi_pct])
+    lo, hi = bounds if bounds is not None else np.percentile(v, [lo_pct, hi_pct])
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         return np.zeros(v.shape, np.uint8)
     x = (np.clip(v, lo, hi) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
