@@ -87,6 +87,20 @@ def cmd_rekey(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from neurovfm.pretrain.config import load_config
+    from neurovfm.pretrain.loop import pretrain
+
+    cfg = load_config(a.config, a.set)
+    res = pretrain(cfg, resume=a.resume, max_steps=a.max_steps, progress=not a.quiet,
+                   command=["neurovfm", "pretrain"] + sys.argv[2:])
+    if res.get("checkpoint"):
+        last = res["last"]
+        print(json.dumps({"step": res["step"], "total_steps": res["total"], "loss": last.get("loss"),
+                          "checkpoint": res["checkpoint"], "model": res["model"]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neurovfm", description=__doc__)
     p.add_argument("--version", action="version", version=f"neurovfm {__version__}")
@@ -125,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("archive", help="folder with labels.csv and findings.jsonl")
     s.add_argument("--out", required=True, help="where to write labels_keyed.csv and findings_keyed.jsonl")
     s.set_defaults(func=cmd_rekey)
+
+    s = sub.add_parser("pretrain", help="Vol-JEPA pretraining from a YAML config (torchrun for several processes)")
+    s.add_argument("config", help="YAML config (see configs/)")
+    s.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in run.out")
+    s.add_argument("--max-steps", type=int, help="stop after this many steps (a resumable chunk)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("cache-info", help="counts and hashes of a token cache")
     s.add_argument("cache")

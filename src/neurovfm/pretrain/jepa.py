@@ -1,0 +1,80 @@
+"""Vol-JEPA: a student encoder on context tokens, a predictor, and an EMA teacher on all tokens.
+
+The student and predictor live in one module (``JEPA``) so DDP/FSDP wrap exactly the trained
+parameters; the teacher is kept apart (no gradients), updated by ``ema_update`` after each
+optimizer step. The loss is Smooth L1 between the predictions and the teacher's layer-normed
+outputs at the target tokens, summed over tokens (mean over channels) and divided by the number
+of target tokens summed over all ranks; multiplied by the world size so that DDP's gradient
+average gives exactly the single-process gradient over the same tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from neurovfm.models.config import EncoderConfig, PredictorConfig
+from neurovfm.models.encoder import Encoder
+from neurovfm.models.packing import Packed
+from neurovfm.models.predictor import Predictor
+from neurovfm.pretrain.data import JEPABatch
+
+
+class JEPA(nn.Module):
+    """Student encoder + predictor: the trained half of Vol-JEPA."""
+
+    def __init__(self, enc_cfg: EncoderConfig, pred_cfg: PredictorConfig):
+        super().__init__()
+        self.student = Encoder(enc_cfg)
+        self.predictor = Predictor(enc_cfg, pred_cfg)
+
+    def forward(self, batch: JEPABatch, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over target tokens of the channel-mean Smooth L1, predictions)."""
+        p = batch.packed
+        ctx = Packed(p.tokens[batch.ctx_idx], p.coords[batch.ctx_idx], batch.cu_ctx)
+        z = self.student(ctx)
+        pred = self.predictor(z, ctx.coords, batch.cu_ctx, p.coords[batch.tgt_idx], batch.cu_tgt)
+        per_token = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)
+        return per_token.sum(), pred
+
+
+def make_teacher(student: Encoder) -> Encoder:
+    t = copy.deepcopy(student)
+    for q in t.parameters():
+        q.requires_grad_(False)
+    return t.eval()
+
+
+@torch.no_grad()
+def teacher_targets(teacher: Encoder, batch: JEPABatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer-normed teacher outputs at the targets [N_tgt, D], raw outputs of all tokens [N, D])."""
+    h = teacher(batch.packed)
+    hn = F.layer_norm(h.float(), (h.shape[-1],))
+    return hn[batch.tgt_idx], h
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student, parameter by parameter (works on local
+    shards under FSDP, since both are sharded the same way)."""
+    tp = [p for p in teacher.parameters()]
+    sp = [p.detach() for p in student.parameters()]
+    if len(tp) != len(sp):
+        raise RuntimeError("teacher and student have different parameter lists")
+    torch._foreach_lerp_(tp, sp, 1.0 - momentum)
+
+
+def global_count(n: int, device) -> int:
+    """Number of target tokens summed over all ranks."""
+    t = torch.tensor([n], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return int(t.item())
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
