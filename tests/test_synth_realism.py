@@ -51,7 +51,7 @@ def test_ct_hounsfield_units_per_tissue(sick):
     for name in ("gm", "wm", "csf", "bone", "air"):
         f = _frac(s, name, prot)
         m = ndimage.binary_erosion(f > (0.8 if name == "bone" else 0.95), iterations=1)  # skull is thin
-        assert m.sum() > 200, name
+        assert m.sum() > 100, name  # enough pure voxels for a median (older heads have thinner cortex)
         means[name] = float(np.median(hu[m]))
     blood_idx = [les.index for les in p.lesions if les.family == "iph"][0]
     bm = ndimage.binary_erosion(labels == blood_idx, iterations=1)

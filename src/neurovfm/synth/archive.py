@@ -25,7 +25,7 @@ import pydicom
 from tqdm import tqdm
 
 from neurovfm.synth import reports, tables
-from neurovfm.synth.anatomy import make_subject
+from neurovfm.synth.anatomy import disease_csf, make_subject
 from neurovfm.synth.assets import load_template
 from neurovfm.synth.dicom_writer import Identity, SeriesSpec, write_series
 from neurovfm.synth.pathology import CT_ONLY, FAMILIES, MR_ONLY, Painter
@@ -108,8 +108,9 @@ def _draw_families(rng, age: int) -> list[str]:
         return []
     fams = []
     for fam, p in PREVALENCE.items():
-        q = p * (1.6 if fam in ("atrophy", "svd", "infarct_chronic") and age > 70 else 1.0)
-        q = q * (0.3 if fam in ("atrophy", "svd") and age < 45 else 1.0)
+        # atrophy is "volume loss advanced for age": not made likelier by age itself
+        q = p * (1.6 if fam in ("svd", "infarct_chronic") and age > 70 else 1.0)
+        q = q * (0.3 if fam == "svd" and age < 45 else 1.0)
         if rng.random() < q:
             fams.append(fam)
     if "hydrocephalus" in fams and "ventriculomegaly" in fams:
@@ -270,7 +271,9 @@ def render_study(plan: StudyPlan, out: str, seed: int, nifti: bool = False) -> d
     """Render and write one study; returns its ground-truth record."""
     site = Site.named(plan.site)
     srng = np.random.default_rng([plan.subject_seed, 3])
-    subject = make_subject(_template(), srng, age=plan.age, sex=plan.sex)
+    sulcal, vent = disease_csf(plan.age, np.random.default_rng([plan.subject_seed, 4]), "atrophy" in plan.families,
+                               "ventriculomegaly" in plan.families, "hydrocephalus" in plan.families)
+    subject = make_subject(_template(), srng, age=plan.age, sex=plan.sex, atrophy=sulcal, ventricle_mm=vent)
     painter = Painter(subject, np.random.default_rng([plan.subject_seed, 5]))
     for fam in plan.families:
         if fam != "big_mass":

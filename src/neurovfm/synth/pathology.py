@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from neurovfm.synth.anatomy import Subject, add_tissue, deform, deform_labels, enlarge_ventricles
+from neurovfm.synth.anatomy import Subject, add_tissue, csf_labels, deform, deform_labels
 from neurovfm.synth.assets import GRID_SHAPE
 
 ORIGIN = np.array([90.0, 126.0, 72.0])  # template voxel of RAS (0, 0, 0)
@@ -96,6 +96,16 @@ def _full(sl, part: np.ndarray) -> np.ndarray:
     out = np.zeros(GRID_SHAPE, np.float32)
     out[sl] = part
     return out
+
+
+def _box(centre: np.ndarray, reach: float) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Slices of the template grid within ``reach`` voxels of ``centre`` and the voxel
+    coordinates there [..., 3] (so a local shape needs no full-grid arrays)."""
+    lo = np.maximum(np.floor(np.asarray(centre) - reach).astype(int), 0)
+    hi = np.minimum(np.ceil(np.asarray(centre) + reach).astype(int) + 1, np.array(GRID_SHAPE))
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    g = np.stack(np.meshgrid(*[np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi)], indexing="ij"), -1)
+    return sl, g
 
 
 def _mark(subject: Subject, mask: np.ndarray, index: int, thresh: float = 0.5) -> None:
@@ -436,9 +446,14 @@ class Painter:
 
     # -- CSF spaces -------------------------------------------------------------------------------
     def hydrocephalus(self, obstructive: bool = True):
-        mm = float(self.rng.uniform(4, 9) if obstructive else self.rng.uniform(3, 6))
-        rim = enlarge_ventricles(self.s.tissues, self.s.template, mm, edema=0.55 if obstructive else 0.0)
+        """The ventricles were enlarged out of proportion to the sulci when the head was built
+        (anatomy.disease_csf); here the finding is recorded, with transependymal oedema if obstructive."""
+        mm = float(self.s.ventricle_mm)
+        if not csf_labels(self.s.sulcal, mm, self.s.age)["ventriculomegaly"]:
+            return  # the head does not meet the shape criterion: no label
+        rim = ((self.s.template.vent_dist > mm) & (self.s.template.vent_dist < mm + 4)).astype(np.float32)
         if obstructive:
+            add_tissue(self.s.tissues, "edema", rim * np.float32(0.55), from_=("wm",))
             les = self._new("hydrocephalus", ["obstructive_hydrocephalus", "ventriculomegaly", "transependymal_flow"],
                             ["obstructive_hydrocephalus", "ventriculomegaly"], "bilateral", mm, None)
         else:
@@ -448,11 +463,10 @@ class Painter:
         _mark(self.s, grown.astype(np.float32), les.index)
 
     def atrophy(self):
-        # the age-related process, pushed further: labelled as atrophy
-        from neurovfm.synth.anatomy import _atrophy
-
-        _atrophy(self.s.tissues, self.s.template, float(self.rng.uniform(0.6, 1.0)))
-        enlarge_ventricles(self.s.tissues, self.s.template, float(self.rng.uniform(1.5, 3.0)))
+        """Sulcal widening advanced for the age, set when the head was built
+        (anatomy.disease_csf); recorded here only if the head meets the shape criterion."""
+        if not csf_labels(self.s.sulcal, self.s.ventricle_mm, self.s.age)["cerebral_atrophy"]:
+            return
         les = self._new("atrophy", ["cerebral_atrophy"], ["cerebral_atrophy"], "bilateral", 0.0, None)
         les.location = "diffuse"
 
@@ -483,7 +497,7 @@ class Painter:
         width = float(self.rng.uniform(0.8, 2.0))
         d = self.rng.normal(0, 1, 3)
         d /= np.linalg.norm(d)
-        g = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in GRID_SHAPE], indexing="ij"), -1)
+        sl, g = _box(near, np.hypot(length / 2, 25.0) + 2)  # the crack lies within this box
         rel = g - near.astype(np.float32)
         along = rel @ d.astype(np.float32)
         perp = np.sqrt(np.maximum((rel ** 2).sum(-1) - along ** 2, 0))
@@ -491,8 +505,8 @@ class Painter:
         n2 = np.cross(d, self.rng.normal(0, 1, 3))
         n2 /= np.linalg.norm(n2)
         across = np.abs(rel @ n2.astype(np.float32))
-        crack = ((np.abs(along) < length / 2) & (across < width / 2) & (perp < 25)).astype(np.float32)
-        crack *= self.s.tissues["bone"]
+        part = ((np.abs(along) < length / 2) & (across < width / 2) & (perp < 25)).astype(np.float32)
+        crack = _full(sl, part) * self.s.tissues["bone"]
         displaced = self.rng.random() < 0.35
         add_tissue(self.s.tissues, "soft", crack * 0.95, from_=("bone",))
         if displaced:
@@ -533,9 +547,9 @@ class Painter:
         if c is None:
             return
         r = float(self.rng.uniform(20, 35))
-        g = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in GRID_SHAPE], indexing="ij"), -1)
+        sl, g = _box(c, r + 3)  # the ring lies within this box
         dist = np.sqrt(((g - c.astype(np.float32)) ** 2).sum(-1))
-        ring = ((dist > r - 1.2) & (dist < r + 1.2)).astype(np.float32) * self.s.tissues["bone"]
+        ring = _full(sl, ((dist > r - 1.2) & (dist < r + 1.2)).astype(np.float32)) * self.s.tissues["bone"]
         add_tissue(self.s.tissues, "soft", ring, from_=("bone",))
         ct, mr = ["craniotomy", "postsurgical_changes"], ["craniotomy_craniectomy", "postsurgical_changes"]
         # burr holes on the ring
@@ -625,6 +639,15 @@ class Painter:
             y = np.arange(GRID_SHAPE[1])[None, :, None] - ORIGIN[1]
             glomus = vent & (y < -30) & (y > -45)
             add_tissue(self.s.tissues, "calcification", glomus.astype(np.float32) * self.rng.uniform(0.1, 0.4), from_=("csf",))
+        # physiological iron in the deep grey nuclei, growing with age (dark on SWI and T2: a blood mimic)
+        load = float(np.clip((self.s.age - 25) / 60, 0.05, 1.0) * self.rng.uniform(0.3, 1.0))
+        for names, w in ((("Pallidum",), 0.9), (("Putamen",), 0.35), (("SN_", "Red_N"), 0.8)):
+            reg = self.s.template.region(*names)
+            box = ndimage.find_objects(reg.astype(np.int8))[0]
+            box = tuple(slice(max(b.start - 3, 0), b.stop + 3) for b in box)
+            frac = np.zeros(GRID_SHAPE, np.float32)
+            frac[box] = ndimage.gaussian_filter(reg[box].astype(np.float32), 0.7) * np.float32(load * w)
+            add_tissue(self.s.tissues, "iron", frac, from_=("gm", "wm"))
 
     # -- mass effect ------------------------------------------------------------------------------
     def apply_mass_effect(self):

@@ -13,40 +13,41 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import fft as sfft
 from scipy import ndimage
 
-from neurovfm.synth.anatomy import Subject
+from neurovfm.synth.anatomy import Subject, _linear_matrix
 
 CT_HU = {
     "gm": 38.0, "wm": 27.0, "csf": 7.0, "bone": 1450.0, "soft": 32.0, "air": -1000.0,
     "blood_acute": 68.0, "blood_chronic": 20.0, "edema": 18.0, "infarct_acute": 21.0, "infarct_chronic": 9.0,
     "gliosis": 17.0, "tumour": 41.0, "necrosis": 14.0, "enhancing": 46.0, "wm_lesion": 20.0,
-    "calcification": 380.0, "meningioma": 55.0, "gas": -1000.0, "fat": -90.0,
+    "calcification": 380.0, "meningioma": 55.0, "gas": -1000.0, "fat": -90.0, "iron": 41.0,
 }
 CT_CONTRAST_HU = {"enhancing": 95.0, "meningioma": 110.0, "tumour": 55.0}
 
 MR_SIGNAL = {  # relative signal per sequence (ADC in 1e-6 mm^2/s)
     "T1": dict(gm=600, wm=820, csf=180, bone=90, soft=650, air=0, blood_acute=560, blood_chronic=820, edema=430,
                infarct_acute=540, infarct_chronic=220, gliosis=460, tumour=480, necrosis=240, enhancing=540,
-               wm_lesion=640, calcification=320, meningioma=570, gas=0, fat=950),
+               wm_lesion=640, calcification=320, meningioma=570, gas=0, fat=950, iron=610),
     "T2": dict(gm=720, wm=500, csf=1000, bone=70, soft=480, air=0, blood_acute=230, blood_chronic=850, edema=900,
                infarct_acute=820, infarct_chronic=960, gliosis=860, tumour=800, necrosis=960, enhancing=700,
-               wm_lesion=860, calcification=140, meningioma=650, gas=0, fat=700),
+               wm_lesion=860, calcification=140, meningioma=650, gas=0, fat=700, iron=430),
     "FLAIR": dict(gm=640, wm=480, csf=70, bone=70, soft=480, air=0, blood_acute=520, blood_chronic=800, edema=940,
                   infarct_acute=820, infarct_chronic=140, gliosis=950, tumour=860, necrosis=300, enhancing=760,
-                  wm_lesion=950, calcification=200, meningioma=640, gas=0, fat=700),
+                  wm_lesion=950, calcification=200, meningioma=640, gas=0, fat=700, iron=470),
     "DWI": dict(gm=460, wm=400, csf=70, bone=40, soft=140, air=0, blood_acute=210, blood_chronic=300, edema=360,
                 infarct_acute=1000, infarct_chronic=90, gliosis=340, tumour=560, necrosis=140, enhancing=500,
-                wm_lesion=430, calcification=100, meningioma=520, gas=0, fat=90),
+                wm_lesion=430, calcification=100, meningioma=520, gas=0, fat=90, iron=400),
     "ADC": dict(gm=820, wm=720, csf=3000, bone=0, soft=1000, air=0, blood_acute=600, blood_chronic=1300,
                 edema=1500, infarct_acute=380, infarct_chronic=2700, gliosis=1400, tumour=900, necrosis=2500,
-                enhancing=900, wm_lesion=1150, calcification=300, meningioma=820, gas=0, fat=200),
+                enhancing=900, wm_lesion=1150, calcification=300, meningioma=820, gas=0, fat=200, iron=760),
     "PD": dict(gm=760, wm=630, csf=820, bone=80, soft=600, air=0, blood_acute=500, blood_chronic=800, edema=860,
                infarct_acute=800, infarct_chronic=810, gliosis=860, tumour=790, necrosis=810, enhancing=760,
-               wm_lesion=820, calcification=200, meningioma=700, gas=0, fat=820),
+               wm_lesion=820, calcification=200, meningioma=700, gas=0, fat=820, iron=660),
     "SWI": dict(gm=600, wm=660, csf=720, bone=50, soft=500, air=0, blood_acute=90, blood_chronic=120, edema=640,
                 infarct_acute=600, infarct_chronic=700, gliosis=620, tumour=580, necrosis=700, enhancing=600,
-                wm_lesion=650, calcification=90, meningioma=600, gas=0, fat=500),
+                wm_lesion=650, calcification=90, meningioma=600, gas=0, fat=500, iron=230),
 }
 MR_SIGNAL["T1C"] = dict(MR_SIGNAL["T1"], enhancing=980, meningioma=960, tumour=620)
 
@@ -121,32 +122,52 @@ RENDER_MM = 0.9  # the template is 1 mm: anatomy is rendered no finer than this,
 
 
 def _sample(subject: Subject, volume: np.ndarray, positions, row, col, p: Protocol, order: int = 1,
-            subslices: int = 1) -> np.ndarray:
+            subslices: int = 1, labels: np.ndarray | None = None):
     """Sample a template-space volume on the protocol's slices (LPS geometry).
 
     Thick slices average ``subslices`` planes across the slice thickness (partial volume).
-    Fine matrices are rendered on a lattice of about ``RENDER_MM`` and interpolated up.
+    Fine matrices are rendered on a lattice of about ``RENDER_MM`` and interpolated up (bilinear,
+    as separable matrices). With ``labels`` (an integer map), returns (planes, label planes),
+    the labels sampled by nearest neighbour on the slice centre plane with the same coordinates.
     """
     normal = np.cross(row, col)
     offs = [0.0] if subslices == 1 else list(np.linspace(-p.thickness / 2, p.thickness / 2, subslices + 2)[1:-1])
     out = np.zeros((len(positions), p.rows, p.cols), np.float32 if order else volume.dtype)
+    lab = np.zeros((len(positions), p.rows, p.cols), labels.dtype) if labels is not None else None
     step = max(1, int(round(RENDER_MM / p.pixel)))
-    ri = np.arange(0, p.rows + step, step, dtype=float)
-    ci = np.arange(0, p.cols + step, step, dtype=float)
-    jj, ii = np.meshgrid(ri, ci, indexing="ij")
-    up = np.stack(np.meshgrid(np.arange(p.rows) / step, np.arange(p.cols) / step, indexing="ij"))
+    n_r, n_c = p.rows // step + 2, p.cols // step + 2
+    flip = np.array([-1.0, -1.0, 1.0])
+    drow = np.asarray(col, float) * p.pixel * step * flip  # lattice axis 0 runs along the column direction
+    dcol = np.asarray(row, float) * p.pixel * step * flip
+    if step > 1:
+        ur = _linear_matrix(p.rows, step, n_r).astype(np.float32)
+        uc = _linear_matrix(p.cols, step, n_c).astype(np.float32)
+        nr = np.minimum(np.round(np.arange(p.rows) / step).astype(int), n_r - 1)
+        nc = np.minimum(np.round(np.arange(p.cols) / step).astype(int), n_c - 1)
     cval = float(volume.min()) if order else 0
+
+    def up(lattice: np.ndarray, linear: bool) -> np.ndarray:
+        if step == 1:
+            return lattice[:p.rows, :p.cols]
+        return ur @ lattice @ uc.T if linear else lattice[nr][:, nc]
+
     for k, pos in enumerate(positions):
         acc = None
+        centre = None
         for o in offs:
-            lps = pos[None, None, :] + o * normal + ii[..., None] * p.pixel * row + jj[..., None] * p.pixel * col
-            tidx = subject.template_index(lps * np.array([-1.0, -1.0, 1.0]))
+            tidx = subject.lattice_index((pos + o * normal) * flip, drow, dcol, n_r, n_c)
+            if o == 0.0:
+                centre = tidx
             vals = ndimage.map_coordinates(volume, tidx.reshape(-1, 3).T, order=order, mode="constant",
-                                           cval=cval).reshape(tidx.shape[:2])
+                                           cval=cval).reshape(n_r, n_c)
             acc = vals.astype(np.float32) if acc is None else acc + vals
-        lattice = acc / len(offs) if order else acc
-        out[k] = ndimage.map_coordinates(lattice, up, order=1 if order else 0) if step > 1 else lattice[:p.rows, :p.cols]
-    return out
+        out[k] = up(acc / len(offs), True) if order else up(acc, False)
+        if labels is not None:
+            if centre is None:
+                centre = subject.lattice_index(pos * flip, drow, dcol, n_r, n_c)
+            lv = ndimage.map_coordinates(labels, centre.reshape(-1, 3).T, order=0, mode="constant", cval=0)
+            lab[k] = up(lv.reshape(n_r, n_c), False)
+    return out if labels is None else (out, lab)
 
 
 def ct_series(subject: Subject, p: Protocol, site: Site, rng: np.random.Generator):
@@ -163,11 +184,10 @@ def ct_series(subject: Subject, p: Protocol, site: Site, rng: np.random.Generato
     # beam hardening: slightly brighter just inside the skull, darker in the centre (cupping)
     depth = subject.template.icv_depth
     vol += np.where(depth > 0, 3.0 * np.exp(-depth / 6.0) - 1.5 * np.clip(depth / 50.0, 0, 1), 0).astype(np.float32)
-    vol += np.float32(site.ct_offset_hu)
+    vol += np.float32(site.ct_offset_hu + np.clip(rng.normal(0, 1.2), -2.5, 2.5))  # per-scan calibration drift
     positions, row, col = slice_geometry(p)
     sub = 3 if p.thickness >= 2.0 else 1
-    planes = _sample(subject, vol, positions, row, col, p, order=1, subslices=sub)
-    labels = _sample(subject, subject.lesion_labels, positions, row, col, p, order=0)
+    planes, labels = _sample(subject, vol, positions, row, col, p, order=1, subslices=sub, labels=subject.lesion_labels)
     # noise: correlated in-plane, scaled with 1/sqrt(thickness); bone kernel sharper and noisier
     base_sd = 4.3 * site.ct_noise * np.sqrt(5.0 / max(p.thickness, 0.5))
     sigma = site.kernel_sigma
@@ -176,13 +196,38 @@ def ct_series(subject: Subject, p: Protocol, site: Site, rng: np.random.Generato
         planes = planes + 1.2 * (planes - blur)
         base_sd *= 6.0
         sigma *= 0.55
-    noise = rng.normal(0, 1, planes.shape).astype(np.float32)
+    noise = rng.standard_normal(planes.shape, dtype=np.float32)
     noise = ndimage.gaussian_filter(noise, (0, sigma, sigma))
     noise *= np.float32(base_sd / max(noise.std(), 1e-6))
     inside = planes > -900  # no noise texture added in air beyond the scanner's own (kept clean)
     planes = planes + noise * inside
     planes = np.clip(planes, -1024, 3071)
     return planes, positions, row, col, labels
+
+
+# Susceptibility artefacts of echo-planar and gradient-echo sequences at the air-bone interfaces of
+# the skull base (frontal sinus, mastoids / petrous bones): signal pile-up (bright) beside dropout
+# (dark) on DWI, dark on SWI, unreliable ADC. Unlabelled; they mimic infarcts on DWI and blood on
+# SWI for anyone who looks at intensities only. Drawn per head (subject.seed), so a study's DWI,
+# ADC and SWI agree. Factors multiply the signal: (pile-up, dropout).
+SUSCEPTIBILITY = {"DWI": (2.6, 0.25), "ADC": (0.55, 1.6), "SWI": (0.15, 0.15)}
+_AIR_BONE_RAS = ((0.0, 52.0, -8.0), (-42.0, -22.0, -28.0), (42.0, -22.0, -28.0), (0.0, 30.0, -30.0))
+
+
+def _susceptibility(vol: np.ndarray, subject: Subject, kind: str) -> None:
+    from neurovfm.synth.pathology import ORIGIN, _blob
+
+    rng = np.random.default_rng([subject.seed, 31])
+    up, down = SUSCEPTIBILITY[kind]
+    for ras in _AIR_BONE_RAS:
+        if rng.random() > 0.45:
+            continue
+        centre = ORIGIN + np.array(ras) + rng.normal(0, 4, 3)
+        for factor, shift in ((down, 0.0), (up, 1.0)):
+            radii = rng.uniform(5, 16, 3) * (0.7 if shift else 1.0)
+            c = centre + shift * np.array([0.0, 0.0, radii[2] * 1.2])  # pile-up just above the dropout
+            sl, part = _blob(c, radii, rng, 0.3)
+            vol[sl] *= 1 + np.float32(factor - 1) * part
 
 
 def mr_series(subject: Subject, p: Protocol, site: Site, rng: np.random.Generator):
@@ -192,25 +237,30 @@ def mr_series(subject: Subject, p: Protocol, site: Site, rng: np.random.Generato
     table["gm"] = mid + (table["gm"] - mid) * site.gm_wm_contrast
     table["wm"] = mid + (table["wm"] - mid) * site.gm_wm_contrast
     vol = subject.property_map(table)
+    if p.kind in SUSCEPTIBILITY:
+        _susceptibility(vol, subject, p.kind)
     positions, row, col = slice_geometry(p)
-    planes = _sample(subject, vol, positions, row, col, p, order=1, subslices=2 if p.thickness >= 2 else 1)
-    labels = _sample(subject, subject.lesion_labels, positions, row, col, p, order=0)
-    # Gibbs ringing: keep the central 80 % of k-space in-plane
-    f = np.fft.fftshift(np.fft.fft2(planes), axes=(1, 2))
+    planes, labels = _sample(subject, vol, positions, row, col, p, order=1, subslices=2 if p.thickness >= 2 else 1,
+                             labels=subject.lesion_labels)
+    # Gibbs ringing: keep the central 80 % of k-space in-plane (single precision FFT)
     r, c = planes.shape[1:]
     keep_r, keep_c = int(r * 0.4), int(c * 0.4)
+    f = sfft.fft2(planes.astype(np.complex64), axes=(1, 2))
     mask = np.zeros((r, c), bool)
     mask[r // 2 - keep_r:r // 2 + keep_r, c // 2 - keep_c:c // 2 + keep_c] = True
-    planes = np.abs(np.fft.ifft2(np.fft.ifftshift(f * mask, axes=(1, 2)))).astype(np.float32)
-    # smooth multiplicative bias field
+    f *= sfft.ifftshift(mask)
+    planes = np.abs(sfft.ifft2(f, axes=(1, 2))).astype(np.float32)
+    # smooth multiplicative bias field (separable: slice factor x in-plane factor)
     n = planes.shape[0]
-    zz, yy, xx = np.meshgrid(np.linspace(-1, 1, n), np.linspace(-1, 1, r), np.linspace(-1, 1, c), indexing="ij")
+    yy, xx = np.meshgrid(np.linspace(-1, 1, r), np.linspace(-1, 1, c), indexing="ij")
+    zz = np.linspace(-1, 1, n)
     coef = rng.normal(0, 0.12, 6)
-    bias = np.exp(coef[0] * xx + coef[1] * yy + coef[2] * zz + coef[3] * xx * yy + coef[4] * xx ** 2 + coef[5] * yy ** 2)
-    planes = planes * bias.astype(np.float32)
-    sd = site.mr_noise * table["wm"] if p.kind != "ADC" else site.mr_noise * 700
-    n1 = rng.normal(0, sd, planes.shape).astype(np.float32)
-    n2 = rng.normal(0, sd, planes.shape).astype(np.float32)
+    inplane = np.exp(coef[0] * xx + coef[1] * yy + coef[3] * xx * yy + coef[4] * xx ** 2 + coef[5] * yy ** 2)
+    planes *= np.exp(coef[2] * zz).astype(np.float32)[:, None, None]
+    planes *= inplane.astype(np.float32)[None]
+    sd = np.float32(site.mr_noise * table["wm"] if p.kind != "ADC" else site.mr_noise * 700)
+    n1 = rng.standard_normal(planes.shape, dtype=np.float32) * sd
+    n2 = rng.standard_normal(planes.shape, dtype=np.float32) * sd
     planes = np.sqrt((planes + n1) ** 2 + n2 ** 2)
     scale = rng.uniform(0.8, 3.0)  # arbitrary scanner units
     return np.clip(planes * np.float32(scale), 0, 65000), positions, row, col, labels
