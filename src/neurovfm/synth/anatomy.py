@@ -130,10 +130,9 @@ class Subject:
         vs = v0 + kr[:, None, None] * vr + kc[None, :, None] * vc
         scale = (np.array(self.warp.shape[1:]) - 1) / (np.array(GRID_SHAPE) - 1)
         cidx = (vs.reshape(-1, 3) * scale).T
-        wr, wc = _linear_matrix(n_rows, sub, len(kr)), _linear_matrix(n_cols, sub, len(kc))
         for a in range(3):
             d = ndimage.map_coordinates(self.warp[a], cidx, order=1, mode="nearest").reshape(len(kr), len(kc))
-            v[..., a] += wr @ d @ wc.T
+            v[..., a] += upsample_linear(upsample_linear(d, n_rows, sub, 0), n_cols, sub, 1)
         return v
 
     def property_map(self, values: dict[str, float], default: float = 0.0) -> np.ndarray:
@@ -146,16 +145,17 @@ class Subject:
         return out
 
 
-def _linear_matrix(n: int, sub: int, m: int) -> np.ndarray:
-    """(n, m) weights: linear interpolation of samples taken every ``sub`` points."""
+def upsample_linear(a: np.ndarray, n: int, sub: int, axis: int) -> np.ndarray:
+    """Linear interpolation along ``axis`` of samples taken every ``sub`` points to ``n`` points
+    (two gathers and a blend per output: no dense interpolation matrix)."""
+    m = a.shape[axis]
     x = np.arange(n) / sub
-    lo = np.minimum(np.floor(x).astype(int), m - 2) if m > 1 else np.zeros(n, int)
-    f = x - lo
-    w = np.zeros((n, m))
-    w[np.arange(n), lo] = 1 - f
-    if m > 1:
-        w[np.arange(n), lo + 1] += f
-    return w
+    lo = np.minimum(np.floor(x).astype(int), max(m - 2, 0))
+    hi = np.minimum(lo + 1, m - 1)
+    shape = [1] * a.ndim
+    shape[axis] = n
+    f = (x - lo).astype(a.dtype).reshape(shape)
+    return np.take(a, lo, axis=axis) * (1 - f) + np.take(a, hi, axis=axis) * f
 
 
 def make_subject(template: Template, rng: np.random.Generator, age: int | None = None, sex: str | None = None,

@@ -361,7 +361,12 @@ def _ground_truth(plan: StudyPlan, painter: Painter, ident: Identity, series: li
 
 def _render_star(args):
     plan, out, seed, nifti = args
-    return render_study(plan, out, seed, nifti)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: only keeps BLAS threads from spinning beside the other workers
+        return render_study(plan, out, seed, nifti)
+    with threadpool_limits(1):  # one worker = one core
+        return render_study(plan, out, seed, nifti)
 
 
 def write_archive(out: str, n_studies: int, seed: int, site: str = "main", workers: int = 1,

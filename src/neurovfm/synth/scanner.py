@@ -16,7 +16,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
-from neurovfm.synth.anatomy import Subject, _linear_matrix
+from neurovfm.synth.anatomy import Subject, upsample_linear
 
 CT_HU = {
     "gm": 38.0, "wm": 27.0, "csf": 7.0, "bone": 1450.0, "soft": 32.0, "air": -1000.0,
@@ -127,7 +127,7 @@ def _sample(subject: Subject, volume: np.ndarray, positions, row, col, p: Protoc
 
     Thick slices average ``subslices`` planes across the slice thickness (partial volume).
     Fine matrices are rendered on a lattice of about ``RENDER_MM`` and interpolated up (bilinear,
-    as separable matrices). With ``labels`` (an integer map), returns (planes, label planes),
+    separable). With ``labels`` (an integer map), returns (planes, label planes),
     the labels sampled by nearest neighbour on the slice centre plane with the same coordinates.
     """
     normal = np.cross(row, col)
@@ -140,8 +140,6 @@ def _sample(subject: Subject, volume: np.ndarray, positions, row, col, p: Protoc
     drow = np.asarray(col, float) * p.pixel * step * flip  # lattice axis 0 runs along the column direction
     dcol = np.asarray(row, float) * p.pixel * step * flip
     if step > 1:
-        ur = _linear_matrix(p.rows, step, n_r).astype(np.float32)
-        uc = _linear_matrix(p.cols, step, n_c).astype(np.float32)
         nr = np.minimum(np.round(np.arange(p.rows) / step).astype(int), n_r - 1)
         nc = np.minimum(np.round(np.arange(p.cols) / step).astype(int), n_c - 1)
     cval = float(volume.min()) if order else 0
@@ -149,7 +147,9 @@ def _sample(subject: Subject, volume: np.ndarray, positions, row, col, p: Protoc
     def up(lattice: np.ndarray, linear: bool) -> np.ndarray:
         if step == 1:
             return lattice[:p.rows, :p.cols]
-        return ur @ lattice @ uc.T if linear else lattice[nr][:, nc]
+        if linear:
+            return upsample_linear(upsample_linear(lattice, p.rows, step, 0), p.cols, step, 1)
+        return lattice[nr][:, nc]
 
     for k, pos in enumerate(positions):
         acc = None
