@@ -3,15 +3,19 @@
 1. Per-series intensity histograms (uint8 views from the token cache: CT brain/blood/bone
    windows, MR view per sequence family) + logistic regression per headline label.
    Target: macro AUROC <= 0.75 (otherwise the archive is too easy: global intensity solves it).
-2. A small supervised 3-D CNN on the same cache (each series' tokens reassembled into its
-   canonical volume, resized; one shared encoder per series, max-pooled over the study's series,
-   one logit per headline label), trained on the train split, model picked on val.
+2. A small supervised 3-D CNN per modality on the same cache: every series of a study is
+   resampled from its token grid onto one fixed RAS grid around the head (3 mm in-plane, 4 mm
+   slices), so a study is one co-registered multi-channel volume (CT: brain, blood and bone
+   windows; MR: one channel per sequence family), plus the patient's age; max / log-sum-exp /
+   mean pooling, class-balanced loss, label-preserving augmentation; trained on the train split's
+   labels only, the epoch with the best val macro AUROC kept, the test split scored once.
    Target: macro AUROC >= 0.85 (otherwise lesions are invisible or labels inconsistent).
+   The histogram baseline is also reported with the age added (atrophy is "advanced for age").
 
 Both are evaluated on the test split, CT and MR separately, per headline label and macro.
 Also reports the per-lesion contrast-to-noise distribution from the archive's masks.
 
-    python bench/synth/difficulty.py ARCHIVE CACHE [--epochs 12] [--out bench/results/synth_difficulty.json]
+    python bench/synth/difficulty.py ARCHIVE CACHE [--epochs 40] [--inputs FILE.npz] [--out bench/results/synth_difficulty.json]
 
 CACHE must be `neurovfm ingest ARCHIVE/dicom CACHE` with the same site secret as this run.
 """
@@ -103,11 +107,13 @@ def evaluate(scores: dict[str, np.ndarray], labels: dict[str, dict]) -> dict:
     return res
 
 
-def run_histogram(cache, studies, labels) -> dict:
+def run_histogram(cache, studies, labels, with_age: bool = False, feats: dict | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    feats = histogram_features(cache, studies)
+    feats = feats if feats is not None else histogram_features(cache, studies)
+    if with_age:
+        feats = {k: np.append(v, float(studies[k][0].age_years or 60)) for k, v in feats.items()}
     scores = {}
     for mod in ("CT", "MR"):
         tr = [k for k in feats if labels[k]["split"] == "train" and labels[k]["modality"] == mod]
@@ -129,110 +135,216 @@ def run_histogram(cache, studies, labels) -> dict:
     return evaluate(scores, labels)
 
 
-def dense_volume(cache, e, size) -> np.ndarray:
+# -- the supervised 3-D CNN ------------------------------------------------------------------------
+# Every series of a study is resampled (trilinear) from its canonical token grid onto one fixed
+# RAS grid centred on the head, so a study is one co-registered multi-channel volume: CT = brain,
+# blood and bone windows of the soft-kernel series; MR = one channel per sequence family (zeros
+# where the exam has no such sequence). One network, a stem per modality, a shared trunk, lesion-
+# friendly pooling (global max and log-sum-exp beside the mean) and a head per modality.
+GRID = (40, 72, 60)  # slices (S-I, 4 mm) x A-P x L-R (3 mm): 160 x 216 x 180 mm
+GRID_MM = (4.0, 3.0, 3.0)
+CT_CHANNELS = ("brain", "blood", "bone")
+MR_CHANNELS = ("T1", "T1C", "T2", "FLAIR", "DWI", "ADC", "SWI", "PD")
+
+
+def _dense(cache, e, names=None):
+    """One series as dense volumes [V, D, H, W] (float32 0..1; tokens not stored are 0) and the
+    voxel -> RAS affine."""
+    views, coords, _ = cache.views(e, names)
+    grid = tuple(json.loads(e.grid_shape))
+    patch = cache.policy.patch
+    full = np.zeros((views.shape[1], int(np.prod(grid)), views.shape[2]), np.float32)
+    flat = np.ravel_multi_index(coords.T.astype(int), grid)
+    full[:, flat] = np.transpose(views, (1, 0, 2)).astype(np.float32) / 255.0
+    vols = np.stack([unpatchify(full[v], grid, patch) for v in range(full.shape[0])])
+    s = np.eye(4)
+    for ax in range(3):
+        s[ax, ax] = patch[ax]
+        s[ax, 3] = (patch[ax] - 1) / 2.0
+    return vols, e.grid_affine_array @ np.linalg.inv(s), coords, grid
+
+
+def _resample(vols: np.ndarray, affine: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """[V, D, H, W] in its own voxel space -> [V, *GRID] on the RAS grid around ``centre``."""
     import torch
     import torch.nn.functional as F
 
-    views, coords, _ = cache.views(e, ["brain"] if e.modality == "CT" else None)
-    grid = tuple(json.loads(e.grid_shape))
-    full = np.zeros((int(np.prod(grid)), views.shape[2]), np.float32)
-    flat = np.ravel_multi_index(coords.T.astype(int), grid)
-    full[flat] = views[:, 0].astype(np.float32) / 255.0
-    vol = unpatchify(full, grid, cache.policy.patch)
-    t = torch.from_numpy(np.ascontiguousarray(vol))[None, None]
-    return F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0, 0].numpy().astype(np.float16)
+    axes = [(np.arange(n) - (n - 1) / 2) * mm for n, mm in zip(GRID, GRID_MM)]
+    z, y, x = np.meshgrid(*axes, indexing="ij")
+    ras = np.stack([x, y, z], -1) + centre  # R, A, S
+    inv = np.linalg.inv(affine)
+    ijk = ras @ inv[:3, :3].T + inv[:3, 3]  # voxel (d, h, w) coordinates
+    shape = np.array(vols.shape[1:], float)
+    norm = 2 * ijk / np.maximum(shape - 1, 1) - 1  # grid_sample wants (x=w, y=h, z=d)
+    g = torch.from_numpy(norm[..., ::-1].copy()).float()[None]
+    out = F.grid_sample(torch.from_numpy(vols)[None], g, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out[0].numpy()
 
 
-def run_cnn(cache, studies, labels, epochs: int, size=(28, 96, 96), seed: int = 0) -> dict:
+def study_volume(cache, entries) -> tuple[str, np.ndarray]:
+    """A study's co-registered channels on the fixed grid (float16)."""
+    mod = entries[0].modality
+    if mod == "CT":
+        soft = [e for e in entries if e.kernel == "soft"] or entries
+        vols, aff, coords, _ = _dense(cache, soft[0], CT_CHANNELS)
+    else:
+        order = {k: i for i, k in enumerate(("T2", "FLAIR", "T1", "PD", "DWI", "T1C", "ADC", "SWI"))}
+        ref = sorted(entries, key=lambda e: order.get(e.sequence, 9))[0]
+        vols, aff, coords, _ = _dense(cache, ref)
+    # centre of the head: mean RAS of the stored (foreground) tokens of the reference series
+    tok = coords.astype(float) * np.array(cache.policy.patch) + (np.array(cache.policy.patch) - 1) / 2
+    centre = (tok @ aff[:3, :3].T + aff[:3, 3]).mean(0)
+    if mod == "CT":
+        return mod, _resample(vols, aff, centre).astype(np.float16)
+    out = np.zeros((len(MR_CHANNELS),) + GRID, np.float16)
+    for e in entries:
+        if e.sequence in MR_CHANNELS:
+            v, a, _, _ = _dense(cache, e)
+            out[MR_CHANNELS.index(e.sequence)] = _resample(v, a, centre)[0]
+    return mod, out
+
+
+def build_cnn_data(cache, studies, cache_file: str | None = None) -> dict:
+    if cache_file and os.path.exists(cache_file):
+        z = np.load(cache_file, allow_pickle=False)
+        keys = list(z["keys"])
+        return {k: (str(m), z[f"v{i}"]) for i, (k, m) in enumerate(zip(keys, z["mods"]))}
+    t0 = time.time()
+    data = {sk: study_volume(cache, entries) for sk, entries in studies.items()}
+    print(f"  cnn inputs: {len(data)} studies in {time.time() - t0:.0f} s", file=sys.stderr)
+    if cache_file:
+        keys = list(data)
+        np.savez(cache_file, keys=np.array(keys), mods=np.array([data[k][0] for k in keys]),
+                 **{f"v{i}": data[k][1] for i, k in enumerate(keys)})
+    return data
+
+
+def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, lr: float = 1e-3,
+            inputs_file: str | None = None, threads: int | None = None) -> dict:
+    """One small 3-D CNN per modality, trained on the train split's labels only; the epoch with
+    the best validation macro AUROC is kept; the test split is scored once, at the end."""
+    import torch
+
+    torch.set_num_threads(threads or max(os.cpu_count() or 1, 1))
+    data = build_cnn_data(cache, studies, inputs_file)
+    age = {k: (float(studies[k][0].age_years or 60) - 60) / 20 for k in data}
+    scores, history, best = {}, {}, {}
+    for mod in ("CT", "MR"):
+        keys = [k for k in data if data[k][0] == mod]
+        out = _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr)
+        scores.update(out["scores"])
+        history[mod] = out["history"]
+        best[mod] = {"val_macro_auroc": out["val_best"], "epoch": out["best_epoch"]}
+    res = evaluate(scores, labels)
+    res["val_best"] = best
+    res["history"] = history
+    res["setup"] = {"grid": GRID, "grid_mm": GRID_MM, "ct_channels": CT_CHANNELS, "mr_channels": MR_CHANNELS,
+                    "batch": batch, "lr": lr, "epochs": epochs, "seed": seed,
+                    "model": "per modality: conv(C->16, stride 1x2x2) + 3 x [maxpool, conv, conv] (32, 64, 128), "
+                             "BatchNorm, max + log-sum-exp + mean pooling, age, linear head; AdamW, warmup + cosine, "
+                             "class-balanced BCE, left-right flip / shift / intensity jitter, flip-averaged scores"}
+    return res
+
+
+def _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr) -> dict:
     import torch
     import torch.nn as nn
+    import torch.nn.functional as F
 
     torch.manual_seed(seed)
-    np.random.seed(seed)
-    torch.set_num_threads(max(os.cpu_count() or 1, 1))
-    data = {}
-    for sk, entries in studies.items():
-        vols = np.stack([dense_volume(cache, e, size) for e in entries])
-        kinds = np.array([KINDS.index(kind_of(e)) for e in entries])
-        data[sk] = (vols, kinds)
+    rs = np.random.default_rng(seed)
+    chans = len(CT_CHANNELS) if mod == "CT" else len(MR_CHANNELS)
+
+    def block(a, b, stride=1):
+        return nn.Sequential(nn.Conv3d(a, b, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(b),
+                             nn.ReLU(inplace=True))
 
     class Net(nn.Module):
+        """3 mm input -> 6 mm in-plane at the stem; pooled features + age -> one logit per label.
+        Age goes in because atrophy is labelled 'advanced for age' (as a radiologist reads it);
+        the histogram baseline is also reported with age."""
+
         def __init__(self):
             super().__init__()
-            ch = [1, 16, 32, 64, 96]
-            layers = []
-            for a, b in zip(ch[:-1], ch[1:]):
-                layers += [nn.Conv3d(a, b, 3, stride=(1 if a == 1 else 2, 2, 2), padding=1), nn.GroupNorm(8, b), nn.ReLU(),
-                           nn.Conv3d(b, b, 3, padding=1), nn.GroupNorm(8, b), nn.ReLU()]
-            self.enc = nn.Sequential(*layers)
-            self.kind = nn.Embedding(len(KINDS), 2 * ch[-1])
-            self.head = nn.Sequential(nn.Linear(4 * ch[-1], 128), nn.ReLU(), nn.Linear(128, len(HEADLINE)))
+            self.trunk = nn.Sequential(block(chans, 16, (1, 2, 2)), nn.MaxPool3d(2), block(16, 32), block(32, 32),
+                                       nn.MaxPool3d(2), block(32, 64), block(64, 64), nn.MaxPool3d(2), block(64, 128))
+            self.drop = nn.Dropout(0.3)
+            self.head = nn.Linear(3 * 128 + 1, len(HEADLINE))
 
-        def forward(self, vols, kinds):
-            f = self.enc((vols - 0.25) / 0.3)
-            f = torch.cat([f.amax(dim=(2, 3, 4)), f.mean(dim=(2, 3, 4))], 1) + self.kind(kinds)
-            return self.head(torch.cat([f.max(0).values, f.mean(0)]))
+        def forward(self, x, a):
+            f = self.trunk(x).flatten(2)
+            lse = torch.logsumexp(f * 4, dim=2) / 4 - np.log(f.shape[2]) / 4  # soft maximum over space
+            pooled = torch.cat([f.amax(2), lse, f.mean(2)], 1)
+            return self.head(torch.cat([self.drop(pooled), a[:, None]], 1))
 
     net = Net()
-    accum = 8
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    train = [k for k in data if labels[k]["split"] == "train"]
-    val = [k for k in data if labels[k]["split"] == "val"]
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=epochs * (len(train) // accum + 1))
+    train = [k for k in keys if labels[k]["split"] == "train"]
+    val = [k for k in keys if labels[k]["split"] == "val"]
     ys = np.stack([labels[k]["y"] for k in train])
-    pos_w = torch.tensor((len(ys) - ys.sum(0)) / np.maximum(ys.sum(0), 1), dtype=torch.float32).clamp(max=5)
-    lossf = nn.BCEWithLogitsLoss(pos_weight=pos_w)
+    pos_w = torch.tensor((len(ys) - ys.sum(0)) / np.maximum(ys.sum(0), 1), dtype=torch.float32).clamp(0.5, 5)
+    steps = epochs * int(np.ceil(len(train) / batch))
+    warm = max(1, steps // 12)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.02)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + np.cos(np.pi * (t - warm) / max(steps - warm, 1))))
 
-    def predict(keys):
+    def tensor(ks, augment: bool):
+        x = torch.from_numpy(np.stack([data[k][1] for k in ks]).astype(np.float32))
+        if augment:
+            if rs.random() < 0.5:
+                x = x.flip(-1)  # left-right: the headline labels are side-free
+            sh = rs.integers(-3, 4, 3)
+            x = torch.roll(x, shifts=(int(sh[0]) // 2, int(sh[1]), int(sh[2])), dims=(2, 3, 4))
+            x = x * float(rs.uniform(0.92, 1.08)) + float(rs.normal(0, 0.02))
+        return x
+
+    def ages(ks):
+        return torch.tensor([age[k] for k in ks], dtype=torch.float32)
+
+    def predict(ks):
         net.eval()
         out = {}
         with torch.no_grad():
-            for k in keys:
-                v, kd = data[k]
-                out[k] = net(torch.from_numpy(v.astype(np.float32))[:, None], torch.from_numpy(kd)).numpy()
+            for i in range(0, len(ks), 16):
+                part = ks[i:i + 16]
+                x, a = tensor(part, False), ages(part)
+                sc = (net(x, a) + net(x.flip(-1), a)) / 2  # flip-averaged
+                out.update(zip(part, sc.numpy()))
         return out
 
     best, best_state, history = -1.0, None, []
+    yv = np.stack([labels[k]["y"] for k in val])
     for ep in range(epochs):
         net.train()
         t0 = time.time()
-        order = np.random.permutation(len(train))
+        perm = rs.permutation(len(train))
         losses = []
-        opt.zero_grad()
-        for step, i in enumerate(order):
-            k = train[i]
-            v, kd = data[k]
-            x = torch.from_numpy(v.astype(np.float32))[:, None]
-            if np.random.rand() < 0.5:
-                x = x.flip(-1)  # left-right flip: headline labels are side-free
-            loss = lossf(net(x, torch.from_numpy(kd)), torch.from_numpy(labels[k]["y"]))
+        for i in range(0, len(train), batch):
+            ks = [train[j] for j in perm[i:i + batch]]
+            if len(ks) < 2:
+                continue  # BatchNorm needs two
+            y = torch.from_numpy(np.stack([labels[k]["y"] for k in ks]))
+            loss = F.binary_cross_entropy_with_logits(net(tensor(ks, True), ages(ks)), y, pos_weight=pos_w)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {ep}")
-            (loss / accum).backward()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
+            opt.step()
+            sched.step()
             losses.append(loss.item())
-            if (step + 1) % accum == 0 or step == len(order) - 1:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad()
-                sched.step()
         vs = predict(val)
-        yv = np.stack([labels[k]["y"] for k in val])
         sv = np.stack([vs[k] for k in val])
-        vals = [auroc(yv[:, i], sv[:, i]) for i in range(len(HEADLINE))] if val else []
-        vauc = float(np.nanmean(vals)) if vals and not np.all(np.isnan(vals)) else 0.0
-        spread = float(sv.std(0).mean()) if len(sv) else 0.0
+        vauc = float(np.nanmean([auroc(yv[:, i], sv[:, i]) for i in range(len(HEADLINE))]))
         history.append({"epoch": ep, "train_loss": float(np.mean(losses)), "val_macro_auroc": vauc,
-                        "val_score_spread": spread, "seconds": time.time() - t0})
-        print(f"  cnn epoch {ep}: loss {np.mean(losses):.3f} val macro AUROC {vauc:.3f} spread {spread:.3f} "
-              f"({time.time() - t0:.0f} s)", file=sys.stderr)
+                        "seconds": time.time() - t0})
+        print(f"  cnn {mod} epoch {ep}: loss {np.mean(losses):.3f} val macro AUROC {vauc:.3f} ({time.time() - t0:.0f} s)",
+              file=sys.stderr)
         if vauc > best:
-            best = vauc
+            best, best_ep = vauc, ep
             best_state = {k: v.clone() for k, v in net.state_dict().items()}
     net.load_state_dict(best_state)
-    res = evaluate(predict(list(data)), labels)
-    res["val_best"] = best
-    res["history"] = history
-    return res
+    return {"scores": predict(keys), "history": history, "val_best": best, "best_epoch": best_ep}
 
 
 def lesion_cnr(archive: str, max_studies: int = 80) -> dict:
@@ -284,9 +396,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("archive")
     ap.add_argument("cache")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--out", default="bench/results/synth_difficulty.json")
     ap.add_argument("--skip-cnn", action="store_true")
+    ap.add_argument("--inputs", help="npz file caching the CNN's resampled study volumes (made if missing)")
+    ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     keyer = Keyer.from_site()
     labels = load_labels(a.archive, keyer)
@@ -299,16 +413,20 @@ def main() -> int:
     print(f"studies: {len(studies)} in cache, {len(missing)} labelled studies missing from it", file=sys.stderr)
     res = {"command": " ".join(sys.argv), "headline": list(HEADLINE)}
     t0 = time.time()
-    res["histogram_lr"] = run_histogram(cache, studies, labels)
+    feats = histogram_features(cache, studies)
+    res["histogram_lr"] = run_histogram(cache, studies, labels, feats=feats)
     res["histogram_lr"]["seconds"] = time.time() - t0
     print(json.dumps({k: res["histogram_lr"][k] for k in ("macro",)}), file=sys.stderr)
+    t0 = time.time()
+    res["histogram_lr_with_age"] = run_histogram(cache, studies, labels, with_age=True, feats=feats)
+    res["histogram_lr_with_age"]["seconds"] = time.time() - t0
     res["lesion_cnr"] = lesion_cnr(a.archive)
     print("lesion CNR (all):", json.dumps(res["lesion_cnr"]["_all"]), file=sys.stderr)
     if not a.skip_cnn:
         t0 = time.time()
-        res["cnn"] = run_cnn(cache, studies, labels, a.epochs)
+        res["cnn"] = run_cnn(cache, studies, labels, a.epochs, inputs_file=a.inputs, threads=a.threads)
         res["cnn"]["seconds"] = time.time() - t0
-    for name in ("histogram_lr", "cnn"):
+    for name in ("histogram_lr", "histogram_lr_with_age", "cnn"):
         if name not in res:
             continue
         r = res[name]
