@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from neurovfm import __version__
@@ -92,9 +93,15 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     from neurovfm.pretrain.loop import pretrain
 
     cfg = load_config(a.config, a.set)
-    res = pretrain(cfg, resume=a.resume, max_steps=a.max_steps, progress=not a.quiet,
-                   command=["neurovfm", "pretrain"] + sys.argv[2:])
-    if res.get("checkpoint"):
+    import torch.distributed as dist
+
+    try:
+        res = pretrain(cfg, resume=a.resume, max_steps=a.max_steps, progress=not a.quiet,
+                       command=["neurovfm", "pretrain"] + sys.argv[2:])
+    finally:  # a clean shutdown: gloo's threads otherwise can abort the process at exit
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if res.get("checkpoint") and int(os.environ.get("RANK", "0")) == 0:
         last = res["last"]
         print(json.dumps({"step": res["step"], "total_steps": res["total"], "loss": last.get("loss"),
                           "checkpoint": res["checkpoint"], "model": res["model"]}))

@@ -70,21 +70,30 @@ def _segments(cu: list[int]) -> list[tuple[int, int]]:
     return [(cu[i], cu[i + 1]) for i in range(len(cu) - 1) if cu[i + 1] > cu[i]]
 
 
-def _loop(q, k, v, cu: list[int]) -> torch.Tensor:
-    """q, k, v: [H, N, d]. Equal-length series are batched into one SDPA call."""
-    out = torch.empty_like(q)
-    by_len: dict[int, list[int]] = {}
+def equal_length_runs(cu: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive series of one length as (start, count, length) runs (a CT series' three
+    windows are one run), so each run is a single batched attention call on views."""
+    runs: list[tuple[int, int, int]] = []
     for s, e in _segments(cu):
-        by_len.setdefault(e - s, []).append(s)
-    for length, starts in by_len.items():
-        if len(starts) == 1:
-            s = starts[0]
-            out[:, s:s + length] = F.scaled_dot_product_attention(q[:, s:s + length], k[:, s:s + length], v[:, s:s + length])
-            continue
-        idx = torch.cat([torch.arange(s, s + length, device=q.device) for s in starts])
-        qs, ks, vs = (t[:, idx].unflatten(1, (len(starts), length)).transpose(0, 1) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs)  # [G, H, L, d]
-        out[:, idx] = o.transpose(0, 1).flatten(1, 2)
+        L = e - s
+        if runs and runs[-1][2] == L and runs[-1][0] + runs[-1][1] * L == s:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, L)
+        else:
+            runs.append((s, 1, L))
+    return runs
+
+
+def _loop(q, k, v, cu: list[int]) -> torch.Tensor:
+    """q, k, v: [N, H, d]. One SDPA call per run of equal-length series, on views (no copies)."""
+    runs = equal_length_runs(cu)
+    out = None if len(runs) == 1 else q.new_empty(q.shape)
+    for s, g, L in runs:
+        e = s + g * L
+        qs, ks, vs = (t[s:e].unflatten(0, (g, L)).transpose(1, 2) for t in (q, k, v))  # [G, H, L, d] views
+        o = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)  # [G, L, H, d] view
+        if out is None:
+            return o.reshape(q.shape)  # one copy
+        out[s:e].unflatten(0, (g, L)).copy_(o)  # one copy, straight into place
     return out
 
 
@@ -96,19 +105,21 @@ def segment_ids(cu: list[int], device) -> torch.Tensor:
 def _mask(q, k, v, cu: list[int]) -> torch.Tensor:
     seg = segment_ids(cu, q.device)
     m = seg[:, None] == seg[None, :]
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=m[None, None])[0]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       attn_mask=m[None, None])
+    return o[0].transpose(0, 1)
 
 
 def _nested(q, k, v, cu: list[int]) -> torch.Tensor:
     offsets = torch.tensor(cu, device=q.device, dtype=torch.int64)
 
-    def nt(t):  # [H, N, d] -> nested [B, H, j, d]
-        return torch.nested.nested_tensor_from_jagged(t.transpose(0, 1).contiguous(), offsets).transpose(1, 2)
+    def nt(t):  # [N, H, d] -> nested [B, H, j, d]
+        return torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*nested tensors is in prototype.*")
         o = F.scaled_dot_product_attention(nt(q), nt(k), nt(v))
-    return o.transpose(1, 2).values().transpose(0, 1)
+    return o.transpose(1, 2).values()
 
 
 @functools.lru_cache(maxsize=8)
@@ -121,19 +132,20 @@ def _flex(q, k, v, cu: list[int]) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask
 
     seg = segment_ids(cu, q.device)
-    n = q.shape[1]
+    n = q.shape[0]
 
     def same_series(b, h, qi, ki):
         return seg[qi] == seg[ki]
 
     bm = create_block_mask(same_series, None, None, n, n, device=q.device)
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))
     if q.device.type == "cuda":
-        return _compiled_flex()(q[None], k[None], v[None], block_mask=bm)[0]
+        return _compiled_flex()(qh, kh, vh, block_mask=bm)[0].transpose(0, 1)
     from torch.nn.attention.flex_attention import flex_attention
 
     with warnings.catch_warnings():  # eager on CPU (unfused, for reference and measurement)
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return flex_attention(q[None], k[None], v[None], block_mask=bm)[0]
+        return flex_attention(qh, kh, vh, block_mask=bm)[0].transpose(0, 1)
 
 
 def _varlen(q, k, v, cu: list[int]) -> torch.Tensor:
@@ -141,8 +153,7 @@ def _varlen(q, k, v, cu: list[int]) -> torch.Tensor:
 
     cu_t = torch.tensor(cu, device=q.device, dtype=torch.int32)
     mx = max(cu[i + 1] - cu[i] for i in range(len(cu) - 1))
-    o = varlen_attn(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_t, cu_t, mx, mx)
-    return o.transpose(0, 1)
+    return varlen_attn(q, k, v, cu_t, cu_t, mx, mx)
 
 
 def _flash(q, k, v, cu: list[int]) -> torch.Tensor:
@@ -150,8 +161,7 @@ def _flash(q, k, v, cu: list[int]) -> torch.Tensor:
 
     cu_t = torch.tensor(cu, device=q.device, dtype=torch.int32)
     mx = max(cu[i + 1] - cu[i] for i in range(len(cu) - 1))
-    o = flash_attn_varlen_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_t, cu_t, mx, mx)
-    return o.transpose(0, 1)
+    return flash_attn_varlen_func(q, k, v, cu_t, cu_t, mx, mx)
 
 
 _BACKENDS = {"loop": _loop, "mask": _mask, "nested": _nested, "flex": _flex, "varlen": _varlen, "flash": _flash}
@@ -159,7 +169,7 @@ _HALF_ONLY = {"varlen", "flash"}
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int], backend: str) -> torch.Tensor:
-    """Attention within each series. q, k, v: [H, N, d]; returns [H, N, d]."""
+    """Attention within each series. q, k, v: [N, H, d] (views are fine); returns [N, H, d]."""
     if backend in _HALF_ONLY and q.dtype == torch.float32:
         # FlashAttention kernels take half precision only; run fp32 inputs in bf16 with a warning once
         _warn_once(f"attention backend {backend!r} runs fp32 inputs in bfloat16")
@@ -173,11 +183,12 @@ def _warn_once(msg: str) -> None:
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, cu: list[int]) -> list[torch.Tensor]:
-    """Explicit softmax(q k^T / sqrt(d)) per series: a list of [H, L, L] float32 tensors."""
+    """Explicit softmax(q k^T / sqrt(d)) per series from [N, H, d]: a list of [H, L, L] float32."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     out = []
     for i in range(len(cu) - 1):
         s, e = cu[i], cu[i + 1]
-        a = (q[:, s:e].float() @ k[:, s:e].float().transpose(-1, -2)) * scale
+        qs, ks = q[s:e].float().transpose(0, 1), k[s:e].float().transpose(0, 1)
+        a = (qs @ ks.transpose(-1, -2)) * scale
         out.append(a.softmax(dim=-1))
     return out

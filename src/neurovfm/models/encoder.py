@@ -40,20 +40,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.width, cfg.width, bias=cfg.proj_bias)
 
-    def _qkv(self, x: torch.Tensor, rope: Rope3D | None):
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.heads, -1).permute(1, 2, 0, 3)  # each [H, N, d]
-        if rope is not None:
-            q, k = rope.apply(q), rope.apply(k)
-        return q, k, v
-
     def forward(self, x: torch.Tensor, cu: list[int], backend: str, rope: Rope3D | None = None,
                 weights_out: list | None = None) -> torch.Tensor:
-        q, k, v = self._qkv(x, rope)
+        n = x.shape[0]
+        qkv = self.qkv(x).view(n, 3, self.heads, -1)
+        q, k, v = qkv.unbind(1)  # each [N, H, d], views
+        if rope is not None:
+            q, k = rope.apply_tokens_first(q), rope.apply_tokens_first(k)
         if weights_out is not None:
             weights_out.append(attention_weights(q, k, cu))
-        o = packed_attention(q, k, v, cu, backend)  # [H, N, d]
-        return self.proj(o.transpose(0, 1).reshape(x.shape[0], -1))
+        o = packed_attention(q, k, v, cu, backend)  # [N, H, d]
+        return self.proj(o.reshape(n, -1))
 
     def forward_padded(self, x: torch.Tensor, valid: torch.Tensor, rope: Rope3D | None = None) -> torch.Tensor:
         """[B, L, C] with a key-padding mask (the reference's inference path)."""

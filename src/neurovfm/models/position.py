@@ -49,6 +49,10 @@ class Rope3D:
         self.cos, self.sin = self.cos[:, None], self.sin[:, None]
         return self
 
+    def apply_tokens_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [N, H, d] (packed layout, tokens first)."""
+        return self.apply(x.transpose(0, 1)).transpose(0, 1)
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate consecutive pairs of the first ``rotated`` channels of x [..., N, head_dim]."""
         rot, rest = x[..., : self.rotated], x[..., self.rotated:]

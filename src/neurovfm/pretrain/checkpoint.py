@@ -56,8 +56,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    sd = opt.state_dict()
+def optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """An optimiser state dict (parameters keyed by index, or by name under FSDP) as flat tensors."""
     tensors = {}
     for pid, st in sd["state"].items():
         for name, v in st.items():

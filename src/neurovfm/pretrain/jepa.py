@@ -61,11 +61,19 @@ def teacher_targets(teacher: Encoder, batch: JEPABatch) -> tuple[torch.Tensor, t
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- m * teacher + (1 - m) * student, parameter by parameter (works on local
     shards under FSDP, since both are sharded the same way)."""
-    tp = [p for p in teacher.parameters()]
-    sp = [p.detach() for p in student.parameters()]
+    for m in (teacher, student):  # FSDP keeps a root's parameters gathered after forward
+        if hasattr(m, "reshard"):
+            m.reshard()
+    tp = [_local(p) for p in teacher.parameters()]
+    sp = [_local(p.detach()) for p in student.parameters()]
     if len(tp) != len(sp):
         raise RuntimeError("teacher and student have different parameter lists")
     torch._foreach_lerp_(tp, sp, 1.0 - momentum)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP (DTensor) parameter, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def global_count(n: int, device) -> int:

@@ -138,11 +138,18 @@ class Pretrainer:
         self.baseline: dict[str, float] = {}
         if cfg.init_from:
             self._init_from(cfg.init_from)
+        resumed = self._resume() if resume else None
+        if cfg.run.compile:  # block by block: packed shapes vary, blocks are the hot, static part
+            for stack in (self.model.student, self.model.predictor.stack, self.teacher):
+                for blk in stack.blocks:
+                    blk.compile(dynamic=True)
+        self.fsdp = self.world > 1 and cfg.run.distributed == "fsdp"
+        self.wrapped = _wrap(self.model, self.teacher, cfg, self.world, self.device)
+        # the optimiser is built after wrapping: FSDP replaces parameters by sharded ones
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.start_lr,
                                      betas=cfg.optim.betas)
-        if resume:
-            self._resume()
-        self.wrapped = _wrap(self.model, self.teacher, cfg, self.world, self.device)
+        if resumed is not None:
+            self._load_optimizer(*resumed)
         self.loader = BatchLoader(cfg.data, cfg.mask, cfg.run.seed)
         self._probe_feats: list[torch.Tensor] = []
         self._probe_ct: list[torch.Tensor] = []
@@ -171,7 +178,7 @@ class Pretrainer:
             self.model.student.load_state_dict(enc.state_dict())
             self.teacher.load_state_dict(enc.state_dict())
 
-    def _resume(self) -> None:
+    def _resume(self):
         path = latest_checkpoint(self.cfg.run.out)
         if path is None:
             raise CheckpointError(f"--resume: no checkpoint under {self.cfg.run.out}/checkpoints")
@@ -187,15 +194,28 @@ class Pretrainer:
         self.model.student.load_state_dict(sub_state(tensors, "student"))
         self.model.predictor.load_state_dict(sub_state(tensors, "predictor"))
         self.teacher.load_state_dict(sub_state(tensors, "teacher"))
-        load_optimizer(self.opt, {k: v.to(self.device) if not k.endswith("|step") else v
-                                  for k, v in tensors.items() if k.startswith("optim|")}, meta["param_groups"])
         set_rng_state(tensors, meta["rng"])
         self.step, self.epoch, self.batch_pos = meta["step"], meta["epoch"], meta["batch"]
         self.baseline = meta.get("baseline", {})
+        return {k: v for k, v in tensors.items() if k.startswith("optim|")}, meta["param_groups"]
+
+    def _load_optimizer(self, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> None:
+        tensors = {k: v.to(self.device) if not k.endswith("|step") else v for k, v in tensors.items()}
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            state: dict[str, dict[str, torch.Tensor]] = {}
+            for k, v in tensors.items():
+                _, fqn, name = k.split("|", 2)
+                state.setdefault(fqn, {})[name] = v
+            set_optimizer_state_dict(self.model, self.opt, {"state": state, "param_groups": groups},
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            load_optimizer(self.opt, tensors, groups)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _state(self) -> dict[str, torch.Tensor]:
-        if self.world > 1 and self.cfg.run.distributed == "fsdp":
+        if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model_sd = get_model_state_dict(self.model, options=opts)
@@ -208,9 +228,18 @@ class Pretrainer:
 
     def save(self) -> str | None:
         tensors = self._state()
-        otens, groups = optimizer_tensors(self.opt)
-        if self.rank != 0:
-            return None
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            osd = get_optimizer_state_dict(self.model, self.opt,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.rank != 0:  # the full state is gathered on rank 0 only
+                return None
+            otens, groups = optimizer_tensors(osd)
+        else:
+            if self.rank != 0:
+                return None
+            otens, groups = optimizer_tensors(self.opt.state_dict())
         rt, rmeta = rng_state()
         tensors.update(otens)
         tensors.update(rt)
@@ -221,10 +250,13 @@ class Pretrainer:
 
     def export(self) -> str | None:
         """The teacher encoder as a model folder (``OUT/model``), with provenance."""
+        state = self._state()  # collective under FSDP: every rank takes part
         if self.rank != 0:
             return None
-        enc = make_teacher(self.model.student)
-        enc.load_state_dict(sub_state(self._state(), "teacher"))
+        from neurovfm.models.encoder import Encoder
+
+        enc = Encoder(self.cfg.model.encoder_config())
+        enc.load_state_dict(sub_state(state, "teacher"))
         cache = TokenCache(self.cfg.data.cache)
         try:
             data = {"cache_schema_hash": schema_hash(), "policy_hash": cache.policy_hash,
@@ -263,8 +295,11 @@ class Pretrainer:
         out = {"loss": float(report) / n_global, "lr": lr, "momentum": m, "grad_norm": float(gn),
                "tokens": batch.n_tokens, "targets": int(target.shape[0])}
         self._collect_probe(h, batch)
-        if (self.step + 1) % cfg.run.monitor_every == 0 and self.rank == 0:
-            out.update(self._monitor(h, pred, target, batch))
+        fsdp = self.world > 1 and cfg.run.distributed == "fsdp"  # teacher forwards are collective there
+        if (self.step + 1) % cfg.run.monitor_every == 0 and (self.rank == 0 or fsdp):
+            mon = self._monitor(h, pred, target, batch)
+            if self.rank == 0:
+                out.update(mon)
         return out
 
     def _collect_probe(self, h: torch.Tensor, batch) -> None:
@@ -284,7 +319,7 @@ class Pretrainer:
         out.update(monitors.attention_on_kinds(self.teacher, batch))
         if not self.baseline:
             self.baseline = {"teacher_std": out["teacher_std"], "erank": out["erank"]}
-        elif (out["teacher_std"] < self.cfg.run.collapse_std * self.baseline["teacher_std"]
+        elif self.rank == 0 and (out["teacher_std"] < self.cfg.run.collapse_std * self.baseline["teacher_std"]
               or out["erank"] < self.cfg.run.collapse_rank * self.baseline["erank"]):
             warnings.warn(f"step {self.step + 1}: possible collapse (teacher std {out['teacher_std']:.4g} vs "
                           f"{self.baseline['teacher_std']:.4g} at start, effective rank {out['erank']:.1f} vs "

@@ -76,6 +76,9 @@ def attention_on_kinds(teacher, batch: JEPABatch, max_series: int = 2) -> dict[s
     """Last-layer attention mass on air / bone tokens and their token share, over a few series."""
     p = batch.packed
     order = sorted(range(p.n_series), key=lambda i: batch.modality[i] != "CT")[:max_series]
+    # always exactly max_series forwards (a series repeats when there are fewer; the means are the
+    # same): under FSDP every forward is a collective, so every rank must run the same number
+    order = (order * max_series)[:max_series]
     att = {"air": 0.0, "bone": 0.0}
     share = {"air": 0.0, "bone": 0.0}
     n = 0
