@@ -108,6 +108,70 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(a: argparse.Namespace) -> int:
+    from neurovfm.probe.embed import EmbedConfig, embed
+
+    cfg = EmbedConfig(tokens_per_batch=a.tokens_per_batch, part_tokens=a.part_tokens,
+                      ct_windows=a.ct_windows.split(",") if a.ct_windows else None, device=a.device,
+                      precision=a.precision, splits=a.splits.split(",") if a.splits else [])
+    res = embed(a.model, a.cache, a.out, cfg, splits_csv=a.splits_csv, shard=a.shard, progress=not a.quiet)
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_init_model(a: argparse.Namespace) -> int:
+    """A random-init encoder folder: the baseline every pretrained result is compared with."""
+    import torch
+
+    from neurovfm.models.config import EncoderConfig, encoder_config
+    from neurovfm.models.encoder import Encoder
+    from neurovfm.models.folder import make_provenance, read_config, save_encoder
+
+    if a.like:
+        ecfg = EncoderConfig.from_dict(read_config(a.like)["encoder"])
+    else:
+        ecfg = encoder_config(a.size)
+    torch.manual_seed(a.seed)
+    enc = Encoder(ecfg)
+    save_encoder(enc, a.out, provenance=make_provenance(command=["neurovfm", "init-model"] + sys.argv[2:],
+                                                        init={"kind": "random", "seed": a.seed}))
+    print(a.out)
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from neurovfm.eval.data import read_label_names
+    from neurovfm.eval.experiment import EvalConfig, evaluate
+    from neurovfm.probe.heads import HeadConfig
+    from neurovfm.probe.train import HeadTrainConfig
+
+    feats: dict[str, str] = {}
+    for item in a.features:
+        name, _, path = item.rpartition("=")
+        name = name or os.path.basename(os.path.normpath(path))
+        if name in feats:
+            raise ValueError(f"--features: name {name!r} given twice (use NAME=PATH)")
+        feats[name] = path
+    names = {}
+    if a.ct_labels:
+        names["CT"] = read_label_names(a.ct_labels)
+    if a.mr_labels:
+        names["MR"] = read_label_names(a.mr_labels)
+    cfg = EvalConfig(head=HeadConfig(kind=a.head), train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
+                     calibration=a.calibration, target_sensitivity=a.target_sensitivity,
+                     min_test_positives=a.min_test_positives, bootstrap=a.bootstrap, seed=a.seed,
+                     modalities=a.modalities.split(","), comparator_flag_rate=a.comparator_flag_rate,
+                     **({"comparator_name": a.comparator_name} if a.comparator_name else {}))
+    summary = evaluate(feats, a.labels, a.out, cfg, cache_dir=a.cache, label_names=names or None,
+                       save_model=a.save_model, progress=not a.quiet)
+    brief = {n: {m: (e.get("macro_auroc") or {}).get("estimate") for m, e in per.items()}
+             for n, per in summary["models"].items()}
+    print(json.dumps({"out": a.out, "macro_auroc": brief,
+                      "comparisons": {k: {m: {x: d.get(x) for x in ("estimate", "low", "high")} for m, d in v.items()}
+                                      for k, v in summary["comparisons"].items()}}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neurovfm", description=__doc__)
     p.add_argument("--version", action="version", version=f"neurovfm {__version__}")
@@ -154,6 +218,53 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("embed", help="frozen-encoder token features of a cache (resumable, shardable)")
+    s.add_argument("model", help="model folder (config.json + encoder.safetensors), or histogram:BINS "
+                   "for the intensity-histogram baseline")
+    s.add_argument("cache", help="token cache folder")
+    s.add_argument("out", help="feature folder (created, or resumed)")
+    s.add_argument("--splits-csv", help="keyed labels.csv (study_key, split) to restrict studies")
+    s.add_argument("--splits", help="comma-separated splits to embed (default: every study)")
+    s.add_argument("--ct-windows", help="comma-separated CT windows (default: all of the cache's)")
+    s.add_argument("--tokens-per-batch", type=int, default=16384)
+    s.add_argument("--part-tokens", type=int, default=200_000, help="tokens per resumable part")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/N", help="process parts i, i+N, ...")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_embed)
+
+    s = sub.add_parser("init-model", help="write a random-init encoder model folder (a baseline)")
+    s.add_argument("out")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--like", help="copy the encoder architecture of this model folder")
+    g.add_argument("--size", choices=["tiny", "small", "base", "large"])
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_init_model)
+
+    s = sub.add_parser("evaluate", help="study-level heads on frozen features, evaluated on the test split")
+    s.add_argument("--features", nargs="+", required=True, metavar="[NAME=]DIR",
+                   help="feature folders from `neurovfm embed`; the first is compared with each other one")
+    s.add_argument("--labels", required=True, help="keyed labels.csv (`neurovfm rekey`)")
+    s.add_argument("--out", required=True, help="output folder (metrics.json/csv, plots, index.html)")
+    s.add_argument("--cache", help="token cache, for breakdowns by kernel, thickness and plane")
+    s.add_argument("--ct-labels", help="CT label list (default: every CT label column)")
+    s.add_argument("--mr-labels", help="MRI label list (default: every MRI label column)")
+    s.add_argument("--head", choices=["gated", "abmil", "mean"], default="gated")
+    s.add_argument("--epochs", type=int, default=40)
+    s.add_argument("--calibration", choices=["temperature", "platt"], default="temperature")
+    s.add_argument("--target-sensitivity", type=float, default=0.9)
+    s.add_argument("--min-test-positives", type=int, default=20, help="headline labels have at least this many")
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--comparator-flag-rate", type=float, help="urgent flag rate of a comparator (default: the "
+                   "validation urgent prevalence)")
+    s.add_argument("--comparator-name")
+    s.add_argument("--modalities", default="CT,MR")
+    s.add_argument("--save-model", help="model folder to save the first model's heads, calibration and thresholds into")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("cache-info", help="counts and hashes of a token cache")
     s.add_argument("cache")
