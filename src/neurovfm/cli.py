@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mr-labels", help="MRI label list (default: every MRI label column)")
     s.add_argument("--head", choices=["gated", "abmil", "mean"], default="gated")
     s.add_argument("--epochs", type=int, default=40)
-    s.add_argument("--calibration", choices=["temperature", "platt"], default="temperature")
+    s.add_argument("--calibration", choices=["platt", "temperature"], default="platt")
     s.add_argument("--target-sensitivity", type=float, default=0.9)
     s.add_argument("--min-test-positives", type=int, default=20, help="headline labels have at least this many")
     s.add_argument("--bootstrap", type=int, default=1000)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, calibration, the evaluate command and its report."""

@@ -1,0 +1,310 @@
+"""`neurovfm evaluate`: study-level diagnosis from frozen features, evaluated the way a reviewer
+would: heads fitted on train, every choice (epoch, calibration, thresholds) made on validation,
+every number reported on test with patient-bootstrap intervals, calibrated, triaged, broken down.
+
+One call evaluates one or more feature folders (a pretrained encoder, a random-init encoder of
+the same architecture, the histogram baseline) on the same studies and compares the first with
+each other by a paired bootstrap over the same patient resamples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from neurovfm.errors import NeuroVFMError
+from neurovfm.eval import calibrate as cal
+from neurovfm.eval import metrics as M
+from neurovfm.eval.data import StudyTable, add_series_meta, read_study_table
+from neurovfm.probe.embed import FeatureStore
+from neurovfm.probe.heads import HeadConfig
+from neurovfm.probe.train import HeadTrainConfig, fit_head, predict, save_head
+from neurovfm.pretrain.data import KIND_SOFT
+from neurovfm.synth import tables
+
+BREAKDOWNS = ("site", "kernel", "thickness", "plane", "age_band", "sex")
+
+
+class EvaluationError(NeuroVFMError):
+    """Features and labels do not fit together, or a split is empty."""
+
+
+@dataclass
+class EvalConfig:
+    """Every choice of an evaluation, in one place (and written next to its results)."""
+
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: HeadTrainConfig = field(default_factory=HeadTrainConfig)
+    calibration: str = "platt"  # platt | temperature
+    target_sensitivity: float = 0.90  # per-label operating point chosen on validation
+    min_test_positives: int = 20  # headline labels
+    bootstrap: int = 1000
+    seed: int = 0
+    modalities: list[str] = field(default_factory=lambda: ["CT", "MR"])
+    ct_windows: list[str] | None = None
+    comparator_flag_rate: float | None = None  # urgent flag rate of a stated comparator
+    comparator_name: str = "validation urgent prevalence"
+    gallery: int = 4
+
+    def __post_init__(self) -> None:
+        if self.calibration not in ("temperature", "platt"):
+            raise ValueError(f"calibration must be temperature or platt, not {self.calibration!r}")
+        if not 0 < self.target_sensitivity < 1:
+            raise ValueError("target_sensitivity must be in (0, 1)")
+        if self.bootstrap < 100:
+            raise ValueError("bootstrap needs at least 100 resamples")
+
+
+@dataclass
+class ModalityRun:
+    """What one feature folder gives on one modality: test probabilities and everything derived."""
+
+    name: str
+    table: StudyTable
+    test_idx: np.ndarray
+    logits_test: np.ndarray
+    probs_test: np.ndarray  # calibrated
+    probs_test_raw: np.ndarray  # sigmoid of the uncalibrated logits
+    probs_val: np.ndarray
+    thresholds: np.ndarray
+    attn_nonbrain: np.ndarray  # per test study, share of head attention on air/bone tokens
+    history: list[dict[str, Any]]
+    head: Any
+    calibrator: Any
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+def _bags(store: FeatureStore, keys: list[str], windows: list[str] | None) -> list[np.ndarray]:
+    return [store.bag(k, windows, dtype=np.float32) for k in keys]
+
+
+def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalConfig) -> ModalityRun:
+    tr, va, te = (table.index(s) for s in ("train", "val", "test"))
+    for s, idx in (("train", tr), ("val", va), ("test", te)):
+        if len(idx) == 0:
+            raise EvaluationError(f"{table.modality}: no {s} studies with features")
+    bags = _bags(store, table.study_keys, cfg.ct_windows)
+    head, history = fit_head([bags[i] for i in tr], table.y[tr], [bags[i] for i in va], table.y[va], cfg.train,
+                             head_cfg=cfg.head)
+    lv, _ = predict(head, [bags[i] for i in va])
+    lt, attn = predict(head, [bags[i] for i in te])
+    lv, lt = np.asarray(lv, np.float64), np.asarray(lt, np.float64)
+    scaler = cal.TemperatureScaler() if cfg.calibration == "temperature" else cal.PlattScaler()
+    scaler.fit(lv, table.y[va])
+    pv, pt = scaler.transform(lv), scaler.transform(lt)
+    thr = np.array([cal.threshold_for_sensitivity(table.y[va][:, j], pv[:, j], cfg.target_sensitivity)
+                    for j in range(len(table.labels))])
+    nonbrain = []
+    for a, i in zip(attn, te):
+        kinds = store.bag_kinds(table.study_keys[i], cfg.ct_windows)
+        a = np.asarray(a, np.float64)  # [n_tokens, C], sums to one per class
+        nonbrain.append(float(a[kinds != KIND_SOFT].sum(0).mean()))
+    return ModalityRun(name, table, te, lt, pt, _sigmoid(lt), pv, thr, np.array(nonbrain), history, head, scaler)
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def label_metrics(run: ModalityRun) -> list[dict[str, Any]]:
+    t = run.table
+    y = t.y[run.test_idx]
+    out = []
+    for j, lab in enumerate(t.labels):
+        m = ~np.isnan(y[:, j])
+        yj, pj, rj = y[m, j], run.probs_test[m, j], run.probs_test_raw[m, j]
+        pos = int(yj.sum())
+        row: dict[str, Any] = {"label": lab, "test_positives": pos, "test_n": int(m.sum()),
+                               "val_positives": int(np.nansum(t.y[t.index('val'), j])),
+                               "train_positives": int(np.nansum(t.y[t.index('train'), j]))}
+        if 0 < pos < len(yj):
+            row.update(auroc=_finite(M.auroc(yj, pj)), auprc=_finite(M.auprc(yj, pj)),
+                       prevalence=pos / len(yj),
+                       ece_before=_finite(M.ece(yj, rj)), ece_after=_finite(M.ece(yj, pj)),
+                       brier_before=_finite(M.brier(yj, rj)), brier_after=_finite(M.brier(yj, pj)))
+            st = cal.operating_stats(yj, pj, run.thresholds[j])
+            row.update({f"op_{k}": _finite(v) if isinstance(v, float) else v for k, v in st.items()})
+            row["threshold"] = _finite(run.thresholds[j])
+        out.append(row)
+    return out
+
+
+def headline_labels(run: ModalityRun, min_pos: int) -> list[str]:
+    y = run.table.y[run.test_idx]
+    n = np.nansum(y, 0)
+    tot = (~np.isnan(y)).sum(0)
+    return [lab for j, lab in enumerate(run.table.labels) if n[j] >= min_pos and tot[j] - n[j] >= min_pos]
+
+
+def _cols(run: ModalityRun, labels: list[str]) -> np.ndarray:
+    return np.array([run.table.labels.index(lab) for lab in labels], int)
+
+
+def bootstrap_macro(run: ModalityRun, labels: list[str], cfg: EvalConfig) -> dict[str, Any]:
+    c = _cols(run, labels)
+    y = run.table.y[run.test_idx][:, c]
+    p = run.probs_test[:, c]
+    groups = run.table.patients[run.test_idx]
+    res = M.bootstrap_ci_multilabel(y, p, groups, M.auroc, n=cfg.bootstrap, seed=cfg.seed)
+    return res
+
+
+def triage_summary(run: ModalityRun, cfg: EvalConfig) -> dict[str, Any]:
+    t = run.table
+    acuity = {lab: tables.acuity(t.modality, lab) for lab in t.labels}
+    urgent = [lab for lab in t.labels if acuity[lab] == "Urgent"]
+    if not urgent:
+        return {}
+    cols = _cols(run, urgent)
+    y_test = t.y[run.test_idx][:, cols]
+    is_urgent = np.nan_to_num(y_test).max(1) > 0
+    score = cal.urgent_score(run.probs_test, t.labels, acuity)
+    va = t.index("val")
+    val_urgent = np.nan_to_num(t.y[va][:, cols]).max(1) > 0
+    rate = cfg.comparator_flag_rate if cfg.comparator_flag_rate is not None else float(val_urgent.mean())
+    score_val = cal.urgent_score(run.probs_val, t.labels, acuity)
+    matched = cal.sensitivity_at_matched_flag_rate(is_urgent, score, score_val, rate)
+    levels = cal.triage_levels(run.probs_test, t.labels, dict(zip(t.labels, run.thresholds)), acuity)
+    truth = []
+    for i in run.test_idx:
+        have = [lab for j, lab in enumerate(t.labels) if t.y[i, j] == 1]
+        truth.append(tables.triage(t.modality, have))
+    levels = list(levels)
+    agree = float(np.mean([a == b for a, b in zip(levels, truth)]))
+    urgent_sens = float(np.mean([lv == "Urgent" for lv, tr in zip(levels, truth) if tr == "Urgent"])) \
+        if "Urgent" in truth else None
+    return {"urgent_labels": urgent, "urgent_auroc": _finite(M.auroc(is_urgent.astype(float), score))
+            if 0 < is_urgent.sum() < len(is_urgent) else None,
+            "comparator": cfg.comparator_name, "comparator_flag_rate": rate, "at_matched_flag_rate": matched,
+            "level_agreement": agree, "urgent_sensitivity_at_label_thresholds": urgent_sens,
+            "flag_rate_at_label_thresholds": float(np.mean([lv == "Urgent" for lv in levels])),
+            "levels": {lv: int(sum(x == lv for x in levels)) for lv in ("Urgent", "Routine", "Normal")}}
+
+
+def breakdowns(run: ModalityRun, labels: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Macro AUROC over the headline labels within each group (labels with both classes there)."""
+    c = _cols(run, labels)
+    y = run.table.y[run.test_idx][:, c]
+    p = run.probs_test[:, c]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key in BREAKDOWNS:
+        if key not in run.table.meta:
+            continue
+        vals = run.table.meta[key][run.test_idx]
+        rows = []
+        for g in sorted(set(vals.tolist()), key=str):
+            m = vals == g
+            aucs = [M.auroc(y[m, j], p[m, j]) for j in range(len(c))
+                    if 0 < np.nansum(y[m, j]) < (~np.isnan(y[m, j])).sum()]
+            aucs = [a for a in aucs if np.isfinite(a)]
+            rows.append({"group": str(g), "studies": int(m.sum()),
+                         "macro_auroc": float(np.mean(aucs)) if aucs else None, "labels_scored": len(aucs)})
+        out[key] = rows
+    return out
+
+
+def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalConfig | None = None,
+             cache_dir: str | None = None, label_names: dict[str, list[str]] | None = None,
+             save_model: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate each named feature folder; the first is compared with every other one."""
+    from neurovfm.eval import plots
+
+    cfg = cfg or EvalConfig()
+    if not features:
+        raise EvaluationError("no feature folders given")
+    stores = {n: FeatureStore(p) for n, p in features.items()}
+    first = next(iter(stores))
+    common = set.intersection(*(set(s.studies()) for s in stores.values()))
+    os.makedirs(out_dir, exist_ok=True)
+    summary: dict[str, Any] = {"config": _jsonable(asdict(cfg)), "models": {}, "comparisons": {},
+                               "features": {n: {"encoder_id": s.meta["encoder_id"], "path": features[n]}
+                                            for n, s in stores.items()}}
+    rows_csv = []
+    for mod in cfg.modalities:
+        studies = {k for k in common if stores[first].modality(k) == mod}
+        if not studies:
+            continue
+        table = read_study_table(labels_csv, mod, (label_names or {}).get(mod), studies)
+        if cache_dir:
+            add_series_meta(table, cache_dir)
+        runs: dict[str, ModalityRun] = {}
+        for name, store in stores.items():
+            runs[name] = fit_modality(name, store, table, cfg)
+        headline = headline_labels(runs[first], cfg.min_test_positives)
+        for name, run in runs.items():
+            lm = label_metrics(run)
+            for r in lm:
+                rows_csv.append({"model": name, "modality": mod, "headline": r["label"] in headline, **r})
+            entry = {"labels": lm, "headline_labels": headline,
+                     "test_studies": int(len(run.test_idx)), "history": run.history,
+                     "attention_on_nonbrain_tokens": float(run.attn_nonbrain.mean()),
+                     "triage": triage_summary(run, cfg), "breakdowns": breakdowns(run, headline) if headline else {}}
+            if headline:
+                boot = bootstrap_macro(run, headline, cfg)
+                entry["macro_auroc"] = boot["macro"]
+                entry["macro_auroc_per_label_ci"] = boot["per_label"]
+                hl = [r for r in lm if r["label"] in headline]
+                entry["headline_ece_after"] = float(np.mean([r["ece_after"] for r in hl]))
+                entry["headline_ece_before"] = float(np.mean([r["ece_before"] for r in hl]))
+                entry["headline_ece_after_max"] = float(np.max([r["ece_after"] for r in hl]))
+            all_scored = [r["auroc"] for r in lm if r.get("auroc") is not None]
+            entry["macro_auroc_all_scored_labels"] = float(np.mean(all_scored)) if all_scored else None
+            summary["models"].setdefault(name, {})[mod] = entry
+        if headline:
+            base = runs[first]
+            c = _cols(base, headline)
+            y = table.y[base.test_idx][:, c]
+            groups = table.patients[base.test_idx]
+            for name, run in runs.items():
+                if name == first:
+                    continue
+                d = M.paired_bootstrap(y, base.probs_test[:, c], run.probs_test[:, c], groups, M.auroc,
+                                       n=cfg.bootstrap, seed=cfg.seed)
+                summary["comparisons"].setdefault(f"{first} - {name}", {})[mod] = d
+        plots.write_modality_plots(out_dir, mod, runs, headline, cfg)
+        if save_model and first in runs:
+            r = runs[first]
+            save_head(save_model, r.head, cfg.head, table.labels, calibration=r.calibrator.to_dict(),
+                      thresholds={lab: float(t) for lab, t in zip(table.labels, r.thresholds)},
+                      name=f"head_{mod.lower()}")
+    with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as fh:
+        json.dump(summary, fh, indent=1, default=_default)
+    os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))
+    _write_csv(os.path.join(out_dir, "metrics.csv"), rows_csv)
+    plots.write_html(out_dir, summary)
+    return summary
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if not np.isfinite(o) else float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _jsonable(d: Any) -> Any:
+    return json.loads(json.dumps(d, default=_default))
+
+
+def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)

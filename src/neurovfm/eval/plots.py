@@ -1,0 +1,194 @@
+"""Pictures and the one-page report of an evaluation: ROC and PR curves, reliability diagrams
+before and after calibration, and an HTML page that links everything (static, no scripts)."""
+
+from __future__ import annotations
+
+import html
+import os
+from typing import Any
+
+import numpy as np
+
+from neurovfm.eval import metrics as M
+
+MAX_PANELS = 12  # headline labels drawn per figure
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _roc(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    o = np.argsort(-s, kind="stable")
+    y = y[o]
+    tp = np.concatenate([[0], np.cumsum(y)]) / max(y.sum(), 1)
+    fp = np.concatenate([[0], np.cumsum(1 - y)]) / max((1 - y).sum(), 1)
+    return fp, tp
+
+
+def _pr(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    o = np.argsort(-s, kind="stable")
+    y = y[o]
+    tp = np.cumsum(y)
+    prec = tp / np.arange(1, len(y) + 1)
+    rec = tp / max(y.sum(), 1)
+    return rec, prec
+
+
+def _grid(n: int):
+    cols = min(4, n)
+    rows = int(np.ceil(n / cols))
+    return rows, cols
+
+
+def write_modality_plots(out_dir: str, modality: str, runs: dict[str, Any], headline: list[str], cfg) -> list[str]:
+    """ROC, PR and reliability figures for the headline labels of one modality."""
+    if not headline:
+        return []
+    plt = _plt()
+    labels = headline[:MAX_PANELS]
+    written = []
+    for kind in ("roc", "pr"):
+        rows, cols = _grid(len(labels))
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+        for ax, lab in zip(axes.flat, labels):
+            for name, run in runs.items():
+                j = run.table.labels.index(lab)
+                y = run.table.y[run.test_idx][:, j]
+                m = ~np.isnan(y)
+                x1, x2 = (_roc if kind == "roc" else _pr)(y[m], run.probs_test[m, j])
+                score = M.auroc(y[m], run.probs_test[m, j]) if kind == "roc" else M.auprc(y[m], run.probs_test[m, j])
+                ax.plot(x1, x2, lw=1.2, label=f"{name} {score:.2f}")
+            if kind == "roc":
+                ax.plot([0, 1], [0, 1], "k:", lw=0.6)
+                ax.set_xlabel("1 - specificity")
+                ax.set_ylabel("sensitivity")
+            else:
+                ax.set_xlabel("recall")
+                ax.set_ylabel("precision")
+            ax.set_title(lab.replace("_", " "), fontsize=8)
+            ax.legend(fontsize=6, loc="lower right" if kind == "roc" else "upper right")
+        written.append(_finish(plt, fig, axes, len(labels), os.path.join(out_dir, f"{kind}_{modality.lower()}.png"),
+                               f"{modality} test set: {'ROC' if kind == 'roc' else 'precision-recall'} "
+                               "(headline labels)"))
+    first = next(iter(runs.values()))
+    rows, cols = _grid(len(labels))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, lab in zip(axes.flat, labels):
+        j = first.table.labels.index(lab)
+        y = first.table.y[first.test_idx][:, j]
+        m = ~np.isnan(y)
+        for probs, name in ((first.probs_test_raw, "before"), (first.probs_test, "after")):
+            curve = M.reliability_curve(y[m], probs[m, j], bins=10)
+            ece = M.ece(y[m], probs[m, j])
+            ax.plot(curve["mean_predicted"], curve["observed"], "o-", ms=3, lw=1, label=f"{name} ECE {ece:.3f}")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.6)
+        ax.set_title(lab.replace("_", " "), fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("observed")
+        ax.legend(fontsize=6)
+    written.append(_finish(plt, fig, axes, len(labels), os.path.join(out_dir, f"reliability_{modality.lower()}.png"),
+                           f"{modality}: reliability on test, {first.name}, calibration fitted on validation"))
+    return written
+
+
+def _finish(plt, fig, axes, used: int, path: str, title: str) -> str:
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return html.escape(str(x))
+
+
+def _ci(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "–"
+    return f"{d['estimate']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+
+
+def write_html(out_dir: str, summary: dict[str, Any]) -> str:
+    """One static page: macro AUROC with intervals, comparisons, calibration, triage, per label."""
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>neurovfm evaluation</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}"
+             "img{max-width:100%}</style></head><body><h1>neurovfm evaluation (test split)</h1>",
+             "<p>Heads fitted on train; epoch, calibration and thresholds chosen on validation; every number "
+             "below is on test. Intervals: 95 % bootstrap over patients.</p>"]
+    models = summary["models"]
+    mods = sorted({m for v in models.values() for m in v})
+    parts.append("<h2>Macro AUROC over headline labels</h2><table><tr><th>model</th>"
+                 + "".join(f"<th>{m}</th>" for m in mods) + "</tr>")
+    for name, per in models.items():
+        parts.append(f"<tr><td>{html.escape(name)}</td>"
+                     + "".join(f"<td>{_ci(per.get(m, {}).get('macro_auroc'))}</td>" for m in mods) + "</tr>")
+    parts.append("</table>")
+    if summary.get("comparisons"):
+        parts.append("<h2>Paired differences</h2><table><tr><th>difference</th>"
+                     + "".join(f"<th>{m}</th>" for m in mods) + "</tr>")
+        for name, per in summary["comparisons"].items():
+            parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(
+                f"<td>{_ci(per.get(m))} p={_fmt(per.get(m, {}).get('p_value'))}</td>" for m in mods) + "</tr>")
+        parts.append("</table>")
+    for m in mods:
+        parts.append(f"<h2>{m}</h2>")
+        for name, per in models.items():
+            e = per.get(m)
+            if not e:
+                continue
+            tri = e.get("triage") or {}
+            parts.append(f"<h3>{html.escape(name)}</h3><p>headline labels (&ge; threshold test positives): "
+                         f"{', '.join(e['headline_labels']) or 'none'}; test studies {e['test_studies']}; "
+                         f"ECE headline mean before {_fmt(e.get('headline_ece_before'))}, after "
+                         f"{_fmt(e.get('headline_ece_after'))}; attention on air/bone tokens "
+                         f"{_fmt(e.get('attention_on_nonbrain_tokens'))}</p>")
+            if tri:
+                mt = tri.get("at_matched_flag_rate") or {}
+                parts.append(f"<p>Triage: urgent AUROC {_fmt(tri.get('urgent_auroc'))}; at the flag rate of "
+                             f"{html.escape(str(tri.get('comparator')))} ({_fmt(tri.get('comparator_flag_rate'))}) "
+                             f"urgent sensitivity {_fmt(mt.get('sensitivity'))}, specificity "
+                             f"{_fmt(mt.get('specificity'))}; level agreement {_fmt(tri.get('level_agreement'))}</p>")
+            parts.append("<table><tr><th>label</th><th>test +</th><th>AUROC</th><th>AUPRC</th><th>ECE before</th>"
+                         "<th>ECE after</th><th>Brier after</th><th>sens @thr</th><th>spec @thr</th>"
+                         "<th>flag rate</th></tr>")
+            for r in e["labels"]:
+                if r.get("auroc") is None:
+                    continue
+                b = "<b>" if r["label"] in e["headline_labels"] else ""
+                parts.append(f"<tr><td>{b}{html.escape(r['label'])}</td><td>{r['test_positives']}</td>"
+                             f"<td>{_fmt(r.get('auroc'))}</td><td>{_fmt(r.get('auprc'))}</td>"
+                             f"<td>{_fmt(r.get('ece_before'))}</td><td>{_fmt(r.get('ece_after'))}</td>"
+                             f"<td>{_fmt(r.get('brier_after'))}</td><td>{_fmt(r.get('op_sensitivity'))}</td>"
+                             f"<td>{_fmt(r.get('op_specificity'))}</td><td>{_fmt(r.get('op_flag_rate'))}</td></tr>")
+            parts.append("</table>")
+            for key, rows in (e.get("breakdowns") or {}).items():
+                parts.append(f"<p>by {key}: " + "; ".join(
+                    f"{html.escape(r['group'])} ({r['studies']}): {_fmt(r['macro_auroc'])}" for r in rows) + "</p>")
+        for fig in ("roc", "pr", "reliability"):
+            f = f"{fig}_{m.lower()}.png"
+            if os.path.exists(os.path.join(out_dir, f)):
+                parts.append(f"<img src='{f}' alt='{fig} {m}'>")
+        for f in sorted(os.listdir(out_dir)):
+            if f.startswith(f"gallery_{m.lower()}") and f.endswith(".png"):
+                parts.append(f"<img src='{f}' alt='{f}'>")
+    parts.append("</body></html>")
+    path = os.path.join(out_dir, "index.html")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write("\n".join(parts))
+    os.replace(tmp, path)
+    return path

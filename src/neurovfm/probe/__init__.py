@@ -1,0 +1,1 @@
+"""Frozen-encoder features and study-level heads."""

@@ -1,0 +1,134 @@
+"""Study-level heads over every token of every series of a study (multiple-instance learning).
+
+All heads take a batch of studies as packed token features ``feats [T, D]`` with cumulative
+offsets ``cu [B+1]`` and return ``(logits [B, C], attn [T, C])``; ``attn`` sums to one per class
+within each study, so it is directly a map of where each finding was seen.
+
+* ``gated``: the reference's classify-then-aggregate head (SPEC.md): per class a gated attention
+  (tanh x sigmoid) over tokens, a token-level MLP giving per-token logits, the study logit their
+  attention-weighted sum times a learnable per-class scale plus bias.
+* ``abmil``: aggregate-then-classify: the same gated attention pools the token features per
+  class, and a per-class linear classifier reads the pooled vector.
+* ``mean``: mean of the tokens -> linear (uniform attention): the simplest baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class HeadConfig:
+    kind: str = "gated"  # gated | abmil | mean
+    hidden: int | None = None  # token MLP width (default dim // 2, the reference's 768 -> 384)
+    attn_dim: int = 128  # gated attention width
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gated", "abmil", "mean"):
+            raise ValueError(f"head kind must be gated, abmil or mean, not {self.kind!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def study_index(cu: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Study number of every token [T] from offsets [B+1]."""
+    lengths = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths, output_size=n_tokens)
+
+
+def segment_softmax(scores: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """Softmax of ``scores [T, C]`` within each segment (study), numerically stable."""
+    c = scores.shape[1]
+    idx = seg[:, None].expand(-1, c)
+    top = torch.full((n_seg, c), -torch.inf, dtype=scores.dtype, device=scores.device)
+    top = top.scatter_reduce(0, idx, scores, reduce="amax", include_self=True)
+    e = torch.exp(scores - top[seg])
+    tot = torch.zeros((n_seg, c), dtype=scores.dtype, device=scores.device).index_add(0, seg, e)
+    return e / tot[seg]
+
+
+class GatedAttention(nn.Module):
+    """Per-class attention scores: w(tanh(V x) * sigmoid(U x))."""
+
+    def __init__(self, dim: int, attn_dim: int, n_classes: int, dropout: float):
+        super().__init__()
+        self.v = nn.Linear(dim, attn_dim)
+        self.u = nn.Linear(dim, attn_dim)
+        self.w = nn.Linear(attn_dim, n_classes)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w(self.drop(torch.tanh(self.v(x)) * torch.sigmoid(self.u(x))))
+
+
+class GatedAttentionHead(nn.Module):
+    def __init__(self, dim: int, n_classes: int, cfg: HeadConfig):
+        super().__init__()
+        hidden = cfg.hidden or max(1, dim // 2)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = GatedAttention(dim, cfg.attn_dim, n_classes, cfg.dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, n_classes))
+        self.scale = nn.Parameter(torch.ones(n_classes))
+        self.bias = nn.Parameter(torch.zeros(n_classes))
+
+    def forward(self, feats: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.norm(feats)
+        seg = study_index(cu, len(x))
+        a = segment_softmax(self.attn(x), seg, len(cu) - 1)
+        tok = self.mlp(x)
+        pooled = torch.zeros((len(cu) - 1, tok.shape[1]), dtype=tok.dtype, device=tok.device).index_add(0, seg, a * tok)
+        return pooled * self.scale + self.bias, a
+
+
+class ABMILHead(nn.Module):
+    def __init__(self, dim: int, n_classes: int, cfg: HeadConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = GatedAttention(dim, cfg.attn_dim, n_classes, cfg.dropout)
+        self.weight = nn.Parameter(torch.zeros(n_classes, dim))
+        nn.init.normal_(self.weight, std=dim ** -0.5)
+        self.bias = nn.Parameter(torch.zeros(n_classes))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, feats: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.norm(feats)
+        seg = study_index(cu, len(x))
+        a = segment_softmax(self.attn(x), seg, len(cu) - 1)
+        # per study: pooled [C, D] = a_b^T x_b, then one linear classifier per class
+        out = []
+        for b in range(len(cu) - 1):
+            s, e = int(cu[b]), int(cu[b + 1])
+            pooled = self.drop(a[s:e].T @ x[s:e])
+            out.append((pooled * self.weight).sum(-1))
+        return torch.stack(out) + self.bias, a
+
+
+class MeanPoolHead(nn.Module):
+    def __init__(self, dim: int, n_classes: int, cfg: HeadConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(dim, n_classes)
+
+    def forward(self, feats: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seg = study_index(cu, len(feats))
+        n = (cu[1:] - cu[:-1]).clamp(min=1).to(feats.dtype)  # an empty study gives bias-only logits, not NaN
+        mean = torch.zeros((len(cu) - 1, feats.shape[1]), dtype=feats.dtype, device=feats.device).index_add(0, seg, feats)
+        mean = mean / n[:, None]
+        c = self.fc.out_features
+        a = (1.0 / n)[seg][:, None].expand(-1, c)
+        return self.fc(self.drop(self.norm(mean))), a
+
+
+HEADS = {"gated": GatedAttentionHead, "abmil": ABMILHead, "mean": MeanPoolHead}
+
+
+def build_head(cfg: HeadConfig, dim: int, n_classes: int) -> nn.Module:
+    return HEADS[cfg.kind](dim, n_classes, cfg)

@@ -1,0 +1,186 @@
+"""Fitting a study-level head on frozen features: multi-label BCE with per-label positive
+weights (class imbalance), unknown labels (NaN) masked out, AdamW, and model selection and early
+stopping on the *validation* macro AUROC only. Heads are saved into the model folder
+(``<name>.safetensors`` + a ``heads`` section in ``config.json``), never pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neurovfm.eval.metrics import auroc
+from neurovfm.models.folder import (FORMAT, FORMAT_VERSION, ModelFolderError, load_state, read_config, save_tensors,
+                                    update_config, write_json)
+from neurovfm.probe.heads import HeadConfig, build_head
+
+
+@dataclass
+class HeadTrainConfig:
+    epochs: int = 40
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 8  # studies per step
+    max_tokens: int = 2048  # random tokens per study per step (all tokens at evaluation)
+    patience: int = 10  # epochs without a better validation macro AUROC
+    pos_weight_max: float = 50.0
+    seed: int = 0
+    threads: int = 1  # heads are small: one intra-op thread is fastest, and by far on a busy CPU
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.max_tokens < 1:
+            raise ValueError("epochs, batch_size and max_tokens must be positive")
+
+
+Bag = np.ndarray | torch.Tensor
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``n`` intra-op threads, restoring the caller's setting after."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _pack(bags: Sequence[Bag], idx: Sequence[int], max_tokens: int | None,
+          g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = []
+    for i in idx:
+        b = torch.as_tensor(np.asarray(bags[i]), dtype=torch.float32) if not isinstance(bags[i], torch.Tensor) \
+            else bags[i].float()
+        if max_tokens is not None and len(b) > max_tokens:
+            b = b[torch.randperm(len(b), generator=g)[:max_tokens].sort().values]
+        parts.append(b)
+    cu = torch.tensor([0] + np.cumsum([len(p) for p in parts]).tolist())
+    return torch.cat(parts), cu
+
+
+def val_macro_auroc(y: np.ndarray, logits: np.ndarray) -> float:
+    """Macro AUROC over labels with both classes on validation (NaN if none)."""
+    vals = [auroc(y[:, j], logits[:, j]) for j in range(y.shape[1])]
+    vals = [v for v in vals if np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+@torch.no_grad()
+def predict(head: torch.nn.Module, bags: Sequence[Bag], batch_size: int = 8,
+            threads: int = 1) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Logits [N, C] and each study's attention [n_tokens, C], using every token."""
+    with torch_threads(threads):
+        return _predict(head, bags, batch_size)
+
+
+@torch.no_grad()
+def _predict(head: torch.nn.Module, bags: Sequence[Bag], batch_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    head.eval()
+    logits, attn = [], []
+    for s in range(0, len(bags), batch_size):
+        idx = list(range(s, min(len(bags), s + batch_size)))
+        x, cu = _pack(bags, idx, None, None)
+        lg, a = head(x, cu)
+        logits.append(lg.numpy())
+        attn.extend(a[cu[k]:cu[k + 1]].numpy() for k in range(len(idx)))
+    return np.concatenate(logits).astype(np.float64), attn
+
+
+def fit_head(train_bags: Sequence[Bag], y_train, val_bags: Sequence[Bag], y_val, cfg: HeadTrainConfig | None = None,
+             head_cfg: HeadConfig | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """Train a head; return the epoch with the best validation macro AUROC and the history."""
+    cfg, head_cfg = cfg or HeadTrainConfig(), head_cfg or HeadConfig()
+    with torch_threads(cfg.threads):
+        return _fit_head(train_bags, y_train, val_bags, y_val, cfg, head_cfg)
+
+
+def _fit_head(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig,
+              head_cfg: HeadConfig) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    y_train = np.asarray(y_train, np.float32)
+    y_val = np.asarray(y_val, np.float32)
+    if len(train_bags) != len(y_train) or len(val_bags) != len(y_val):
+        raise ValueError("bags and labels differ in length")
+    dim = int(np.asarray(train_bags[0]).shape[1])
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    head = build_head(head_cfg, dim, y_train.shape[1])
+    known = ~np.isnan(y_train)
+    pos = np.nansum(y_train, 0)
+    neg = known.sum(0) - pos
+    trainable = pos > 0  # a label with no train positives cannot be learned: masked out
+    pw = torch.tensor(np.clip(neg / np.maximum(pos, 1), 1.0, cfg.pos_weight_max), dtype=torch.float32)
+    mask_all = torch.tensor(known & trainable[None, :], dtype=torch.float32)
+    target_all = torch.tensor(np.nan_to_num(y_train), dtype=torch.float32)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_state, since, history = -np.inf, copy.deepcopy(head.state_dict()), 0, []
+    for epoch in range(cfg.epochs):
+        head.train()
+        order = torch.randperm(len(train_bags), generator=g).tolist()
+        total = 0.0
+        for s in range(0, len(order), cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            x, cu = _pack(train_bags, idx, cfg.max_tokens, g)
+            logits, _ = head(x, cu)
+            m = mask_all[idx]
+            loss = (F.binary_cross_entropy_with_logits(logits, target_all[idx], pos_weight=pw, reduction="none")
+                    * m).sum() / m.sum().clamp(min=1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        lv, _ = _predict(head, val_bags, cfg.batch_size)
+        score = val_macro_auroc(y_val, lv)
+        history.append({"epoch": epoch + 1, "train_loss": total / len(order), "val_macro_auroc": score})
+        if np.isfinite(score) and score > best + 1e-6 or (not np.isfinite(best) and epoch == 0):
+            best, best_state, since = score if np.isfinite(score) else best, copy.deepcopy(head.state_dict()), 0
+        else:
+            since += 1
+            if since >= cfg.patience:
+                break
+    head.load_state_dict(best_state)
+    head.eval()
+    return head, history
+
+
+# -- saving in the model folder ------------------------------------------------------------------
+def save_head(folder: str, head: torch.nn.Module, head_cfg: HeadConfig, labels: list[str],
+              calibration: dict[str, Any] | None = None, thresholds: dict[str, float] | None = None,
+              name: str = "head") -> str:
+    """Write ``<name>.safetensors`` and the ``heads.<name>`` entry of ``config.json``."""
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        write_json(os.path.join(folder, "config.json"), {"format": FORMAT, "format_version": FORMAT_VERSION})
+    cfg = read_config(folder)
+    dim = int(head.norm.normalized_shape[0])
+    save_tensors(os.path.join(folder, f"{name}.safetensors"), head.state_dict(), metadata={"format": FORMAT})
+    heads = dict(cfg.get("heads", {}))
+    heads[name] = {"file": f"{name}.safetensors", "head": asdict(head_cfg), "dim": dim, "labels": list(labels),
+                   "calibration": calibration, "thresholds": {k: (v if np.isfinite(v) else None)
+                                                             for k, v in (thresholds or {}).items()}}
+    update_config(folder, heads=heads)
+    return os.path.join(folder, f"{name}.safetensors")
+
+
+def load_head(folder: str, name: str = "head") -> tuple[torch.nn.Module, dict[str, Any]]:
+    cfg = read_config(folder)
+    meta = cfg.get("heads", {}).get(name)
+    if meta is None:
+        raise ModelFolderError(f"{folder}: no head named {name!r} (have {sorted(cfg.get('heads', {}))})")
+    head = build_head(HeadConfig(**meta["head"]), meta["dim"], len(meta["labels"]))
+    state = load_state(os.path.join(folder, meta["file"]))
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelFolderError(f"{folder}/{meta['file']}: weights do not fit the head config "
+                               f"({str(e).splitlines()[0]})") from None
+    head.eval()
+    thr = {k: (float("inf") if v is None else v) for k, v in meta["thresholds"].items()}
+    return head, {**meta, "thresholds": thr}

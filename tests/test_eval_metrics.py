@@ -1,0 +1,131 @@
+"""Metrics against scikit-learn, calibration that really calibrates, bootstrap intervals that
+cover the truth at about the nominal rate, operating points and triage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from neurovfm.eval import calibrate as cal
+from neurovfm.eval import metrics as M
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auroc_auprc_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 300))
+    y = (rng.random(n) < rng.uniform(0.03, 0.5)).astype(float)
+    y[0], y[1] = 1, 0
+    s = rng.normal(size=n) + y * rng.uniform(0, 2)
+    if seed % 2:  # many ties
+        s = np.round(s, 1)
+    assert M.auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert M.auprc(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    w = np.ones((3, n))
+    assert np.allclose(M.weighted_auroc(y, s, w), roc_auc_score(y, s))
+    rep = rng.integers(0, 3, n).astype(float)  # weights = repeating rows
+    idx = np.repeat(np.arange(n), rep.astype(int))
+    if 0 < y[idx].sum() < len(idx):
+        assert M.weighted_auroc(y, s, rep[None])[0] == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
+
+
+def test_absent_class_and_nan_labels():
+    assert np.isnan(M.auroc([0, 0, 0], [0.1, 0.2, 0.3]))
+    assert np.isnan(M.auprc([0, 0], [0.1, 0.2]))
+    y = np.array([1, 0, np.nan, 1, 0])
+    s = np.array([0.9, 0.1, 0.5, 0.8, 0.2])
+    assert M.auroc(y, s) == 1.0
+
+
+def _miscalibrated(n, rng, temp=3.0, shift=-1.0):
+    z = rng.normal(0, 2, n)  # true logit
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(float)
+    return y, z * temp + shift  # an over-confident, shifted model
+
+
+def test_calibration_reduces_ece_on_held_out_data():
+    rng = np.random.default_rng(0)
+    y_val, l_val = _miscalibrated(3000, rng)
+    y_te, l_te = _miscalibrated(3000, rng)
+    raw = 1 / (1 + np.exp(-l_te))
+    # truly calibrated probabilities have a small ECE; these raw ones a large one
+    z = rng.normal(0, 2, 5000)
+    p_true = 1 / (1 + np.exp(-z))
+    assert M.ece((rng.random(5000) < p_true).astype(float), p_true) < 0.03
+    assert M.ece(y_te, raw) > 0.08
+    for scaler in (cal.PlattScaler(), cal.TemperatureScaler()):
+        scaler.fit(l_val[:, None], y_val[:, None])
+        p = scaler.transform(l_te[:, None])[:, 0]
+        assert M.ece(y_te, p) < M.ece(y_te, raw)
+        assert M.brier(y_te, p) < M.brier(y_te, raw)
+        again = type(scaler).from_dict(scaler.to_dict()).transform(l_te[:, None])[:, 0]
+        np.testing.assert_allclose(again, p)
+    platt = cal.PlattScaler().fit(l_val[:, None], y_val[:, None])
+    assert M.ece(y_te, platt.transform(l_te[:, None])[:, 0]) < 0.03
+    assert platt.a[0] == pytest.approx(1 / 3, rel=0.15) and platt.b[0] == pytest.approx(1 / 3, abs=0.15)
+
+
+def test_calibration_without_both_classes_is_identity():
+    z = np.array([[-1.0, 2.0], [0.5, 1.0], [2.0, -3.0]])
+    y = np.array([[0, 1], [0, 1], [0, 1]], float)
+    for s in (cal.PlattScaler().fit(z, y), cal.TemperatureScaler().fit(z, y)):
+        np.testing.assert_allclose(s.transform(z), 1 / (1 + np.exp(-z)))
+
+
+def _binormal(n_pos, n_neg, d, rng):
+    y = np.r_[np.ones(n_pos), np.zeros(n_neg)]
+    s = np.r_[rng.normal(d, 1, n_pos), rng.normal(0, 1, n_neg)]
+    return y, s
+
+
+def test_patient_bootstrap_covers_the_true_auroc():
+    d = 1.0
+    truth = norm.cdf(d / np.sqrt(2))
+    rng = np.random.default_rng(1)
+    hits, n_sets = 0, 120
+    for k in range(n_sets):
+        y, s = _binormal(60, 140, d, rng)
+        groups = np.arange(len(y)) // 2  # two studies per patient
+        ci = M.bootstrap_ci(y, s, groups, n=400, seed=k)
+        hits += ci["low"] <= truth <= ci["high"]
+    assert 0.88 <= hits / n_sets <= 0.99
+
+
+def test_multilabel_and_paired_bootstrap():
+    rng = np.random.default_rng(2)
+    n = 300
+    y = (rng.random((n, 3)) < 0.3).astype(float)
+    good = y + rng.normal(0, 0.6, y.shape)
+    bad = y + rng.normal(0, 2.0, y.shape)
+    groups = np.arange(n)
+    res = M.bootstrap_ci_multilabel(y, good, groups, n=300)
+    assert res["macro"]["low"] <= res["macro"]["estimate"] <= res["macro"]["high"]
+    assert res["macro"]["estimate"] == pytest.approx(np.mean([roc_auc_score(y[:, j], good[:, j]) for j in range(3)]))
+    d = M.paired_bootstrap(y, good, bad, groups, n=300)
+    assert d["low"] > 0 and d["p_value"] < 0.01
+    other = y + rng.normal(0, 0.6, y.shape)  # equally good: no difference
+    d0 = M.paired_bootstrap(y, good, other, groups, n=300)
+    assert d0["low"] < 0 < d0["high"] and d0["p_value"] > 0.05
+
+
+def test_operating_points_and_triage():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], float)
+    p = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.3, 0.1, 0.1, 0.05, 0.0])
+    t = cal.threshold_for_sensitivity(y, p, 0.75)
+    assert t == 0.7
+    st = cal.operating_stats(y, p, t)
+    assert st["sensitivity"] == 0.75 and st["specificity"] == 1.0 and st["flag_rate"] == pytest.approx(0.3)
+    t = cal.threshold_for_sensitivity(y, p, 1.0)
+    st = cal.operating_stats(y, p, t)
+    assert t == 0.2 and st["sensitivity"] == 1.0 and st["specificity"] == pytest.approx(4 / 6)
+    assert st["flag_rate"] == pytest.approx(0.6) and st["ppv"] == pytest.approx(4 / 6)
+    assert cal.threshold_for_sensitivity(np.zeros(4), np.ones(4), 0.9) == float("inf")
+    assert np.mean(p >= cal.threshold_for_flag_rate(p, 0.3)) == pytest.approx(0.3)
+    labels = ["hem", "atrophy", "normal_variant"]
+    acuity = {"hem": "Urgent", "atrophy": "Routine", "normal_variant": "Normal"}
+    probs = np.array([[0.9, 0.9, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.9], [0.1, 0.1, 0.1]])
+    thr = {"hem": 0.5, "atrophy": 0.5, "normal_variant": 0.5}
+    assert cal.triage_levels(probs, labels, thr, acuity) == ["Urgent", "Routine", "Normal", "Normal"]
+    np.testing.assert_allclose(cal.urgent_score(probs, labels, acuity), probs[:, 0])
