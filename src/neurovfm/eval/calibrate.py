@@ -21,12 +21,13 @@ NEWTON_STEPS = 50
 PLATT_RIDGE = 1e-3  # keeps (a, b) finite when validation separates perfectly
 
 
-def _sigmoid(x):
+def sigmoid(x):
+    """Logistic function, clipped so huge logits never overflow."""
     return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
 
 
 def _nll(z: np.ndarray, y: np.ndarray) -> float:
-    p = np.clip(_sigmoid(z), 1e-12, 1 - 1e-12)
+    p = np.clip(sigmoid(z), 1e-12, 1 - 1e-12)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
@@ -61,7 +62,7 @@ class TemperatureScaler:
         return self
 
     def transform(self, logits) -> np.ndarray:
-        return _sigmoid(np.asarray(logits, np.float64) / self.t)
+        return sigmoid(np.asarray(logits, np.float64) / self.t)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "temperature", "temperature": self.t.tolist()}
@@ -94,13 +95,13 @@ class PlattScaler:
             prior = np.array([1.0, 0.0])
 
             def loss(w):
-                q = np.clip(_sigmoid(x @ w), 1e-15, 1 - 1e-15)
+                q = np.clip(sigmoid(x @ w), 1e-15, 1 - 1e-15)
                 return float(-np.mean(t * np.log(q) + (1 - t) * np.log(1 - q))
                              + 0.5 * PLATT_RIDGE * np.sum((w - prior) ** 2))
             w = prior.copy()
             cur = loss(w)
             for _ in range(NEWTON_STEPS):  # damped Newton: halve the step until the loss falls
-                p = _sigmoid(x @ w)
+                p = sigmoid(x @ w)
                 g = x.T @ (p - t) / len(t) + PLATT_RIDGE * (w - prior)
                 h = (x * (p * (1 - p))[:, None]).T @ x / len(t) + PLATT_RIDGE * np.eye(2)
                 step = np.linalg.solve(h, g)
@@ -116,7 +117,7 @@ class PlattScaler:
         return self
 
     def transform(self, logits) -> np.ndarray:
-        return _sigmoid(self.a * np.asarray(logits, np.float64) + self.b)
+        return sigmoid(self.a * np.asarray(logits, np.float64) + self.b)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "platt", "a": self.a.tolist(), "b": self.b.tolist()}

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from neurovfm.errors import NeuroVFMError
 from neurovfm.eval import calibrate as cal
@@ -77,10 +78,6 @@ class ModalityRun:
     calibrator: Any
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
-
-
 def _bags(store: FeatureStore, keys: list[str], windows: list[str] | None) -> list[np.ndarray]:
     return [store.bag(k, windows, dtype=np.float32) for k in keys]
 
@@ -106,7 +103,7 @@ def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalCon
         kinds = store.bag_kinds(table.study_keys[i], cfg.ct_windows)
         a = np.asarray(a, np.float64)  # [n_tokens, C], sums to one per class
         nonbrain.append(float(a[kinds != KIND_SOFT].sum(0).mean()))
-    return ModalityRun(name, table, te, lt, pt, _sigmoid(lt), pv, thr, np.array(nonbrain), history, head, scaler)
+    return ModalityRun(name, table, te, lt, pt, cal.sigmoid(lt), pv, thr, np.array(nonbrain), history, head, scaler)
 
 
 def _finite(x: float) -> float | None:
@@ -235,7 +232,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
         if cache_dir:
             add_series_meta(table, cache_dir)
         runs: dict[str, ModalityRun] = {}
-        for name, store in stores.items():
+        for name, store in tqdm(stores.items(), desc=f"heads {mod}", disable=not progress):
             runs[name] = fit_modality(name, store, table, cfg)
         headline = headline_labels(runs[first], cfg.min_test_positives)
         for name, run in runs.items():
