@@ -139,6 +139,17 @@ def cmd_init_model(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_reference(a: argparse.Namespace) -> int:
+    """The reference encoder checkpoint (weights-only read, every key and shape checked) -> model folder."""
+    from neurovfm.models.reference import LICENSE_NOTE, import_reference
+
+    r = import_reference(a.src, a.out, provenance_note=a.note,
+                         command=["neurovfm", "import-reference"] + sys.argv[2:])
+    print(f"{r.folder}\t{r.n_params} parameters ({r.depth} blocks, sha256 {r.sha256[:12]})")
+    print(f"note: {LICENSE_NOTE}", file=sys.stderr)
+    return 0
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from neurovfm.eval.data import read_label_names
     from neurovfm.eval.experiment import EvalConfig, evaluate
@@ -243,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_init_model)
 
+    s = sub.add_parser("import-reference", help="convert the reference encoder checkpoint into a model folder")
+    s.add_argument("src", help="pytorch_model.bin (or .safetensors), or a folder holding it and config.json")
+    s.add_argument("out", help="model folder to write")
+    s.add_argument("--note", help="free text recorded in provenance.json")
+    s.set_defaults(func=cmd_import_reference)
+
     s = sub.add_parser("evaluate", help="study-level heads on frozen features, evaluated on the test split")
     s.add_argument("--features", nargs="+", required=True, metavar="[NAME=]DIR",
                    help="feature folders from `neurovfm embed`; the first is compared with each other one")
@@ -266,10 +283,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_evaluate)
 
+    s = sub.add_parser("analyze", help="one study (folder or NIfTI) or a worklist -> findings, triage, maps")
+    s.add_argument("study", nargs="?", help="a study folder (DICOM and/or NIfTI) or one NIfTI file")
+    s.add_argument("--list", dest="worklist", help="worklist: a text file of study paths, or a folder of study folders")
+    s.add_argument("--model", help="model folder (default: the shipped demo model)")
+    s.add_argument("--out", required=True, help="output folder (nothing is written elsewhere)")
+    s.add_argument("--maps", default="top-k", choices=["top-k", "all", "none"])
+    s.add_argument("--top-k", type=int, default=3, help="maps for the k most probable labels")
+    s.add_argument("--modality", choices=["ct", "mr"], help="modality of NIfTI files without a sidecar")
+    s.add_argument("--attention", default="auto", help="encoder attention backend")
+    s.add_argument("--show-paths", action="store_true", help="print refused files' paths (terminal only)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_analyze)
+
     s = sub.add_parser("cache-info", help="counts and hashes of a token cache")
     s.add_argument("cache")
     s.set_defaults(func=cmd_cache_info)
     return p
+
+
+def cmd_analyze(a: argparse.Namespace) -> int:
+    from neurovfm.analyze.config import AnalyzeConfig
+    from neurovfm.analyze.pipeline import Analyzer, analyze_worklist, read_worklist
+
+    if bool(a.study) == bool(a.worklist):
+        raise NeuroVFMError("give either a STUDY or --list WORKLIST")
+    cfg = AnalyzeConfig(maps=a.maps, top_k=a.top_k, modality=a.modality, attention=a.attention)
+    if a.worklist:
+        path = analyze_worklist(read_worklist(a.worklist), a.out, a.model, cfg, progress=not a.quiet)
+        print(f"worklist: {path}")
+        return 0
+    log = (lambda m: print(m, file=sys.stderr)) if a.show_paths else None
+    res = Analyzer(a.model, cfg).run(a.study, a.out, log)
+    if not a.quiet:
+        for ex in res["exams"]:
+            print(f"{ex['modality']}: triage {ex['triage']['level']}"
+                  f"{' (' + ', '.join(ex['triage']['drivers']) + ')' if ex['triage']['drivers'] else ''}; "
+                  f"positive: {', '.join(ex['findings']) or 'none'}")
+        for w in res["warnings"]:
+            print(f"warning [{w['code']}]{' ' + w['series'] if w.get('series') else ''}: {w['message']}")
+        print(f"{res['timings_s']['total']:.1f} s   result: {os.path.join(a.out, 'result.json')}   "
+              f"summary: {os.path.join(a.out, 'summary.html')}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 POS_CODES = ("sincos_concat", "rope3d")
 ATTENTION_BACKENDS = ("auto", "loop", "mask", "nested", "flex", "varlen", "flash")
+MLP_ACTS = ("gelu", "gelu_tanh")  # gelu_tanh: the reference's fused MLP (flash-attn "gelu_approx")
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,15 @@ class EncoderConfig:
     proj_bias: bool = False  # the reference's attention output projection has no bias
     attention: str = "auto"
     checkpoint_activations: bool = False
+    mlp_act: str = "gelu"  # "gelu_tanh" for imported reference weights (models/reference.py)
 
     def __post_init__(self) -> None:
         if self.pos_code not in POS_CODES:
             raise ValueError(f"pos_code must be one of {POS_CODES}, got {self.pos_code!r}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"mlp_act must be one of {MLP_ACTS}, got {self.mlp_act!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.pos_code == "sincos_concat":
@@ -56,7 +60,10 @@ class EncoderConfig:
         return self.width - self.pos_dim if self.pos_code == "sincos_concat" else self.width
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["mlp_act"] == "gelu":  # written only when not the default: other folders stay as before
+            del d["mlp_act"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":

@@ -22,13 +22,14 @@ from neurovfm.models.position import Rope3D, sincos_3d
 
 
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        self.approximate = "tanh" if act == "gelu_tanh" else "none"  # tanh: the reference's fused MLP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class Attention(nn.Module):
@@ -68,7 +69,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.mixer = Attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
+        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.mlp_act)
 
     def forward(self, x, cu, backend, rope=None, weights_out=None):
         x = x + self.mixer(self.norm1(x), cu, backend, rope, weights_out)
