@@ -50,6 +50,8 @@ class EvalConfig:
     comparator_flag_rate: float | None = None  # urgent flag rate of a stated comparator
     comparator_name: str = "validation urgent prevalence"
     gallery: int = 4
+    ood_components: int = 16  # distance-to-training model saved with --save-model
+    ood_quantile: float = 0.99
 
     def __post_init__(self) -> None:
         if self.calibration not in ("temperature", "platt"):
@@ -104,6 +106,16 @@ def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalCon
         a = np.asarray(a, np.float64)  # [n_tokens, C], sums to one per class
         nonbrain.append(float(a[kinds != KIND_SOFT].sum(0).mean()))
     return ModalityRun(name, table, te, lt, pt, cal.sigmoid(lt), pv, thr, np.array(nonbrain), history, head, scaler)
+
+
+def save_distance_model(folder: str, mod: str, store: FeatureStore, table: StudyTable, cfg: EvalConfig) -> None:
+    """Distance-to-training for ``analyze``'s out-of-distribution warning: fitted on the training
+    studies' mean features, threshold at a quantile of the validation studies' scores."""
+    from neurovfm.analyze.ood import fit_ood, save_ood
+
+    tr = np.stack([store.bag(table.study_keys[i], cfg.ct_windows).mean(0) for i in table.index("train")])
+    va = np.stack([store.bag(table.study_keys[i], cfg.ct_windows).mean(0) for i in table.index("val")])
+    save_ood(folder, mod, fit_ood(tr, va, k=cfg.ood_components, quantile=cfg.ood_quantile))
 
 
 def _finite(x: float) -> float | None:
@@ -271,6 +283,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
             save_head(save_model, r.head, cfg.head, table.labels, calibration=r.calibrator.to_dict(),
                       thresholds={lab: float(t) for lab, t in zip(table.labels, r.thresholds)},
                       name=f"head_{mod.lower()}")
+            save_distance_model(save_model, mod, stores[first], table, cfg)
     with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as fh:
         json.dump(summary, fh, indent=1, default=_default)
     os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))

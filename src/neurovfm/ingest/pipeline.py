@@ -9,7 +9,6 @@ hashes and the metadata written is the allowlist in :mod:`neurovfm.privacy.allow
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections import Counter
@@ -20,6 +19,7 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from neurovfm.errors import IngestError, NeuroVFMError
+from neurovfm.files import file_sha256
 from neurovfm.ingest.classify import classify, skip_reason
 from neurovfm.ingest.dicom_headers import SliceRecord, read_header
 from neurovfm.ingest.dicom_series import SeriesCandidate, build_stack, group_records
@@ -102,14 +102,6 @@ def iter_files(src: str) -> Iterator[str]:
             yield os.path.join(dirpath, f)
 
 
-def _file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_headers_chunk(paths: list[str]) -> tuple[list[SliceRecord], list[IngestError]]:
     recs: list[SliceRecord] = []
     errs: list[IngestError] = []
@@ -175,13 +167,18 @@ class UnitResult:
     rows: list[tuple[dict[str, Any], TokenizedSeries]]
     refusals: list[dict[str, Any]]
     where: str = ""  # the unit's folder or file, for the user's terminal only
+    # with ``keep_sources``: the plane source of each row (native geometry and pixels), for
+    # ``analyze``, which maps results back onto the original series; never sent to the cache
+    sources: list[Any] = field(default_factory=list)
 
 
-def process_unit(unit: Unit, policy: PreprocessPolicy, modality_hint: str | None, secret: bytes) -> UnitResult:
+def process_unit(unit: Unit, policy: PreprocessPolicy, modality_hint: str | None, secret: bytes,
+                 keep_sources: bool = False) -> UnitResult:
     """Build, canonicalise and tokenize one unit (runs in a worker process)."""
     keyer = Keyer(secret)
     rows: list[tuple[dict[str, Any], TokenizedSeries]] = []
     refusals: list[dict[str, Any]] = []
+    sources: list[Any] = []
     study_key = keyer.study(unit.study_identity)
     if unit.kind == "dicom":
         cand = unit.candidate
@@ -205,13 +202,15 @@ def process_unit(unit: Unit, policy: PreprocessPolicy, modality_hint: str | None
             meta = series_metadata(first.attrs, cls, cv, first, source_format="dicom")
             meta.update(base, source_key=keyer.source(unit.source_fp))
             rows.append((meta, ts))
+            if keep_sources:
+                sources.append(stack)
         except IngestError as e:
             refusals.append(dict(base, entry_key=series_key, kind="series", modality=first.modality,
                                  status=e.status, code=e.code, reason=e.reason))
         except MemoryError:
             refusals.append(dict(base, entry_key=series_key, kind="series", modality=first.modality,
                                  status="failed", code="memory", reason="out of memory building this series"))
-        return UnitResult(rows, refusals, cand.display_path)
+        return UnitResult(rows, refusals, cand.display_path, sources)
 
     # NIfTI
     path = unit.path or ""
@@ -221,7 +220,7 @@ def process_unit(unit: Unit, policy: PreprocessPolicy, modality_hint: str | None
         patient_key = keyer.patient(_patient_of(unit, sidecar))
         cls = classify_nifti(path, sidecar, modality_hint)
         stacks = open_nifti(path, policy)
-        fp = unit.source_fp or _file_sha(path)
+        fp = unit.source_fp or file_sha256(path)
         for v, stack in enumerate(stacks):
             series_key = keyer.series(f"nifti\0{unit.relpath}\0{v}")
             base = dict(series_key=series_key, study_key=study_key, patient_key=patient_key)
@@ -248,13 +247,15 @@ def process_unit(unit: Unit, policy: PreprocessPolicy, modality_hint: str | None
                                        slice_thickness=_num(sidecar.get("SliceThickness")))
                 meta.update(base, source_key=keyer.source(f"{fp}#{v}"))
                 rows.append((meta, ts))
+                if keep_sources:
+                    sources.append(stack)
             except IngestError as e:
                 refusals.append(dict(base, entry_key=series_key, kind="series", modality=cls.modality,
                                      status=e.status, code=e.code, reason=e.reason))
     except IngestError as e:
         refusals.append(dict(entry_key=fkey, kind="file", study_key=study_key, status=e.status,
                              code=e.code, reason=e.reason))
-    return UnitResult(rows, refusals, path)
+    return UnitResult(rows, refusals, path, sources)
 
 
 def _num(v: Any) -> float | None:
@@ -309,7 +310,7 @@ def run_ingest(src: str, cache_dir: str, options: IngestOptions | None = None,
         todo: list[Unit] = []
         for u in units:
             if u.kind == "nifti" and u.path:
-                u.source_fp = _file_sha(u.path)
+                u.source_fp = file_sha256(u.path)
                 if cache.has_source(keyer.source(f"{u.source_fp}#0")):
                     summary.cached += 1
                     continue

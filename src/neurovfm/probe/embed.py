@@ -243,10 +243,7 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
                 if hist is not None:
                     feats.append(np.concatenate(hf).astype(np.float16))
                 else:
-                    packed = Packed.cat(pk).to(cfg.device)
-                    with torch.inference_mode(), cast:
-                        h = enc(packed)
-                    feats.append(h.float().cpu().numpy().astype(np.float16))
+                    feats.append(_forward(enc, pk, cfg.device, cast).astype(np.float16))
                 kinds_all.extend(kinds)
                 for j in idx:
                     r = items[j]
@@ -262,6 +259,41 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
     done = sum(os.path.isdir(_part_dir(out_dir, i)) for i in range(len(parts)))
     return {"out": out_dir, "parts_done": done, "parts": len(parts), "complete": done == len(parts),
             "tokens": meta["n_tokens"], "views": len(refs)}
+
+
+def _forward(enc: torch.nn.Module, pk: list[tuple[torch.Tensor, torch.Tensor]], device: str, cast) -> np.ndarray:
+    """One packed forward pass: each (normalised tokens, coords) pair is its own sequence."""
+    packed = Packed.cat(pk).to(device)
+    with torch.inference_mode(), cast:
+        h = enc(packed)
+    return h.float().cpu().numpy()
+
+
+def encode_views(enc: torch.nn.Module, views: list[tuple[np.ndarray, np.ndarray, str]],
+                 tokens_per_batch: int = 16384, device: str = "cpu", precision: str = "fp32") -> list[np.ndarray]:
+    """Frozen float32 features of in-memory series views ``(uint8 tokens [n, T], coords [n, 3],
+    view name)``, packed by token budget exactly as :func:`embed` does for a cache (``analyze``
+    uses this, so one study and a whole archive go through the same encoder path)."""
+    cast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and device != "cpu")
+    out: list[np.ndarray] = []
+    batch: list[tuple[torch.Tensor, torch.Tensor]] = []
+    lengths: list[int] = []
+
+    def flush() -> None:
+        if batch:
+            h = _forward(enc, batch, device, cast)
+            out.extend(np.split(h, np.cumsum(lengths)[:-1]))
+            batch.clear()
+            lengths.clear()
+
+    for u8, coords, view in views:
+        n = len(u8)
+        if batch and sum(lengths) + n > tokens_per_batch:
+            flush()
+        batch.append((normalize(np.asarray(u8), view), torch.from_numpy(np.asarray(coords, np.int64))))
+        lengths.append(n)
+    flush()
+    return out
 
 
 def _part_dir(out_dir: str, i: int) -> str:

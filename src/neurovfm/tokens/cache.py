@@ -157,6 +157,22 @@ def atomic_write_text(path: str, text: str) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
+def as_views(toks: np.ndarray, storage: str, stored: tuple[str, ...], policy: PreprocessPolicy,
+             names: Iterable[str] | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Stored tokens -> uint8 views [n, V, T]: CT windows are made on the fly from fixed-point HU
+    (``hu16``), stored uint8 views are selected by name. Shared by the cache and ``analyze``."""
+    if storage == "hu16":
+        wins = {w.name: w for w in policy.ct_windows}
+        names = tuple(names) if names is not None else tuple(wins)
+        out = np.empty((toks.shape[0], len(names), toks.shape[2]), np.uint8)
+        for i, nm in enumerate(names):
+            out[:, i] = fixed_to_window(toks[:, 0], wins[nm], policy.hu16_scale)
+        return out, names
+    names = tuple(names) if names is not None else tuple(stored)
+    idx = [stored.index(nm) for nm in names]
+    return np.asarray(toks[:, idx]), names
+
+
 class TokenCache:
     """Open (or create) a token cache and check that its schema and policy match."""
 
@@ -302,17 +318,8 @@ class TokenCache:
         """uint8 views [n, V, T] (CT windows made on the fly from fixed-point HU), coords, names."""
         e = self.get(entry) if isinstance(entry, str) else entry
         toks, coords = self.raw(e)
-        if e.storage == "hu16":
-            wins = {w.name: w for w in self.policy.ct_windows}
-            names = tuple(names) if names is not None else tuple(wins)
-            out = np.empty((toks.shape[0], len(names), toks.shape[2]), np.uint8)
-            for i, nm in enumerate(names):
-                out[:, i] = fixed_to_window(toks[:, 0], wins[nm], self.policy.hu16_scale)
-            return out, coords, names
-        stored = e.views_tuple
-        names = tuple(names) if names is not None else stored
-        idx = [stored.index(nm) for nm in names]
-        return np.asarray(toks[:, idx]), coords, names
+        out, names = as_views(toks, e.storage, e.views_tuple, self.policy, names)
+        return out, coords, names
 
     def writer(self, max_bytes: int = 256 * 1024**2, max_series: int = 64) -> "ShardWriter":
         return ShardWriter(self, max_bytes=max_bytes, max_series=max_series)

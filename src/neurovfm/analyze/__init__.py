@@ -1,0 +1,1 @@
+"""``neurovfm analyze``: one study (or a worklist) to findings, triage and maps."""

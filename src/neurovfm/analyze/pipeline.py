@@ -1,0 +1,457 @@
+"""``neurovfm analyze``: one study folder (or NIfTI file) -> findings, calibrated probabilities,
+decisions, triage and maps that open over the original scan.
+
+The path is the archive's path, in memory: the ingest code that fills the cache (discovery,
+series grouping, classification, canonical geometry, tokens), the encoder pass that ``embed``
+uses, the heads with the calibration and operating points that ``evaluate --save-model`` stored,
+the triage rule of the evaluation. Nothing is written outside OUT, and nothing identifying is
+written inside it: series are numbered, file paths stay on the terminal, keys use a per-run secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from neurovfm import __version__
+from neurovfm.analyze.config import HEAD_BODY_PARTS, AnalyzeConfig
+from neurovfm.analyze.ood import load_ood
+from neurovfm.errors import IngestError, NeuroVFMError
+from neurovfm.eval import calibrate as cal
+from neurovfm.explain import maps as M
+from neurovfm.ingest.nifti import is_nifti
+from neurovfm.ingest.pipeline import Unit, discover, process_unit
+from neurovfm.ingest.policy import DEFAULT_POLICY
+from neurovfm.models.folder import ModelFolderError, load_encoder, read_config, read_provenance
+from neurovfm.privacy.keys import Keyer
+from neurovfm.probe.embed import encode_views, encoder_id
+from neurovfm.probe.train import load_head
+from neurovfm.synth import tables
+from neurovfm.tokens.cache import as_views
+
+RESULT_FORMAT = "neurovfm-result"
+RESULT_VERSION = 1
+HEAD_OTSU_FACTOR = 0.5  # MR head mask for the mid-sagittal plane: half of Otsu's cut keeps dark scalp and CSF
+DISCLAIMER = ("Research use only. Not a medical device. The shipped demo model is trained on synthetic data; "
+              "do not use its output for patient care.")
+
+
+class AnalyzeError(NeuroVFMError):
+    """The study could not be analysed at all (bad path, unusable model)."""
+
+
+def default_model_path() -> str:
+    """The small demo model shipped inside the package (see its provenance.json)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_model")
+
+
+@dataclass
+class SeriesInput:
+    """One usable series of the study: allowlisted metadata, tokens and its native source."""
+
+    name: str
+    meta: dict[str, Any]
+    ts: Any  # TokenizedSeries
+    source: Any  # PlaneSource (geometry + planes)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _warn(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"code": code, "message": message, **extra}
+
+
+def read_study(path: str, cfg: AnalyzeConfig, log=None) -> tuple[list[SeriesInput], list[dict[str, Any]]]:
+    """Ingest a study in memory with the cache's code; refusals become warnings."""
+    if not os.path.exists(path):
+        raise AnalyzeError(f"{path}: no such study folder or file")
+    keyer = Keyer(os.urandom(32))  # per-run keys: nothing links this output to the archive
+    warnings: list[dict[str, Any]] = []
+    if os.path.isdir(path):
+        units, file_errors = discover(path, None, progress=False)
+        root = os.path.abspath(path)
+    elif is_nifti(path):
+        root = os.path.dirname(os.path.abspath(path))
+        units, file_errors = [Unit("nifti", "study", path=os.path.abspath(path), relpath=os.path.basename(path))], []
+    else:
+        raise AnalyzeError(f"{path}: not a folder and not a NIfTI file (.nii / .nii.gz)")
+    for e in file_errors:
+        warnings.append(_warn("file_refused", f"a file was not read: {e.reason}", detail=e.code))
+        if log:
+            log(f"  refused {os.path.relpath(e.path or '', root)}: {e.reason}")
+    series: list[SeriesInput] = []
+    for u in units:
+        try:
+            res = process_unit(u, DEFAULT_POLICY, cfg.modality, keyer.secret, keep_sources=True)
+        except IngestError as e:  # process_unit reports per series; this is a last resort
+            res = None
+            warnings.append(_warn("series_refused", e.reason, detail=e.code))
+        if res is None:
+            continue
+        for r in res.refusals:
+            warnings.append(_warn("series_refused" if r["status"] != "skipped" else "series_skipped",
+                                  f"a {'series' if r.get('kind') == 'series' else 'file'} was "
+                                  f"{'skipped' if r['status'] == 'skipped' else 'not usable'}: {r['reason']}",
+                                  detail=r["code"]))
+            if log and res.where:
+                log(f"  {r['status']} {os.path.relpath(res.where, root)}: {r['reason']}")
+        for (meta, ts), src in zip(res.rows, res.sources):
+            series.append(SeriesInput("", meta, ts, src))
+    series.sort(key=lambda s: (s.meta["modality"], s.meta.get("sequence") or s.meta.get("kernel") or "", s.meta["plane"]))
+    for i, s in enumerate(series):
+        tag = s.meta.get("sequence") or s.meta.get("kernel") or ""
+        s.name = f"s{i + 1:02d}_{s.meta['modality']}{'_' + tag if tag else ''}_{s.meta['plane']}"
+    return series, warnings
+
+
+def _series_warnings(s: SeriesInput, cfg: AnalyzeConfig, width_mm: float | None) -> list[dict[str, Any]]:
+    m, out = s.meta, []
+    part = str(m.get("body_part") or "").upper().replace(" ", "")
+    if part not in HEAD_BODY_PARTS:
+        out.append(_warn("body_part", f"body part in the header is {part!r}, not head: the model knows head CT "
+                                      "and brain MRI only", series=s.name))
+    if width_mm is not None and width_mm > cfg.max_head_width_mm:
+        out.append(_warn("body_part", f"the scanned body part is {width_mm:.0f} mm wide left-right; a head is "
+                                      f"about 130-190 mm (limit {cfg.max_head_width_mm:.0f})", series=s.name))
+    age = m.get("age_years")
+    if age is not None and age < cfg.min_adult_age:
+        out.append(_warn("pediatric", f"patient age {age} is below {cfg.min_adult_age}: the model was trained on adults",
+                         series=s.name))
+    if m["modality"] == "MR" and (m.get("sequence") in (None, "", "other")):
+        out.append(_warn("unknown_sequence", "MR sequence not recognised from the headers", series=s.name))
+    th = m.get("slice_thickness_mm")
+    if th is not None and th > cfg.max_slice_thickness_mm:
+        out.append(_warn("thick_slices", f"slices are {th:.1f} mm thick (> {cfg.max_slice_thickness_mm:.0f} mm): "
+                                         "small findings may be missed", series=s.name))
+    return out
+
+
+def _native_volume(src: Any) -> np.ndarray:
+    g = src.geometry
+    vol = np.empty(tuple(g.shape), np.float32)
+    for k in range(g.shape[2]):
+        vol[:, :, k] = src.plane(k)
+    return vol
+
+
+def _foreground_threshold(modality: str, vol: np.ndarray) -> float:
+    if modality == "CT":
+        return float(DEFAULT_POLICY.ct_background_hu)
+    return HEAD_OTSU_FACTOR * M.otsu_threshold(vol)
+
+
+def _display_window(modality: str, vol: np.ndarray) -> tuple[float, float]:
+    if modality == "CT":
+        return (0.0, 80.0)  # brain window W 80 / L 40
+    lo, hi = np.percentile(vol, [1, 99.5])
+    return float(lo), float(hi)
+
+
+@dataclass
+class ExamScores:
+    """What the model says about one modality's series of a study (see :meth:`Analyzer.score`)."""
+
+    modality: str
+    labels: list[str]
+    p_raw: np.ndarray
+    p_cal: np.ndarray
+    thresholds: dict[str, float]
+    acuity: dict[str, str]
+    level: str
+    decided: list[str]
+    drivers: list[str]
+    per_series_w: list[np.ndarray]  # per series [n_tokens, C]: head attention summed over its views
+    n_tokens: int  # foreground tokens of the series (each counted once, not once per CT window)
+    ood: dict[str, Any] | None
+
+
+class Analyzer:
+    """A loaded model (encoder, heads, calibration, operating points, distance-to-training) that
+    analyses studies one after another (worklists load it once)."""
+
+    def __init__(self, model: str | None = None, cfg: AnalyzeConfig | None = None):
+        self.cfg = cfg or AnalyzeConfig()
+        self.model = os.path.abspath(model or default_model_path())
+        if not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise AnalyzeError(f"{self.model}: no model here (no config.json); pass --model MODEL_FOLDER")
+        t = time.perf_counter()
+        self.config = read_config(self.model)
+        self.encoder = load_encoder(self.model, map_location=self.cfg.device, attention=self.cfg.attention).eval()
+        self.heads: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
+        for mod in ("CT", "MR"):
+            if f"head_{mod.lower()}" in self.config.get("heads", {}):
+                self.heads[mod] = load_head(self.model, f"head_{mod.lower()}")
+        if not self.heads:
+            raise AnalyzeError(f"{self.model}: the model has no diagnosis heads (train them with "
+                               "`neurovfm evaluate ... --save-model MODEL`)")
+        self.ood = {mod: load_ood(self.model, mod) for mod in ("CT", "MR")}
+        prov = read_provenance(self.model)
+        self.model_info = {"encoder_id": encoder_id(self.model), "name": os.path.basename(self.model.rstrip("/")),
+                           "code_version": __version__, "trained": {k: prov.get(k) for k in ("created", "command")},
+                           "synthetic_training_data": bool(self.config.get("demo", {}).get("synthetic", False))}
+        self.load_s = time.perf_counter() - t
+
+    # -- one study ------------------------------------------------------------------------------
+    def run(self, study: str, out: str, log=None) -> dict[str, Any]:
+        cfg = self.cfg
+        os.makedirs(out, exist_ok=True)
+        timings: dict[str, float] = {"load_model": round(self.load_s, 3)}
+        t0 = time.perf_counter()
+        series, warnings = read_study(study, cfg, log)
+        timings["ingest"] = time.perf_counter() - t0
+        exams = []
+        if not series:
+            warnings.append(_warn("no_series", "no usable head CT or brain MRI series in this input"))
+        for mod in ("CT", "MR"):
+            group = [s for s in series if s.meta["modality"] == mod]
+            if not group:
+                continue
+            if mod not in self.heads:
+                warnings.append(_warn("no_head", f"the model has no {mod} head; {len(group)} {mod} series not analysed"))
+                continue
+            exams.append(self._exam(mod, group, out, timings, warnings))
+        timings["total"] = time.perf_counter() - t0 + self.load_s
+        result = {
+            "format": RESULT_FORMAT, "format_version": RESULT_VERSION, "disclaimer": DISCLAIMER,
+            "model": self.model_info, "options": {k: v for k, v in cfg.to_dict().items() if k != "progress"},
+            "exams": exams, "warnings": warnings,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        }
+        _write_json(os.path.join(out, "result.json"), result)
+        from neurovfm.analyze.summary import write_summary
+
+        write_summary(out, result)
+        return result
+
+    def score(self, mod: str, group: list[SeriesInput], timings: dict[str, float] | None = None) -> "ExamScores":
+        """Encoder -> head -> calibration -> decisions -> triage for one modality's series, and each
+        series' per-token attention (summed over its views): everything but files."""
+        timings = timings if timings is not None else {}
+        cfg = self.cfg
+        head, hmeta = self.heads[mod]
+        labels: list[str] = hmeta["labels"]
+        t = time.perf_counter()
+        views, owner = [], []
+        for si, s in enumerate(group):
+            u8, names = as_views(s.ts.tokens, s.ts.storage, s.ts.views, DEFAULT_POLICY)
+            for vi, vname in enumerate(names):
+                views.append((u8[:, vi], s.ts.coords, vname if mod == "CT" else "mr"))
+                owner.append(si)
+        with torch.inference_mode():
+            feats = encode_views(self.encoder, views, cfg.tokens_per_batch, cfg.device)
+        timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        bag = torch.from_numpy(np.concatenate(feats).astype(np.float32))
+        n_tok = int(bag.shape[0])
+        with torch.inference_mode():
+            logits, attn = head(bag, torch.tensor([0, n_tok]))
+        logit = logits[0].double().numpy()
+        attn = attn.double().numpy()  # [T, C], sums to one per class
+        p_raw = cal.sigmoid(logit)
+        calib = hmeta.get("calibration")
+        p_cal = cal.scaler_from_dict(calib).transform(logit[None])[0] if calib else p_raw
+        thr = hmeta["thresholds"]
+        acuity = {lab: _acuity(mod, lab) for lab in labels}
+        level = cal.triage_levels(p_cal[None], labels, thr, acuity)[0]
+        decided = [lab for j, lab in enumerate(labels) if p_cal[j] >= thr.get(lab, float("inf"))]
+        drivers = sorted([lab for lab in decided if acuity[lab] == level],
+                         key=lambda lab: -p_cal[labels.index(lab)]) if level != "Normal" else []
+        offs = np.cumsum([0] + [len(f) for f in feats])
+        per_series_w = []
+        for si, s in enumerate(group):
+            w = np.zeros((s.ts.n_tokens, len(labels)))
+            for vi, o in enumerate(owner):
+                if o == si:
+                    w += attn[offs[vi]:offs[vi + 1]]
+            per_series_w.append(w)
+        ood = None
+        ood_m = self.ood.get(mod)
+        if ood_m is not None:
+            score = float(ood_m.score(bag.numpy().mean(0))[0])
+            ood = {"score": round(score, 4), "threshold": round(ood_m.threshold, 4), "quantile": ood_m.quantile,
+                   "outside": bool(score > ood_m.threshold)}
+        timings["heads"] = timings.get("heads", 0.0) + time.perf_counter() - t
+        n_fg = int(sum(s.ts.n_tokens for s in group))
+        return ExamScores(mod, labels, p_raw, p_cal, thr, acuity, level, decided, drivers, per_series_w, n_fg, ood)
+
+    def _exam(self, mod: str, group: list[SeriesInput], out: str, timings: dict[str, float],
+              warnings: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.cfg
+        # -- native volumes, mid-sagittal planes, series warnings
+        t = time.perf_counter()
+        natives, planes = {}, {}
+        for s in group:
+            vol = _native_volume(s.source)
+            pts = M.head_points_ras(vol, s.source.geometry, _foreground_threshold(mod, vol))
+            planes[s.name] = M.estimate_midplane(pts)
+            width = planes[s.name].width_mm if len(pts) else None
+            natives[s.name] = vol
+            s.warnings = _series_warnings(s, cfg, width)
+            warnings.extend(s.warnings)
+        timings["geometry"] = timings.get("geometry", 0.0) + time.perf_counter() - t
+        sc = self.score(mod, group, timings)
+        labels, thr = sc.labels, sc.thresholds
+        if sc.ood is not None and sc.ood["outside"]:
+            warnings.append(_warn("out_of_distribution",
+                                  f"{mod} study is far from the training data (score {sc.ood['score']:.2f} > "
+                                  f"{sc.ood['threshold']:.2f}, the {sc.ood['quantile']:.0%} quantile on validation)"))
+        if sc.n_tokens < cfg.min_study_tokens:
+            warnings.append(_warn("few_tokens", f"{mod} study has only {sc.n_tokens} foreground tokens "
+                                                f"(< {cfg.min_study_tokens}): too little of a head to judge"))
+        # -- side of every label's map, then the files for the mapped labels
+        t = time.perf_counter()
+        all_w = np.concatenate(sc.per_series_w)
+        all_d = np.concatenate([planes[s.name].distance(M.token_centres_ras(s.ts.grid_affine, s.ts.coords))
+                                for s in group])
+        rows = []
+        for j, lab in enumerate(labels):
+            side, shares = M.side_from_distances(all_w[:, j], all_d, cfg.side)
+            rows.append({"label": lab, "probability": round(float(sc.p_raw[j]), 5),
+                         "calibrated_probability": round(float(sc.p_cal[j]), 5),
+                         "threshold": None if not np.isfinite(thr.get(lab, np.inf)) else round(float(thr[lab]), 5),
+                         "decision": bool(lab in sc.decided), "acuity": sc.acuity[lab], "side": side,
+                         "side_shares": shares})
+        order = np.argsort(-sc.p_cal)
+        to_map = [] if cfg.maps == "none" else [labels[j] for j in (order if cfg.maps == "all" else order[:cfg.top_k])]
+        map_files = self._write_maps(mod, group, natives, planes, sc.per_series_w, labels, to_map, sc.p_cal, out)
+        for r in rows:
+            r["maps"] = map_files.get(r["label"], {})
+        timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - t
+        rows.sort(key=lambda r: -r["calibrated_probability"])
+        return {
+            "modality": mod, "n_tokens": sc.n_tokens,
+            "series": [{"name": s.name, "plane": s.meta["plane"], "sequence": s.meta.get("sequence"),
+                        "kernel": s.meta.get("kernel"), "contrast": bool(s.meta.get("contrast")),
+                        "slice_thickness_mm": s.meta.get("slice_thickness_mm"), "n_tokens": s.ts.n_tokens,
+                        "image": f"{s.name}_image.nii.gz",
+                        "midplane": {"a": round(planes[s.name].a, 2), "b": round(planes[s.name].b, 4),
+                                     "c": round(planes[s.name].c, 4), "rows": planes[s.name].rows,
+                                     "head_width_mm": round(planes[s.name].width_mm, 1)},
+                        "warnings": [w["code"] for w in s.warnings]} for s in group],
+            "triage": {"level": sc.level, "drivers": sc.drivers},
+            "findings": [r["label"] for r in rows if r["decision"]],
+            "labels": rows, "distance_to_training": sc.ood,
+        }
+
+    def _write_maps(self, mod, group, natives, planes, per_series_w, labels, to_map, p_cal, out) -> dict:
+        files: dict[str, dict[str, Any]] = {}
+        index: dict[str, np.ndarray] = {}  # native voxel -> token grid, once per series
+        for s in group:
+            M.save_nifti(os.path.join(out, f"{s.name}_image.nii.gz"), natives[s.name], s.source.geometry.affine())
+        for lab in to_map:
+            j = labels.index(lab)
+            masses = [float(w[:, j].sum()) for w in per_series_w]
+            peak = max(float(w[:, j].max()) if len(w) else 0.0 for w in per_series_w) or 1.0
+            entry: dict[str, Any] = {"nifti": {}}
+            best = int(np.argmax(masses))
+            for si, s in enumerate(group):
+                if s.name not in index:
+                    index[s.name] = M.native_grid_index(s.ts.grid_affine, s.source.geometry)
+                grid = M.dense_grid(s.ts.coords, per_series_w[si][:, j] / peak, s.ts.grid_shape)
+                heat = M.project_to_native(grid, index[s.name])
+                fn = f"{s.name}_map_{lab}.nii.gz"
+                M.save_nifti(os.path.join(out, fn), heat, s.source.geometry.affine(), kind="map")
+                entry["nifti"][s.name] = fn
+                if si == best:
+                    png = f"{s.name}_map_{lab}.png"
+                    M.montage_png(os.path.join(out, png), natives[s.name], heat, s.source.geometry,
+                                  f"{lab}  p={p_cal[j]:.2f}  ({s.name})", _display_window(mod, natives[s.name]),
+                                  planes[s.name])
+                    entry["png"] = png
+                    entry["series"] = s.name
+            files[lab] = entry
+        return files
+
+
+def _acuity(mod: str, label: str) -> str:
+    try:
+        return tables.acuity(mod, label)
+    except Exception:  # a custom label set: unknown labels count as Routine
+        return "Routine"
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".part"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def analyze(study: str, out: str, model: str | None = None, cfg: AnalyzeConfig | None = None, log=None) -> dict:
+    """Analyse one study (see the module doc)."""
+    return Analyzer(model, cfg).run(study, out, log)
+
+
+def read_worklist(spec: str) -> list[str]:
+    """Studies of a worklist: a text file of paths (one per line, # comments) or a folder whose
+    sub-folders are studies."""
+    if os.path.isdir(spec):
+        subs = sorted(os.path.join(spec, d) for d in os.listdir(spec)
+                      if not d.startswith(".") and os.path.isdir(os.path.join(spec, d)))
+        if not subs:
+            raise AnalyzeError(f"{spec}: a worklist folder must hold one sub-folder per study")
+        return subs
+    if not os.path.isfile(spec):
+        raise AnalyzeError(f"{spec}: worklist file not found")
+    base = os.path.dirname(os.path.abspath(spec))
+    out = []
+    with open(spec) as fh:
+        for line in fh:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                out.append(line if os.path.isabs(line) else os.path.join(base, line))
+    if not out:
+        raise AnalyzeError(f"{spec}: worklist is empty")
+    return out
+
+
+def analyze_worklist(studies: list[str], out: str, model: str | None = None, cfg: AnalyzeConfig | None = None,
+                     progress: bool = True) -> str:
+    """Analyse many studies with one loaded model; one sub-folder per study (numbered, not named
+    after the input, which may carry a patient's name) and ``worklist.csv``."""
+    import csv
+
+    from tqdm import tqdm
+
+    an = Analyzer(model, cfg)
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for i, st in enumerate(tqdm(studies, desc="studies", unit="study", disable=not progress, file=sys.stderr)):
+        sub = os.path.join(out, f"study{i + 1:04d}")
+        row: dict[str, Any] = {"item": i + 1, "folder": os.path.basename(sub)}
+        try:
+            res = an.run(st, sub)
+            row.update(status="ok", modalities="+".join(e["modality"] for e in res["exams"]),
+                       triage=_worst([e["triage"]["level"] for e in res["exams"]]),
+                       findings=";".join(f for e in res["exams"] for f in e["findings"]),
+                       warnings=";".join(sorted({w["code"] for w in res["warnings"]})),
+                       seconds=res["timings_s"]["total"])
+        except NeuroVFMError as e:
+            row.update(status="error", warnings=str(e).replace(st, f"item {i + 1}"))
+        rows.append(row)
+    path = os.path.join(out, "worklist.csv")
+    cols = ["item", "folder", "status", "modalities", "triage", "findings", "warnings", "seconds"]
+    with open(path + ".part", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in cols})
+    os.replace(path + ".part", path)
+    return path
+
+
+def _worst(levels: list[str]) -> str:
+    for lv in cal.ACUITY_LEVELS:
+        if lv in levels:
+            return lv
+    return "" if not levels else levels[0]
+
+
+__all__ = ["AnalyzeConfig", "Analyzer", "AnalyzeError", "analyze", "analyze_worklist", "read_worklist",
+           "default_model_path", "ModelFolderError"]

@@ -1,0 +1,1 @@
+"""Explanations: where the model saw a finding (grounding maps on the original series)."""

@@ -1,0 +1,116 @@
+"""Grounding-map geometry: a lesion on the patient's left stays on the left after ingest, the
+token grid, and the projection back onto the original series, whatever the acquisition plane,
+voxel order or head position; the side is judged against the head's own mid-sagittal plane."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from analyze_support import head_volume, reorient, write_nifti_study
+from neurovfm.analyze.config import AnalyzeConfig
+from neurovfm.analyze.pipeline import read_study
+from neurovfm.explain import maps as M
+
+CENTRE = np.array([30.0, -12.0, 18.0])  # an off-centre head: scanner x = 0 is 30 mm to its right... of its left
+LESION_OFFSET = {"left": np.array([-35.0, 10.0, 5.0]), "right": np.array([35.0, 10.0, 5.0])}
+
+
+def _yaw(aff: np.ndarray, deg: float) -> np.ndarray:
+    """Turn the head about the scanner's z axis through its centre (a patient lying rotated)."""
+    t = np.deg2rad(deg)
+    r = np.eye(4)
+    r[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    move = np.eye(4)
+    move[:3, 3] = CENTRE
+    back = np.eye(4)
+    back[:3, 3] = -CENTRE
+    return move @ r @ back @ aff
+
+
+# thick slices along the acquisition's slice axis (x sagittal, y coronal, z axial), fine in-plane
+GRIDS = {"axial": ((128, 140, 34), (1.5, 1.5, 5.0)), "coronal": ((128, 42, 114), (1.5, 5.0, 1.5)),
+         "sagittal": ((40, 140, 114), (5.0, 1.5, 1.5))}
+
+
+def _series(tmp_path, plane: str, side: str, yaw: float = 0.0):
+    shape, spacing = GRIDS[plane]
+    vol, aff = head_volume(shape=shape, spacing=spacing, centre_mm=tuple(CENTRE), lesion_side=side, modality="MR")
+    if yaw:
+        aff = _yaw(aff, yaw)
+    v, a = reorient(vol, aff, "axial")  # keeps the slice axis last, flips the first stored axis
+    write_nifti_study(str(tmp_path / "study"), v, a, "MR")
+    series, warnings = read_study(str(tmp_path / "study"), AnalyzeConfig())
+    assert len(series) == 1 and not warnings
+    return series[0], v
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_lesion_side_survives_tokens_and_projection(tmp_path, plane, side):
+    s, native = _series(tmp_path, plane, side)
+    assert s.meta["plane"] == plane
+    geom = s.source.geometry
+    # a per-token score computed from the tokens themselves: share of lesion-dark voxels
+    score = (s.ts.tokens[:, 0] < 100).mean(1)
+    assert score.max() > 0.5
+    grid = M.dense_grid(s.ts.coords, score / score.max(), s.ts.grid_shape)
+    heat = M.project_to_native(grid, s.ts.grid_affine, geom)
+    path = M.save_nifti(str(tmp_path / "map.nii.gz"), heat, geom.affine(), kind="map")
+    img = nib.load(path)
+    assert img.shape == native.shape
+    data = img.get_fdata()
+    assert 0.7 <= data.max() <= 1.0 + 1e-6
+    ijk = np.argwhere(data > 0.5 * data.max())
+    com = nib.affines.apply_affine(img.affine, ijk).mean(0)
+    truth = CENTRE + LESION_OFFSET[side]
+    assert np.linalg.norm(com - truth) < 10.0, (com, truth)
+    # side relative to the head's own mid-sagittal plane (the head is 30 mm off scanner x = 0)
+    thr = M.otsu_threshold(native) * 0.5
+    plane_fit = M.estimate_midplane(M.head_points_ras(native, geom, thr))
+    assert abs(plane_fit.distance(CENTRE[None])[0]) < 3.0
+    assert 120 < plane_fit.width_mm < 170
+    got, shares = M.side_of_mass(score, M.token_centres_ras(s.ts.grid_affine, s.ts.coords), plane_fit)
+    assert got == side, shares
+
+
+def test_side_uses_the_head_not_the_scanner(tmp_path):
+    """A head turned 20 degrees: the mid-sagittal plane turns with it; a lesion on the left stays left."""
+    s, native = _series(tmp_path, "axial", "left", yaw=20.0)
+    thr = M.otsu_threshold(native) * 0.5
+    plane_fit = M.estimate_midplane(M.head_points_ras(native, s.source.geometry, thr))
+    assert plane_fit.b == pytest.approx(-np.tan(np.deg2rad(20.0)), abs=0.06)  # turned with the head
+    assert abs(plane_fit.distance(CENTRE[None])[0]) < 4.0
+    score = (s.ts.tokens[:, 0] < 100).mean(1)
+    got, _ = M.side_of_mass(score, M.token_centres_ras(s.ts.grid_affine, s.ts.coords), plane_fit)
+    assert got == "left"
+
+
+def test_side_rule_cutoffs():
+    plane = M.MidPlane(a=10.0)
+    pts = np.array([[-20.0, 0, 0], [40.0, 0, 0], [12.0, 0, 0]])
+    assert M.side_of_mass([1, 0, 0], pts, plane)[0] == "left"  # x = -20 is left of a plane at x = 10
+    assert M.side_of_mass([0, 1, 0], pts, plane)[0] == "right"
+    assert M.side_of_mass([0, 0, 1], pts, plane)[0] == "midline"  # 2 mm from the plane
+    assert M.side_of_mass([1, 1, 0], pts, plane)[0] == "bilateral"
+    assert M.side_of_mass([0.75, 0.25, 0], pts, plane)[0] == "left"  # 75 % >= the 70 % cut-off
+    assert M.side_of_mass([0.6, 0.4, 0], pts, plane)[0] == "bilateral"
+    assert M.side_of_mass([0, 0, 0], pts, plane)[0] == "unknown"
+
+
+def test_projection_inverts_the_grid_affine():
+    """Token centres land exactly on their token's value; halfway between two tokens, the mean."""
+    from neurovfm.ingest.geometry import StackGeometry
+
+    grid_aff = np.array([[0, 0, -16.0, 100], [0, 16.0, 0, -50], [4.0, 0, 0, -30], [0, 0, 0, 1]])
+    g = np.zeros((3, 4, 5), np.float32)
+    g[1, 2, 3] = 1.0
+    centre = grid_aff @ np.array([1, 2, 3, 1.0])
+    mid = grid_aff @ np.array([1, 2, 3.5, 1.0])
+    geom = StackGeometry(shape=(2, 1, 1), spacing_ij=(1.0, 1.0), dir_i=(mid[:3] - centre[:3]) / np.linalg.norm(mid[:3] - centre[:3]),
+                         dir_j=(0, 1.0, 0), normal=(0, 0, 1.0), origin=centre[:3], positions=[0.0])
+    geom.spacing_ij = (float(np.linalg.norm(mid[:3] - centre[:3])), 1.0)
+    out = M.project_to_native(g, grid_aff, geom)
+    assert out[0, 0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert out[1, 0, 0] == pytest.approx(0.5, abs=1e-5)
