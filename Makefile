@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench venv clean
+.PHONY: demo demo-smoke test bench venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ venv: $(STAMP)
 
 demo: venv
 	bash scripts/demo.sh
+
+# the same path, fewer steps and no baselines: CI runs it so the demo keeps working
+demo-smoke: venv
+	SMOKE=1 DEMO_OUT=demo-smoke-out bash scripts/demo.sh
 
 test: venv
 	$(BIN)/python -m pytest -q

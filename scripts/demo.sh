@@ -3,12 +3,17 @@
 #   synthetic hospital archive (real DICOM + ground truth) -> ingest -> resume -> PHI audit
 #   -> ground truth re-keyed to the cache's keys -> cache summary -> a short Vol-JEPA pretraining
 #   (ViT-Tiny, train split, resumed once) -> frozen features of the pretrained and a random-init
-#   encoder and the histogram baseline -> study-level heads evaluated on the test split
+#   encoder and the histogram baseline -> study-level heads evaluated on the test split (and saved
+#   into the model with calibration, operating points and distance-to-training) -> `analyze` of one
+#   test study with that model and with the shipped demo model -> pointing game on the test split.
+# SMOKE=1 (`make demo-smoke`, run by CI): the same path with fewer steps and baselines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
-OUT=demo-out
-rm -rf "$OUT/archive" "$OUT/cache" "$OUT/keyed" "$OUT/pretrain" "$OUT/features" "$OUT/eval" "$OUT/random"
+SMOKE=${SMOKE:-0}
+OUT=${DEMO_OUT:-demo-out}
+rm -rf "$OUT/archive" "$OUT/cache" "$OUT/keyed" "$OUT/pretrain" "$OUT/features" "$OUT/eval" "$OUT/random" \
+  "$OUT/analyze" "$OUT/analyze-shipped" "$OUT/pointing"
 mkdir -p "$OUT"
 export NEUROVFM_SITE_SECRET="${NEUROVFM_SITE_SECRET:-demo-site-secret}"
 echo "== synth: 16 studies (first run also builds the anatomy template, ~1 min) =="
@@ -30,15 +35,37 @@ echo "== pretrain: ViT-Tiny Vol-JEPA on the train split, 2 epochs, in two resuma
 export NEUROVFM_CACHE="$OUT/cache" NEUROVFM_SPLITS="$OUT/keyed/labels_keyed.csv"
 PT=(configs/pretrain_tiny_cpu.yaml --set run.out="$OUT/pretrain" --set run.epochs=2 --set run.monitor_every=5
     --set run.checkpoint_every=5 --set data.tokens_per_batch=4096 --quiet)
-$BIN/neurovfm pretrain "${PT[@]}" --max-steps 4
-$BIN/neurovfm pretrain "${PT[@]}" --resume
+if [ "$SMOKE" = 1 ]; then
+  $BIN/neurovfm pretrain "${PT[@]}" --max-steps 2
+  $BIN/neurovfm pretrain "${PT[@]}" --resume --max-steps 4
+  FEATS=(pretrained:"$OUT/pretrain/model"); EPOCHS=3; BOOT=100
+else
+  $BIN/neurovfm pretrain "${PT[@]}" --max-steps 4
+  $BIN/neurovfm pretrain "${PT[@]}" --resume
+  FEATS=(pretrained:"$OUT/pretrain/model" random:"$OUT/random" histogram:histogram:32); EPOCHS=10; BOOT=200
+fi
 echo "== embed: pretrained, random-init (same architecture and seed), histogram baseline =="
 $BIN/neurovfm init-model "$OUT/random" --like "$OUT/pretrain/model" --seed 0 > /dev/null
-for m in pretrained:"$OUT/pretrain/model" random:"$OUT/random" histogram:histogram:32; do
+ARGS=()
+for m in "${FEATS[@]}"; do
   $BIN/neurovfm embed "${m#*:}" "$OUT/cache" "$OUT/features/${m%%:*}" --quiet > /dev/null
+  ARGS+=("${m%%:*}=$OUT/features/${m%%:*}")
 done
-echo "== evaluate: heads on train, choices on validation, numbers on test =="
-$BIN/neurovfm evaluate --features pretrained="$OUT/features/pretrained" random="$OUT/features/random" \
-  histogram="$OUT/features/histogram" --labels "$OUT/keyed/labels_keyed.csv" --cache "$OUT/cache" \
-  --out "$OUT/eval" --min-test-positives 1 --bootstrap 200 --epochs 10 --save-model "$OUT/pretrain/model" --quiet
-echo "report: $OUT/eval/index.html   (16 studies: a smoke run of the pipeline, not a measurement)"
+echo "== evaluate: heads on train, choices on validation, numbers on test; heads saved into the model =="
+$BIN/neurovfm evaluate --features "${ARGS[@]}" --labels "$OUT/keyed/labels_keyed.csv" --cache "$OUT/cache" \
+  --out "$OUT/eval" --min-test-positives 1 --bootstrap "$BOOT" --epochs "$EPOCHS" --save-model "$OUT/pretrain/model" --quiet
+echo "== analyze: one test study, DICOM folder -> findings, triage, maps =="
+STUDY=$($BIN/python -c "import json,os,sys; rs=[json.loads(l) for l in open(sys.argv[1]+'/records.jsonl')]; \
+r=next(r for r in rs if r['split']=='test'); print(os.path.join(sys.argv[1], os.path.dirname(r['series'][0]['path'])))" "$OUT/archive")
+$BIN/neurovfm analyze "$STUDY" --model "$OUT/pretrain/model" --out "$OUT/analyze"
+if [ -e src/neurovfm/demo_model/config.json ]; then
+  echo "== analyze: the same study with the shipped demo model (the default) =="
+  $BIN/neurovfm analyze "$STUDY" --out "$OUT/analyze-shipped" --quiet
+fi
+echo "== pointing game: does the head's map hit the lesions of the test split? =="
+$BIN/neurovfm pointing "$OUT/archive" --model "$OUT/pretrain/model" --out "$OUT/pointing" --quiet
+echo
+echo "evaluation: $OUT/eval/index.html   (16 studies: a smoke run of the pipeline, not a measurement)"
+echo "analysis:   $OUT/analyze/summary.html   maps: $OUT/analyze/*_map_*.nii.gz over *_image.nii.gz"
+[ -e "$OUT/analyze-shipped/summary.html" ] && echo "shipped demo model: $OUT/analyze-shipped/summary.html"
+echo "previews:   $OUT/archive/preview/*.png"

@@ -114,3 +114,42 @@ def test_projection_inverts_the_grid_affine():
     out = M.project_to_native(g, grid_aff, geom)
     assert out[0, 0, 0] == pytest.approx(1.0, abs=1e-5)
     assert out[1, 0, 0] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_saved_affine_keeps_gantry_tilt():
+    """A tilted stack: the saved affine puts every voxel where the true geometry does."""
+    from neurovfm.ingest.geometry import StackGeometry
+
+    n = 12
+    step, tilt = 5.0, np.deg2rad(12.0)
+    geom = StackGeometry(shape=(8, 9, n), spacing_ij=(0.5, 0.5), dir_i=(-1.0, 0, 0), dir_j=(0, -1.0, 0),
+                         normal=(0, 0, 1.0), origin=(10.0, 20.0, -30.0), positions=np.arange(n) * step,
+                         shifts=np.column_stack([np.zeros(n), np.arange(n) * step * np.tan(tilt)]))
+    assert geom.is_tilted
+    aff = M.native_affine(geom)
+    for k in (0, 5, n - 1):
+        truth = M.native_plane_ras(geom, k)
+        ijk = np.stack(np.meshgrid(np.arange(8), np.arange(9), [k], indexing="ij"), -1).reshape(-1, 3)
+        got = nib.affines.apply_affine(aff, ijk).reshape(8, 9, 3)
+        assert np.allclose(got, truth[:, :, :], atol=1e-6)
+    assert not np.allclose(geom.affine(), aff)  # the nominal affine would be off by the tilt
+
+
+def test_token_lesion_overlap_finds_the_lesion_tokens(tmp_path):
+    """Tokens the pointing game counts as 'on the lesion' are the ones that hold lesion voxels."""
+    from neurovfm.explain.pointing import token_lesion_overlap
+
+    s, native = _series(tmp_path, "coronal", "right")
+    les = native < 200  # the dark lesion (scalp 300, brain 500, air outside the head)
+    head = native > 100
+    mask = (les & head).astype(np.int16) * 3  # lesion index 3, as in an archive's masks
+    img = nib.Nifti1Image(mask, M.native_affine(s.source.geometry))
+    ov = token_lesion_overlap(s.ts, img)
+    assert ov.shape == (s.ts.n_tokens, 4)
+    on = ov[:, 3]
+    dist = np.linalg.norm(M.token_centres_ras(s.ts.grid_affine, s.ts.coords) - (CENTRE + LESION_OFFSET["right"]), axis=1)
+    reach = 14.0 + np.sqrt(8.0 ** 2 + 8.0 ** 2 + 2.0 ** 2)  # lesion radius + a token's half-diagonal
+    assert on.sum() >= 3
+    assert np.all(dist[on] < reach + 2.5)  # every 'on' token can hold lesion voxels
+    assert np.all(on[dist < 8.0])  # tokens centred in the lesion are 'on'
+    assert not ov[:, 1:3].any()  # no other label invented

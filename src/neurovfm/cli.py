@@ -296,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_analyze)
 
+    s = sub.add_parser("pointing", help="pointing game: does the head's map hit the lesion? (synthetic archive)")
+    s.add_argument("archive", help="a `neurovfm synth` archive (records.jsonl + lesion masks)")
+    s.add_argument("--model", help="model folder with heads (default: the shipped demo model)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--split", default="test")
+    s.add_argument("--min-size-mm", type=float, default=10.0)
+    s.add_argument("--max-studies", type=int)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_pointing)
+
     s = sub.add_parser("cache-info", help="counts and hashes of a token cache")
     s.add_argument("cache")
     s.set_defaults(func=cmd_cache_info)
@@ -324,6 +334,23 @@ def cmd_analyze(a: argparse.Namespace) -> int:
             print(f"warning [{w['code']}]{' ' + w['series'] if w.get('series') else ''}: {w['message']}")
         print(f"{res['timings_s']['total']:.1f} s   result: {os.path.join(a.out, 'result.json')}   "
               f"summary: {os.path.join(a.out, 'summary.html')}")
+    return 0
+
+
+def cmd_pointing(a: argparse.Namespace) -> int:
+    from neurovfm.explain.pointing import PointingConfig, run_pointing
+
+    cfg = PointingConfig(split=a.split, min_size_mm=a.min_size_mm, max_studies=a.max_studies)
+    res = run_pointing(a.archive, a.model, a.out, cfg, progress=not a.quiet)
+    sm = res["summary"]
+    if not sm.get("n_findings"):
+        print("no findings to point at in this split")
+        return 0
+    print(f"{sm['n_findings']} findings >= {cfg.min_size_mm:g} mm in {sm['n_patients']} patients ({cfg.split}): "
+          f"hit rate {sm['hit_rate']:.3f} vs uniform {sm['uniform_hit_rate']:.3f} "
+          f"(difference 95% CI {sm['hit_minus_uniform_ci95'][0]:+.3f} to {sm['hit_minus_uniform_ci95'][1]:+.3f}); "
+          f"map mass inside lesion {sm['mass_inside_lesion']:.3f} vs uniform {sm['uniform_mass_inside_lesion']:.3f}")
+    print(f"details: {os.path.join(a.out, 'pointing.json')}")
     return 0
 
 

@@ -343,7 +343,7 @@ class Analyzer:
         files: dict[str, dict[str, Any]] = {}
         index: dict[str, np.ndarray] = {}  # native voxel -> token grid, once per series
         for s in group:
-            M.save_nifti(os.path.join(out, f"{s.name}_image.nii.gz"), natives[s.name], s.source.geometry.affine())
+            M.save_nifti(os.path.join(out, f"{s.name}_image.nii.gz"), natives[s.name], M.native_affine(s.source.geometry))
         for lab in to_map:
             j = labels.index(lab)
             masses = [float(w[:, j].sum()) for w in per_series_w]
@@ -356,7 +356,7 @@ class Analyzer:
                 grid = M.dense_grid(s.ts.coords, per_series_w[si][:, j] / peak, s.ts.grid_shape)
                 heat = M.project_to_native(grid, index[s.name])
                 fn = f"{s.name}_map_{lab}.nii.gz"
-                M.save_nifti(os.path.join(out, fn), heat, s.source.geometry.affine(), kind="map")
+                M.save_nifti(os.path.join(out, fn), heat, M.native_affine(s.source.geometry), kind="map")
                 entry["nifti"][s.name] = fn
                 if si == best:
                     png = f"{s.name}_map_{lab}.png"

@@ -38,6 +38,18 @@ def native_plane_ras(geom: StackGeometry, k: int) -> np.ndarray:
     return base + off_i[:, None, None] * geom.dir_i + off_j[None, :, None] * geom.dir_j
 
 
+def native_affine(geom: StackGeometry) -> np.ndarray:
+    """Voxel -> RAS affine of the original series *with* gantry tilt: the slice column carries the
+    per-slice in-plane shift (a shear, which NIfTI's sform can hold), so a saved map sits where the
+    scanner put each slice, not where an untilted stack would (exact for even steps and tilt)."""
+    a = geom.affine()
+    n = geom.shape[2]
+    if n >= 2 and geom.is_tilted:
+        d = (geom.shifts[-1] - geom.shifts[0]) / (n - 1)
+        a[:3, 2] = a[:3, 2] + d[0] * geom.dir_i + d[1] * geom.dir_j
+    return a
+
+
 def dense_grid(coords: np.ndarray, values: np.ndarray, grid_shape: tuple[int, int, int]) -> np.ndarray:
     """Scatter per-token values onto the full token grid (zero at background tokens)."""
     g = np.zeros(grid_shape, np.float32)

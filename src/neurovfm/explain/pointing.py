@@ -1,0 +1,138 @@
+"""The pointing game: does the head's map point at the lesion?
+
+For every finding of at least ``min_size_mm`` in the chosen split of a synthetic archive (which
+has exact lesion masks on each series' own grid), the study goes through ``analyze``'s scoring
+path; the finding's label column of the head attention ranks every token of every series. A
+*hit* is when the highest-scoring token overlaps the lesion mask. Reported with two baselines a
+map must beat: a uniform choice over foreground tokens (expected hit rate = share of tokens that
+overlap the lesion), and the same for the share of map mass inside the lesion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from neurovfm.analyze.config import AnalyzeConfig
+from neurovfm.analyze.pipeline import Analyzer, read_study
+from neurovfm.errors import NeuroVFMError
+
+
+@dataclass
+class PointingConfig:
+    split: str = "test"
+    min_size_mm: float = 10.0
+    max_studies: int | None = None
+    samples_per_axis: tuple[int, int, int] = (2, 4, 4)  # voxels sampled per token to test overlap
+    bootstrap: int = 1000
+    seed: int = 0
+
+
+def token_lesion_overlap(ts: Any, mask_img: nib.Nifti1Image, patch: tuple[int, int, int] = (4, 16, 16),
+                         samples: tuple[int, int, int] = (2, 4, 4)) -> np.ndarray:
+    """Per token of a tokenized series, the set of lesion labels it touches, as a boolean matrix
+    [n_tokens, max_label + 1]: voxels sampled inside each token are taken to RAS through the
+    canonical voxel affine and looked up (nearest) in the mask on its own grid."""
+    mask = np.asanyarray(mask_img.dataobj).astype(np.int32)
+    n_lab = int(mask.max()) + 1
+    offs = np.stack(np.meshgrid(*[(np.arange(s) + 0.5) * p / s - 0.5 for s, p in zip(samples, patch)],
+                                indexing="ij"), -1).reshape(-1, 3)
+    vox = np.asarray(ts.coords, np.float64)[:, None, :] * np.array(patch) + offs[None]  # [n, S, 3]
+    ras = vox @ ts.voxel_affine[:3, :3].T + ts.voxel_affine[:3, 3]
+    inv = np.linalg.inv(mask_img.affine)
+    ijk = np.rint(ras @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
+    inside = np.all((ijk >= 0) & (ijk < np.array(mask.shape)), axis=-1)
+    lab = np.zeros(ijk.shape[:2], np.int32)
+    lab[inside] = mask[ijk[inside][:, 0], ijk[inside][:, 1], ijk[inside][:, 2]]
+    out = np.zeros((len(lab), n_lab), bool)
+    rows = np.repeat(np.arange(len(lab)), lab.shape[1])
+    out[rows, lab.ravel()] = True
+    return out
+
+
+def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    cfg = cfg or PointingConfig()
+    rec_path = os.path.join(archive, "records.jsonl")
+    if not os.path.isfile(rec_path):
+        raise NeuroVFMError(f"{archive}: not a synthetic archive (no records.jsonl with lesion masks)")
+    with open(rec_path) as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    an = Analyzer(model, AnalyzeConfig(maps="none"))
+    todo = [r for r in records if r["split"] == cfg.split and r["modality"] in an.heads
+            and any(f["size_mm"] >= cfg.min_size_mm and f["label"] in an.heads[r["modality"]][1]["labels"]
+                    for f in r["findings"])]
+    if cfg.max_studies:
+        todo = todo[: cfg.max_studies]
+    rows: list[dict[str, Any]] = []
+    for r in tqdm(todo, desc="pointing", unit="study", disable=not progress, file=sys.stderr):
+        group, overlaps = [], []
+        for s in r["series"]:
+            series, _ = read_study(os.path.join(archive, s["path"]), an.cfg)
+            if len(series) != 1:
+                continue
+            group.append(series[0])
+            overlaps.append(token_lesion_overlap(series[0].ts, nib.load(os.path.join(archive, s["mask"])),
+                                                 samples=cfg.samples_per_axis))
+        if not group:
+            continue
+        for i, s in enumerate(group):
+            s.name = f"s{i:02d}"
+        sc = an.score(r["modality"], group)
+        n_lab = max(o.shape[1] for o in overlaps)
+        ov = np.concatenate([np.pad(o, ((0, 0), (0, n_lab - o.shape[1]))) for o in overlaps])
+        for f in r["findings"]:
+            if f["size_mm"] < cfg.min_size_mm or f["label"] not in sc.labels or f["mask_index"] >= n_lab:
+                continue
+            hit_tokens = ov[:, f["mask_index"]]
+            if not hit_tokens.any():
+                continue  # lesion outside every series' foreground tokens (e.g. in the scalp)
+            j = sc.labels.index(f["label"])
+            w = np.concatenate([pw[:, j] for pw in sc.per_series_w])
+            rows.append({"patient": r["patient"], "modality": r["modality"], "label": f["label"],
+                         "size_mm": f["size_mm"], "side": f["side"],
+                         "hit": bool(hit_tokens[int(np.argmax(w))]),
+                         "uniform_hit": float(hit_tokens.mean()),
+                         "mass_inside": float(w[hit_tokens].sum() / max(w.sum(), 1e-12)),
+                         "calibrated_probability": float(sc.p_cal[j])})
+    summary = summarize(rows, cfg)
+    os.makedirs(out, exist_ok=True)
+    res = {"config": asdict(cfg), "model": an.model_info, "summary": summary, "findings": rows}
+    tmp = os.path.join(out, "pointing.json.part")
+    with open(tmp, "w") as fh:
+        json.dump(res, fh, indent=1)
+    os.replace(tmp, os.path.join(out, "pointing.json"))
+    return res
+
+
+def summarize(rows: list[dict[str, Any]], cfg: PointingConfig) -> dict[str, Any]:
+    if not rows:
+        return {"n_findings": 0}
+    hit = np.array([r["hit"] for r in rows], float)
+    uni = np.array([r["uniform_hit"] for r in rows])
+    mass = np.array([r["mass_inside"] for r in rows])
+    pats = np.array([r["patient"] for r in rows])
+    # patient bootstrap of (hit rate - uniform expectation)
+    rng = np.random.default_rng(cfg.seed)
+    up = np.unique(pats)
+    idx_of = {p: np.flatnonzero(pats == p) for p in up}
+    diffs = []
+    for _ in range(cfg.bootstrap):
+        take = np.concatenate([idx_of[p] for p in rng.choice(up, len(up))])
+        diffs.append(hit[take].mean() - uni[take].mean())
+    by_label: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        by_label[f"{r['modality']}:{r['label']}"].append(float(r["hit"]))
+    return {"n_findings": len(rows), "n_patients": int(len(up)), "hit_rate": float(hit.mean()),
+            "uniform_hit_rate": float(uni.mean()),
+            "hit_minus_uniform_ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
+            "mass_inside_lesion": float(mass.mean()), "uniform_mass_inside_lesion": float(uni.mean()),
+            "by_label": {k: {"n": len(v), "hit_rate": float(np.mean(v))} for k, v in sorted(by_label.items())}}
