@@ -153,3 +153,27 @@ def test_token_lesion_overlap_finds_the_lesion_tokens(tmp_path):
     assert np.all(dist[on] < reach + 2.5)  # every 'on' token can hold lesion voxels
     assert np.all(on[dist < 8.0])  # tokens centred in the lesion are 'on'
     assert not ov[:, 1:3].any()  # no other label invented
+
+
+def test_attention_rollout_keeps_mass_and_spreads_it():
+    """Rollout rows sum to one, so every class keeps its total mass; with attention mixing tokens,
+    a map that sat on one output token spreads to the input tokens that fed it."""
+    import torch
+
+    from neurovfm.explain.rollout import rollout_attention, rollout_matrix
+    from neurovfm.models.config import encoder_config
+    from neurovfm.models.encoder import Encoder
+
+    torch.manual_seed(0)
+    enc = Encoder(encoder_config("tiny", width=48, depth=2, heads=2)).eval()
+    rng = np.random.default_rng(0)
+    views = [(rng.integers(0, 255, (n, 1024), dtype=np.uint8), rng.integers(0, 6, (n, 3)), "mr") for n in (7, 5)]
+    r = rollout_matrix(enc, *views[0])
+    assert r.shape == (7, 7) and np.allclose(r.sum(1), 1.0)
+    attn = np.zeros((12, 2))
+    attn[3, 0] = 1.0  # class 0: all mass on output token 3 of view 0
+    attn[7:, 1] = 0.2  # class 1: uniform over view 1
+    out = rollout_attention(enc, views, attn)
+    assert np.allclose(out.sum(0), attn.sum(0))
+    assert np.allclose(out[7:, 0], 0) and np.allclose(out[:7, 1], 0)  # mass never crosses series views
+    assert (out[:7, 0] > 0).sum() > 1  # spread over the inputs of token 3

@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (nothing is written elsewhere)")
     s.add_argument("--maps", default="top-k", choices=["top-k", "all", "none"])
     s.add_argument("--top-k", type=int, default=3, help="maps for the k most probable labels")
+    s.add_argument("--map-source", default="head", choices=["head", "rollout"],
+                   help="head attention, or attention rollout through the encoder back to input tokens")
     s.add_argument("--modality", choices=["ct", "mr"], help="modality of NIfTI files without a sidecar")
     s.add_argument("--attention", default="auto", help="encoder attention backend")
     s.add_argument("--show-paths", action="store_true", help="print refused files' paths (terminal only)")
@@ -318,7 +320,8 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
     if bool(a.study) == bool(a.worklist):
         raise NeuroVFMError("give either a STUDY or --list WORKLIST")
-    cfg = AnalyzeConfig(maps=a.maps, top_k=a.top_k, modality=a.modality, attention=a.attention)
+    cfg = AnalyzeConfig(maps=a.maps, top_k=a.top_k, map_source=a.map_source, modality=a.modality,
+                        attention=a.attention)
     if a.worklist:
         path = analyze_worklist(read_worklist(a.worklist), a.out, a.model, cfg, progress=not a.quiet)
         print(f"worklist: {path}")

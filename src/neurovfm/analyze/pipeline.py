@@ -253,6 +253,10 @@ class Analyzer:
             logits, attn = head(bag, torch.tensor([0, n_tok]))
         logit = logits[0].double().numpy()
         attn = attn.double().numpy()  # [T, C], sums to one per class
+        if cfg.map_source == "rollout":  # the head's weights on outputs, carried back to input tokens
+            from neurovfm.explain.rollout import rollout_attention
+
+            attn = rollout_attention(self.encoder, views, attn)
         p_raw = cal.sigmoid(logit)
         calib = hmeta.get("calibration")
         p_cal = cal.scaler_from_dict(calib).transform(logit[None])[0] if calib else p_raw
