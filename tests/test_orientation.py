@@ -131,3 +131,19 @@ def test_tilt_correction_restores_shape(tmp_path):
     stack.geometry.shifts[:] = 0.0  # pretend the shear was not there
     naive = _centre_curve(canonicalize(stack, DEFAULT_POLICY))
     assert _max_gap(flat, naive) > 8.0
+
+
+def test_tilted_grid_covers_every_shifted_plane(tmp_path):
+    """With a tight field of view, the sheared planes reach beyond the first plane's extent; the
+    canonical grid must still hold all of them (the whole head becomes tokens), as the untilted
+    scan of the same phantom does."""
+    _, cv_flat, _ = _ingest(tmp_path / "flat", "axial", 0, 0, False, False, rows=220)
+    _, cv_tilt, _ = _ingest(tmp_path / "tilt", "axial", 20, 0, False, False, rows=220)
+
+    def y_extent(cv):
+        ijk = np.argwhere(cv.data > -500)
+        ys = (cv.affine[:3, :3] @ ijk.T.astype(float))[1] + cv.affine[1, 3]
+        return ys.min(), ys.max()
+
+    f, t = y_extent(cv_flat), y_extent(cv_tilt)
+    assert abs(f[0] - t[0]) < 6.0 and abs(f[1] - t[1]) < 6.0, (f, t)

@@ -197,7 +197,12 @@ def canonicalize(source: PlaneSource, policy: PreprocessPolicy, name: str | None
         w = world[a]
         t = policy.slice_spacing_mm if w == slice_world else policy.inplane_spacing_mm
         targets[a] = t
-        n_out = int(n[a] * spacing[a] / t)  # the reference's size rule (floor)
+        # in-plane, a gantry-tilted stack covers the planes' union: each plane is shifted by
+        # shifts[k], so the grid reaches from the lowest to the highest shift (none if untilted)
+        below = above = 0.0
+        if a < 2 and geom.is_tilted:
+            below, above = min(0.0, float(geom.shifts[:, a].min())), max(0.0, float(geom.shifts[:, a].max()))
+        n_out = int((n[a] * spacing[a] + above - below) / t)  # the reference's size rule (floor)
         m = patch_of_world[w]
         keep = (n_out // m) * m
         if keep <= 0:
@@ -209,8 +214,8 @@ def canonicalize(source: PlaneSource, policy: PreprocessPolicy, name: str | None
         start = (n_out % m) // 2
         u = (start + np.arange(keep)) * t  # mm from the first voxel in RPI order
         if a < 2:
-            extent = (n[a] - 1) * spacing[a]
-            c = extent - u if flip[a] else u  # mm from input voxel 0 along dir_a
+            extent = (n[a] - 1) * spacing[a] + above
+            c = extent - u if flip[a] else below + u  # mm from input voxel 0 along dir_a
         else:
             c = geom.positions[-1] - u if flip[a] else geom.positions[0] + u
         coords.append(c)
@@ -227,6 +232,10 @@ def canonicalize(source: PlaneSource, policy: PreprocessPolicy, name: str | None
     # its through-plane weights reach (prefilters folded into the matrices, so the raw volume
     # and the full-resolution stack are never held in memory)
     vol = np.zeros((coords[2].size, coords[0].size, coords[1].size), dtype=np.float32)
+    # a tilted stack's grid also holds space no plane reaches: track coverage, fill it with the
+    # series' darkest value (air), never with 0 (which is soft tissue in HU)
+    cover = np.zeros_like(vol) if tilted else None
+    fill = np.inf
     for k in range(n[2]):
         lo, hi = mat_k.indptr[k], mat_k.indptr[k + 1]
         if lo == hi:
@@ -236,15 +245,28 @@ def canonicalize(source: PlaneSource, policy: PreprocessPolicy, name: str | None
             raise IngestError("plane_shape", f"plane {k} has shape {plane.shape}, expected {(n[0], n[1])}", name)
         if tilted:
             si, sj = geom.shifts[k]
-            mi = folded_matrix(base_i - si / spacing[0], n[0], order)
-            mj = folded_matrix(base_j - sj / spacing[1], n[1], order)
+            fi, fj = base_i - si / spacing[0], base_j - sj / spacing[1]
+            mi = folded_matrix(fi, n[0], order)
+            mj = folded_matrix(fj, n[1], order)
         else:
             mi, mj = mat_i, mat_j
         res = resample_plane(np.asarray(plane, np.float32), mi, mj)
         for o, wgt in zip(mat_k.indices[lo:hi], mat_k.data[lo:hi]):
             vol[o] += np.float32(wgt) * res
+        if cover is not None:
+            fill = min(fill, float(np.min(plane)))
+            # the folded (mirrored) boundary would copy the head into space this plane never
+            # imaged: coverage is where the plane's own indices fall inside it
+            cov = (((fi >= -0.5) & (fi <= n[0] - 0.5))[:, None] & ((fj >= -0.5) & (fj <= n[1] - 0.5))[None, :])
+            cov = cov.astype(np.float32)
+            for o, wgt in zip(mat_k.indices[lo:hi], mat_k.data[lo:hi]):
+                cover[o] += np.float32(wgt) * cov
         if progress is not None:
             progress(1)
+
+    if cover is not None and np.isfinite(fill):
+        out = np.clip(cover, 0.0, 1.0)
+        vol = vol * out + (1.0 - out) * np.float32(fill)
 
     # transpose to the reference layout [D, H, W]
     current = [2, 0, 1]  # input axes of vol's array axes: [k, i, j]
