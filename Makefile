@@ -26,7 +26,9 @@ demo: venv
 demo-smoke: venv
 	SMOKE=1 DEMO_OUT=demo-smoke-out bash scripts/demo.sh
 
+# the browser tests need Debian's chromium; without it they fail (with the command to run), the rest still runs
 test: venv
+	bash scripts/ensure_chromium.sh || echo "warning: no chromium: tests/test_serve.py's browser test will fail"
 	$(BIN)/python -m pytest -q
 
 bench: venv

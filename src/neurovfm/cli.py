@@ -308,6 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_pointing)
 
+    s = sub.add_parser("serve", help="local web viewer: upload or pick a study, see findings and maps on the images")
+    s.add_argument("--model", help="model folder with heads (default: the shipped demo model; loaded on the first job)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; any other needs a token)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--root", help="study folders under this folder can be picked from the page")
+    s.add_argument("--workers", type=int, default=1, help="studies analysed at once (the rest wait in a queue)")
+    s.add_argument("--retention-hours", type=float, default=24.0, help="outputs are deleted after this long")
+    s.add_argument("--max-upload-mb", type=float, default=2048.0, help="largest upload accepted")
+    s.add_argument("--max-files", type=int, default=5000, help="most files per study (zip entries included)")
+    s.add_argument("--data", help="folder for outputs (default: ~/.local/share/neurovfm/serve)")
+    s.add_argument("--token", help="API token (or env NEUROVFM_SERVE_TOKEN); required unless bound to loopback")
+    s.set_defaults(func=cmd_serve)
+
     s = sub.add_parser("cache-info", help="counts and hashes of a token cache")
     s.add_argument("cache")
     s.set_defaults(func=cmd_cache_info)
@@ -354,6 +367,17 @@ def cmd_pointing(a: argparse.Namespace) -> int:
           f"(difference 95% CI {sm['hit_minus_uniform_ci95'][0]:+.3f} to {sm['hit_minus_uniform_ci95'][1]:+.3f}); "
           f"map mass inside lesion {sm['mass_inside_lesion']:.3f} vs uniform {sm['uniform_mass_inside_lesion']:.3f}")
     print(f"details: {os.path.join(a.out, 'pointing.json')}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """The local web viewer (neurovfm.serve): loopback by default; a token beyond loopback."""
+    from neurovfm.serve.run import serve, token_from
+    from neurovfm.serve.settings import MB, ServeSettings
+
+    serve(ServeSettings(model=a.model, host=a.host, port=a.port, root=a.root, workers=a.workers,
+                        retention_hours=a.retention_hours, max_upload_bytes=int(a.max_upload_mb * MB),
+                        max_files=a.max_files, data=a.data or "", token=token_from(a.token)))
     return 0
 
 

@@ -284,17 +284,15 @@ def _screen_marks(geom: StackGeometry) -> tuple[str, str, str]:
 def montage_png(path: str, image: np.ndarray, heat: np.ndarray, geom: StackGeometry, title: str,
                 window: tuple[float, float], plane_mid: MidPlane | None = None, n_slices: int = 6) -> str:
     """The map over the image on the slices that hold most of its mass, patient L/R marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: its global figure registry is not thread-safe
 
     mass = heat.reshape(-1, heat.shape[2]).sum(0)
     ks = np.sort(np.argsort(-mass)[:n_slices]) if mass.sum() > 0 else np.linspace(0, heat.shape[2] - 1, n_slices).astype(int)
     lo, hi = window
     vmax = float(heat.max()) or 1.0
     left_mark, right_mark, note = _screen_marks(geom)
-    fig, axes = plt.subplots(1, len(ks), figsize=(2.2 * len(ks), 2.6), squeeze=False)
+    fig = Figure(figsize=(2.2 * len(ks), 2.6))
+    axes = fig.subplots(1, len(ks), squeeze=False)
     for ax, k in zip(axes[0], ks):
         ax.imshow(np.clip((image[:, :, k].T - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray", origin="upper")
         h = np.ma.masked_less(heat[:, :, k].T / vmax, 0.05)
@@ -315,6 +313,5 @@ def montage_png(path: str, image: np.ndarray, heat: np.ndarray, geom: StackGeome
     fig.tight_layout()
     tmp = path + ".part.png"
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     os.replace(tmp, path)
     return path
