@@ -196,10 +196,15 @@ class Analyzer:
                            "code_version": __version__, "trained": {k: prov.get(k) for k in ("created", "command")},
                            "synthetic_training_data": bool(self.config.get("demo", {}).get("synthetic", False))}
         self.load_s = time.perf_counter() - t
+        self._progress = lambda step, fraction: None
 
     # -- one study ------------------------------------------------------------------------------
-    def run(self, study: str, out: str, log=None) -> dict[str, Any]:
+    def run(self, study: str, out: str, log=None, progress=None) -> dict[str, Any]:
+        """Analyse one study into ``out``. ``progress(step, fraction)``, if given, is called as the
+        work advances (the web viewer shows it)."""
         cfg = self.cfg
+        self._progress = progress or (lambda step, fraction: None)
+        self._progress("reading the study", 0.02)
         os.makedirs(out, exist_ok=True)
         # the model load counts once, on the first study (a worklist or the server loads it once)
         load_s, self.load_s = self.load_s, 0.0
@@ -208,6 +213,7 @@ class Analyzer:
         series, warnings = read_study(study, cfg, log)
         timings["ingest"] = time.perf_counter() - t0
         exams = []
+        self._progress("encoding", 0.3)
         if not series:
             warnings.append(_warn("no_series", "no usable head CT or brain MRI series in this input"))
         for mod in ("CT", "MR"):
@@ -218,6 +224,7 @@ class Analyzer:
                 warnings.append(_warn("no_head", f"the model has no {mod} head; {len(group)} {mod} series not analysed"))
                 continue
             exams.append(self._exam(mod, group, out, timings, warnings))
+        self._progress("writing the result", 0.97)
         timings["total"] = time.perf_counter() - t0 + load_s
         result = {
             "format": RESULT_FORMAT, "format_version": RESULT_VERSION, "disclaimer": DISCLAIMER,
@@ -301,6 +308,7 @@ class Analyzer:
             s.warnings = _series_warnings(s, cfg, width)
             warnings.extend(s.warnings)
         timings["geometry"] = timings.get("geometry", 0.0) + time.perf_counter() - t
+        self._progress(f"{mod}: encoder and heads", 0.45)
         sc = self.score(mod, group, timings)
         labels, thr = sc.labels, sc.thresholds
         if sc.ood is not None and sc.ood["outside"]:
@@ -311,6 +319,7 @@ class Analyzer:
             warnings.append(_warn("few_tokens", f"{mod} study has only {sc.n_tokens} foreground tokens "
                                                 f"(< {cfg.min_study_tokens}): too little of a head to judge"))
         # -- side of every label's map, then the files for the mapped labels
+        self._progress(f"{mod} maps", 0.7)
         t = time.perf_counter()
         all_w = np.concatenate(sc.per_series_w)
         all_d = np.concatenate([planes[s.name].distance(M.token_centres_ras(s.ts.grid_affine, s.ts.coords))

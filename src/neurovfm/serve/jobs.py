@@ -52,6 +52,8 @@ class Job:
     files: int = 0
     bytes: int = 0
     seq: int = 0  # order in the queue
+    step: str | None = None  # what the analysis is doing now (from Analyzer.run's progress)
+    fraction: float | None = None
     study: str | None = field(default=None, repr=False)  # in memory only
     delete_study: bool = False
     future: Future | None = field(default=None, repr=False)
@@ -188,7 +190,8 @@ class JobManager:
         self._save(job)
         log.info("job %s started (%d running)", job.id, self.running)
         try:
-            self.analyzer().run(job.study, self.out_dir(job.id))
+            self.analyzer().run(job.study, self.out_dir(job.id),
+                                progress=lambda step, frac: (setattr(job, "step", step), setattr(job, "fraction", frac)))
             state, error = "done", None
         except NeuroVFMError as e:
             state, error = "failed", _clean_message(str(e), job.study)
@@ -223,7 +226,9 @@ class JobManager:
                 out["queue_position"] = 1 + sum(1 for j in self.jobs.values() if j.state == "queued" and j.seq < job.seq)
         if job.state == "running" and job.started:
             out["elapsed_s"] = round(now - job.started, 1)
-            if self.durations:  # an estimate from the jobs done so far
+            if job.step is not None:  # reported by the analysis itself
+                out["step"], out["progress"] = job.step, round(float(job.fraction or 0.0), 2)
+            elif self.durations:  # an estimate from the jobs done so far
                 typical = sum(self.durations[-20:]) / len(self.durations[-20:])
                 out["progress"] = round(min(0.95, (now - job.started) / max(typical, 1e-3)), 2)
         if job.state in ("done", "failed"):

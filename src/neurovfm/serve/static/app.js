@@ -173,7 +173,8 @@ $("#root-analyse").addEventListener("click", async () => {
 function stateText(j) {
   if (j.state === "queued") return `queued (position ${j.queue_position})`;
   if (j.state === "running") {
-    return `running ${j.elapsed_s || 0} s` + (j.progress !== undefined ? ` (about ${Math.round(j.progress * 100)} %)` : "");
+    return `running ${j.elapsed_s || 0} s` + (j.step ? `: ${j.step}` : "") +
+      (j.progress !== undefined ? ` (${j.step ? "" : "about "}${Math.round(j.progress * 100)} %)` : "");
   }
   return j.state;
 }
