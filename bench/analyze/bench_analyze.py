@@ -7,7 +7,7 @@ depend on what a model has learned.
     python bench/analyze/bench_analyze.py --archive ARCHIVE [--size base] [--out bench/results/analyze_cpu.json]
 
 ARCHIVE is a `neurovfm synth` archive (records.jsonl + dicom/); the CT study is its first CT
-study, the MRI study is built by linking the series of its first MR studies until there are 10.
+study, the MRI study is built by copying the series of its first MR studies until there are 10.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,11 +69,11 @@ def pick_studies(archive: str, work: str) -> tuple[str, str]:
     n = 0
     for r in (r for r in recs if r["modality"] == "MR"):
         for s in r["series"]:
-            os.symlink(os.path.abspath(os.path.join(archive, s["path"])), os.path.join(mr_dir, f"SE{n:03d}"))
+            shutil.copytree(os.path.join(archive, s["path"]), os.path.join(mr_dir, f"SE{n:03d}"))
             n += 1
             if n == 10:
                 return ct_dir, mr_dir
-    raise SystemExit("archive has fewer than 10 MR series")
+    raise SystemExit("archive has fewer than 10 MR series")  # pragma: no cover
 
 
 def run_child(study: str, model: str, out: str, maps: str) -> dict:
