@@ -17,6 +17,7 @@ from neurovfm.cli import main as cli_main
 from neurovfm.eval.data import LabelTableError, read_study_table
 from neurovfm.eval.experiment import EvalConfig, fit_modality
 from neurovfm.ingest.pipeline import IngestOptions, run_ingest
+from neurovfm.models.folder import read_config
 from neurovfm.privacy.keys import Keyer
 from neurovfm.probe.embed import EmbedConfig, FeatureStore, embed
 from neurovfm.probe.train import HeadTrainConfig, load_head, predict
@@ -84,6 +85,18 @@ def test_evaluate_cli_end_to_end(world):
     assert "Macro AUROC" in page and "roc_ct.png" in page
     for fig in ("roc_ct.png", "pr_mr.png", "reliability_ct.png"):
         assert os.path.getsize(os.path.join(out, fig)) > 1000
+    # galleries: the most confident mistakes of the first model, really mistakes, most confident first
+    for mod, gal in m["galleries"].items():
+        t = read_study_table(world["labels"], mod, studies=set(FeatureStore(f["a"]).studies()))
+        for kind, truth in (("false_positives", 0), ("false_negatives", 1)):
+            rows_g = gal.get(kind, [])
+            for r in rows_g:
+                assert t.y[t.study_keys.index(r["study_key"]), t.labels.index(r["label"])] == truth
+                assert os.path.getsize(os.path.join(out, r["file"])) > 1000 and r["file"] in page
+            ps = [r["p"] for r in rows_g]
+            assert ps == sorted(ps, reverse=(truth == 0))
+    assert any(m["galleries"][mod].get("false_positives") for mod in m["galleries"])
+    assert set(read_config(model)["ood"]) == {"CT", "MR"}  # distance-to-training for analyze
     # heads, calibration and thresholds saved in the model folder reproduce the test predictions
     head, meta = load_head(model, "head_mr")
     fs = FeatureStore(f["a"])

@@ -26,6 +26,7 @@ from neurovfm.probe.heads import HeadConfig
 from neurovfm.probe.train import HeadTrainConfig, fit_head, predict, save_head
 from neurovfm.pretrain.data import KIND_SOFT
 from neurovfm.synth import tables
+from neurovfm.tokens.cache import TokenCache
 
 BREAKDOWNS = ("site", "kernel", "thickness", "plane", "age_band", "sex")
 
@@ -278,6 +279,13 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
                                        n=cfg.bootstrap, seed=cfg.seed)
                 summary["comparisons"].setdefault(f"{first} - {name}", {})[mod] = d
         plots.write_modality_plots(out_dir, mod, runs, headline, cfg)
+        if cache_dir and headline:
+            cache = TokenCache(cache_dir)
+            try:
+                summary.setdefault("galleries", {})[mod] = plots.write_galleries(out_dir, mod, runs[first], headline,
+                                                                                 cache, cfg.gallery)
+            finally:
+                cache.close()
         if save_model and first in runs:
             r = runs[first]
             save_head(save_model, r.head, cfg.head, table.labels, calibration=r.calibrator.to_dict(),

@@ -192,3 +192,68 @@ def write_html(out_dir: str, summary: dict[str, Any]) -> str:
         fh.write("\n".join(parts))
     os.replace(tmp, path)
     return path
+
+
+# -- galleries of the most confident mistakes -----------------------------------------------------
+def study_slice(cache, study_key: str, view: str | None = None) -> np.ndarray | None:
+    """The middle slice of a study's largest series, rebuilt from its cached foreground tokens
+    (background tokens stay black): enough to see what the model was looking at."""
+    import json as _json
+
+    from neurovfm.tokens.patches import unpatchify
+
+    entries = cache.series(study_key=study_key)
+    if not entries:
+        return None
+    e = max(entries, key=lambda r: int(r.n_tokens))
+    u8, coords, names = cache.views(e, [view] if (view and e.modality == "CT") else None)
+    grid = tuple(_json.loads(e.row["grid_shape"]))
+    patch = cache.policy.patch
+    full = np.zeros((int(np.prod(grid)), u8.shape[2]), np.uint8)
+    flat = np.ravel_multi_index(tuple(np.asarray(coords, np.int64).T), grid)
+    full[flat] = u8[:, 0]
+    vol = unpatchify(full, grid, patch)
+    d = int(np.argmax((vol > 0).sum((1, 2))))  # the slice with the most foreground
+    return vol[d]
+
+
+def write_galleries(out_dir: str, modality: str, run: Any, labels: list[str], cache, n: int = 4
+                    ) -> dict[str, list[dict[str, Any]]]:
+    """Two PNGs per modality: the ``n`` most confident false positives (negatives with the
+    highest calibrated probability, over the headline labels) and false negatives (positives
+    with the lowest), each with the study's middle slice, so a reader can see what fooled it.
+    Returns what each gallery shows (study key, label, calibrated probability)."""
+    if not labels or n <= 0:
+        return {}
+    plt = _plt()
+    t = run.table
+    cols = [t.labels.index(lab) for lab in labels]
+    y = t.y[run.test_idx][:, cols]
+    p = run.probs_test[:, cols]
+    shown: dict[str, list[dict[str, Any]]] = {}
+    for kind, truth, order in (("false_positives", 0, -1), ("false_negatives", 1, 1)):
+        cand = [(order * p[i, j], i, j) for i in range(len(p)) for j in range(len(cols)) if y[i, j] == truth]
+        cand.sort()
+        picks, seen = [], set()
+        for _, i, j in cand:
+            if i in seen:
+                continue  # one entry per study
+            seen.add(i)
+            picks.append((i, j))
+            if len(picks) == n:
+                break
+        if not picks:
+            continue
+        fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 2.9), squeeze=False)
+        for ax, (i, j) in zip(axes[0], picks):
+            img = study_slice(cache, t.study_keys[run.test_idx[i]], "brain")
+            if img is not None:
+                ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{labels[j].replace('_', ' ')}\np={p[i, j]:.2f} (truth {'yes' if truth else 'no'})", fontsize=7)
+        path = os.path.join(out_dir, f"gallery_{modality.lower()}_{kind}.png")
+        _finish(plt, fig, axes, len(picks), path, f"{modality} test: most confident {kind.replace('_', ' ')} ({run.name})")
+        shown[kind] = [{"study_key": t.study_keys[run.test_idx[i]], "label": labels[j], "p": float(p[i, j]),
+                        "file": os.path.basename(path)} for i, j in picks]
+    return shown
