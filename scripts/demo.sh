@@ -31,13 +31,13 @@ $BIN/neurovfm rekey "$OUT/archive" --out "$OUT/keyed"
 echo "== cache =="
 $BIN/neurovfm cache-info "$OUT/cache"
 echo "previews: $OUT/archive/preview/*.png   manifest: $OUT/cache/manifest.csv"
-echo "== pretrain: ViT-Tiny Vol-JEPA on the train split, 2 epochs, in two resumable chunks =="
+echo "== pretrain: ViT-Tiny Vol-JEPA on the train split, in two resumable chunks =="
 export NEUROVFM_CACHE="$OUT/cache" NEUROVFM_SPLITS="$OUT/keyed/labels_keyed.csv"
 PT=(configs/pretrain_tiny_cpu.yaml --set run.out="$OUT/pretrain" --set run.epochs=2 --set run.monitor_every=5
     --set run.checkpoint_every=5 --set data.tokens_per_batch=4096 --quiet)
 if [ "$SMOKE" = 1 ]; then
-  $BIN/neurovfm pretrain "${PT[@]}" --max-steps 2
-  $BIN/neurovfm pretrain "${PT[@]}" --resume --max-steps 4
+  $BIN/neurovfm pretrain "${PT[@]}" --set run.epochs=1 --max-steps 2
+  $BIN/neurovfm pretrain "${PT[@]}" --set run.epochs=1 --resume
   FEATS=(pretrained:"$OUT/pretrain/model"); EPOCHS=3; BOOT=100
 else
   $BIN/neurovfm pretrain "${PT[@]}" --max-steps 4

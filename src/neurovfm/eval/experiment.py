@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from neurovfm.eval import calibrate as cal
 from neurovfm.eval import metrics as M
 from neurovfm.eval.data import StudyTable, add_series_meta, read_study_table
 from neurovfm.probe.embed import FeatureStore
-from neurovfm.probe.heads import HeadConfig
+from neurovfm.probe.heads import HEADS, HeadConfig
 from neurovfm.probe.train import HeadTrainConfig, fit_head, predict, save_head
 from neurovfm.pretrain.data import KIND_SOFT
 from neurovfm.synth import tables
@@ -33,6 +33,9 @@ BREAKDOWNS = ("site", "kernel", "thickness", "plane", "age_band", "sex")
 
 class EvaluationError(NeuroVFMError):
     """Features and labels do not fit together, or a split is empty."""
+
+
+HEAD_KINDS = tuple(HEADS)  # gated, abmil, mean
 
 
 @dataclass
@@ -51,6 +54,7 @@ class EvalConfig:
     comparator_flag_rate: float | None = None  # urgent flag rate of a stated comparator
     comparator_name: str = "validation urgent prevalence"
     gallery: int = 4
+    head_auto: bool = False  # fit every head kind, keep each model's best on validation
     ood_components: int = 16  # distance-to-training model saved with --save-model
     ood_quantile: float = 0.99
 
@@ -79,6 +83,7 @@ class ModalityRun:
     history: list[dict[str, Any]]
     head: Any
     calibrator: Any
+    head_cfg: HeadConfig | None = None  # the head kind used (chosen on validation with --head auto)
 
 
 def _bags(store: FeatureStore, keys: list[str], windows: list[str] | None) -> list[np.ndarray]:
@@ -91,8 +96,18 @@ def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalCon
         if len(idx) == 0:
             raise EvaluationError(f"{table.modality}: no {s} studies with features")
     bags = _bags(store, table.study_keys, cfg.ct_windows)
-    head, history = fit_head([bags[i] for i in tr], table.y[tr], [bags[i] for i in va], table.y[va], cfg.train,
-                             head_cfg=cfg.head)
+    head_cfg, head, history = None, None, []
+    # "auto": every head kind is fitted and the one with the best *validation* macro AUROC kept,
+    # so each feature set is judged with its own best head and the test split never chooses
+    kinds = HEAD_KINDS if cfg.head_auto else (cfg.head.kind,)
+    best = -np.inf
+    for kind in kinds:
+        hc = replace(cfg.head, kind=kind)
+        h, hist = fit_head([bags[i] for i in tr], table.y[tr], [bags[i] for i in va], table.y[va], cfg.train,
+                           head_cfg=hc)
+        score = max((r["val_macro_auroc"] for r in hist if np.isfinite(r["val_macro_auroc"])), default=-np.inf)
+        if head is None or score > best:
+            best, head_cfg, head, history = score, hc, h, hist
     lv, _ = predict(head, [bags[i] for i in va])
     lt, attn = predict(head, [bags[i] for i in te])
     lv, lt = np.asarray(lv, np.float64), np.asarray(lt, np.float64)
@@ -106,7 +121,8 @@ def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalCon
         kinds = store.bag_kinds(table.study_keys[i], cfg.ct_windows)
         a = np.asarray(a, np.float64)  # [n_tokens, C], sums to one per class
         nonbrain.append(float(a[kinds != KIND_SOFT].sum(0).mean()))
-    return ModalityRun(name, table, te, lt, pt, cal.sigmoid(lt), pv, thr, np.array(nonbrain), history, head, scaler)
+    return ModalityRun(name, table, te, lt, pt, cal.sigmoid(lt), pv, thr, np.array(nonbrain), history, head, scaler,
+                       head_cfg)
 
 
 def save_distance_model(folder: str, mod: str, store: FeatureStore, table: StudyTable, cfg: EvalConfig) -> None:
@@ -252,7 +268,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
             lm = label_metrics(run)
             for r in lm:
                 rows_csv.append({"model": name, "modality": mod, "headline": r["label"] in headline, **r})
-            entry = {"labels": lm, "headline_labels": headline,
+            entry = {"labels": lm, "headline_labels": headline, "head": run.head_cfg.kind if run.head_cfg else cfg.head.kind,
                      "test_studies": int(len(run.test_idx)), "history": run.history,
                      "attention_on_nonbrain_tokens": float(run.attn_nonbrain.mean()),
                      "triage": triage_summary(run, cfg), "breakdowns": breakdowns(run, headline) if headline else {}}
@@ -288,7 +304,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
                 cache.close()
         if save_model and first in runs:
             r = runs[first]
-            save_head(save_model, r.head, cfg.head, table.labels, calibration=r.calibrator.to_dict(),
+            save_head(save_model, r.head, r.head_cfg or cfg.head, table.labels, calibration=r.calibrator.to_dict(),
                       thresholds={lab: float(t) for lab, t in zip(table.labels, r.thresholds)},
                       name=f"head_{mod.lower()}")
             save_distance_model(save_model, mod, stores[first], table, cfg)
