@@ -23,7 +23,7 @@ class OODModel:
     mean: np.ndarray  # [D]
     components: np.ndarray  # [D, k] orthonormal
     scale: np.ndarray  # [k] standard deviation along each component (train)
-    residual_scale: float  # RMS distance from the subspace (train)
+    residual_scale: float  # RMS distance from the subspace (validation studies)
     threshold: float  # quantile of validation scores
     quantile: float
     n_train: int
@@ -47,7 +47,10 @@ def fit_ood(train_means: np.ndarray, val_means: np.ndarray, k: int = 16, quantil
     k = int(min(k, len(xt) - 1, xt.shape[1]))
     comp = vt[:k].T
     scale = np.maximum(s[:k] / np.sqrt(max(len(xt) - 1, 1)), 1e-6)
-    resid = np.linalg.norm((xt - mu) - (xt - mu) @ comp @ comp.T, axis=1)
+    # the distance-from-subspace scale comes from the held-out validation studies: training
+    # studies lie in their own subspace almost exactly when there are few of them
+    xv = np.asarray(val_means, np.float64) - mu
+    resid = np.linalg.norm(xv - xv @ comp @ comp.T, axis=1)
     rs = float(max(np.sqrt(np.mean(resid ** 2)), 1e-6))
     m = OODModel(mu, comp, scale, rs, 0.0, quantile, len(xt), len(val_means))
     m.threshold = float(np.quantile(m.score(val_means), quantile))
