@@ -20,6 +20,7 @@ from neurovfm.ingest.pipeline import IngestOptions, run_ingest
 from neurovfm.models.folder import read_config
 from neurovfm.privacy.keys import Keyer
 from neurovfm.probe.embed import EmbedConfig, FeatureStore, embed
+from neurovfm.probe.heads import HeadConfig
 from neurovfm.probe.train import HeadTrainConfig, load_head, predict
 from neurovfm.synth.archive import write_archive
 from neurovfm.synth.rekey import rekey_archive
@@ -122,6 +123,26 @@ def test_nothing_is_fitted_on_test(world):
     np.testing.assert_allclose(np.asarray(logits), r1.logits_test, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_head_is_chosen_on_validation(world):
+    """--head auto keeps the kind with the best validation macro AUROC; flipping every test label
+    changes neither the choice nor the test predictions."""
+    fs = FeatureStore(world["feats"]["a"])
+    cfg = EvalConfig(train=HeadTrainConfig(epochs=2, seed=0), bootstrap=100, min_test_positives=1, head_auto=True)
+    t1 = read_study_table(world["labels"], "MR", studies=set(fs.studies()))
+    r1 = fit_modality("a", fs, t1, cfg)
+    best = {}
+    for kind in ("gated", "abmil", "mean"):
+        one = EvalConfig(train=cfg.train, bootstrap=100, min_test_positives=1, head=HeadConfig(kind=kind))
+        best[kind] = max(h["val_macro_auroc"] for h in fit_modality("a", fs, t1, one).history)
+    assert r1.head_cfg.kind == max(best, key=lambda k: (best[k], -("gated", "abmil", "mean").index(k)))
+    t2 = read_study_table(world["labels"], "MR", studies=set(fs.studies()))
+    te = t2.index("test")
+    t2.y[te] = np.where(np.isnan(t2.y[te]), np.nan, 1 - t2.y[te])
+    r2 = fit_modality("a", fs, t2, cfg)
+    assert r2.head_cfg.kind == r1.head_cfg.kind
+    np.testing.assert_array_equal(r1.probs_test, r2.probs_test)
+
+
 def test_label_table_errors(world, tmp_path):
     src = world["labels"]
     with open(src, newline="") as fh:
@@ -146,3 +167,120 @@ def test_label_table_errors(world, tmp_path):
         read_study_table(str(bad), "CT")
     assert cli_main(["evaluate", "--features", str(tmp_path / "nope"), "--labels", src,
                      "--out", str(tmp_path / "o"), "--quiet"]) == 2
+
+
+# -- emergent properties: cross-modal transfer and label efficiency -------------------------------
+def _ct_mri_rows() -> set[tuple[str, str]]:
+    import neurovfm.synth as synth_pkg
+
+    with open(os.path.join(os.path.dirname(synth_pkg.__file__), "tables", "ct_mri_labels.csv"), newline="") as fh:
+        return {(r["ct_label"], r["mri_label"]) for r in csv.DictReader(fh)}
+
+
+def test_transfer_cli_end_to_end(world):
+    out = str(world["root"] / "transfer")
+    f = world["feats"]
+    assert cli_main(["transfer", "--features", f"a={f['a']}", f"b={f['b']}", f"hist={f['hist']}",
+                     "--labels", world["labels"], "--out", out, "--epochs", "2", "--min-test-positives", "1",
+                     "--bootstrap", "100", "--quiet"]) == 0
+    with open(os.path.join(out, "transfer.json")) as fh:
+        m = json.load(fh)
+    assert os.path.getsize(os.path.join(out, "transfer.png")) > 1000
+    table = _ct_mri_rows()
+    with open(world["labels"], newline="") as fh:
+        cols = set(next(csv.reader(fh)))
+    assert set(m["results"]) == {"a", "b", "hist"}
+    n_rows, scored = 0, 0
+    for name, per in m["results"].items():
+        assert set(per) == {"CT->MR", "MR->CT"}
+        for d, s in per.items():
+            assert s["pairs"]
+            for r in s["pairs"]:
+                n_rows += 1
+                src, tgts = r["source_label"], r["target_labels"]
+                # every pair is a real row of the table, and the union covers every mapped label present
+                rows = {(src, t) if d == "CT->MR" else (t, src) for t in tgts}
+                assert rows <= table, rows - table
+                every = {b for a, b in table if a == src} if d == "CT->MR" else {a for a, b in table if b == src}
+                assert set(tgts) == every & cols
+                for k in ("auroc", "auroc_low", "auroc_high", "reference_auroc", "reference_low", "reference_high"):
+                    assert r[k] is None or 0 <= r[k] <= 1
+                scored += r["auroc"] is not None
+                assert not r["in_macro"] or (r["target_test_positives"] >= 1 and r["auroc"] is not None)
+            if s["macro_pairs"]:
+                ci = s["macro_auroc"]
+                assert ci["low"] <= ci["estimate"] <= ci["high"] and 0 <= ci["estimate"] <= 1
+    assert scored
+    with open(os.path.join(out, "transfer.csv"), newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == n_rows
+
+
+def test_transfer_is_not_fitted_on_test(world):
+    """Flip every MRI test label: both heads' predictions stay, only the CT->MR scores move."""
+    from neurovfm.eval import metrics as M
+    from neurovfm.eval.transfer import TransferConfig, fit_feature_set, read_tables
+
+    fs = FeatureStore(world["feats"]["a"])
+    by_mod = {mod: {k for k in fs.studies() if fs.modality(k) == mod} for mod in ("CT", "MR")}
+    cfg = TransferConfig(train=HeadTrainConfig(epochs=2, seed=0), bootstrap=100, min_test_positives=1)
+    r1 = fit_feature_set(fs, read_tables(world["labels"], by_mod), cfg)
+    tabs = read_tables(world["labels"], by_mod)
+    te = tabs["MR"].index("test")
+    tabs["MR"].y[te] = np.where(np.isnan(tabs["MR"].y[te]), np.nan, 1 - tabs["MR"].y[te])
+    r2 = fit_feature_set(fs, tabs, cfg)
+    for d in ("CT->MR", "MR->CT"):
+        np.testing.assert_array_equal(r1[d].transfer, r2[d].transfer)
+        np.testing.assert_array_equal(r1[d].reference, r2[d].reference)
+    np.testing.assert_array_equal(r1["MR->CT"].y, r2["MR->CT"].y)
+    a, b = r1["CT->MR"], r2["CT->MR"]
+    flipped = 0
+    for j, p in enumerate(a.pairs):
+        if len(p.target_labels) == 1:
+            np.testing.assert_array_equal(b.y[:, j], np.where(np.isnan(a.y[:, j]), np.nan, 1 - a.y[:, j]))
+            s1, s2 = M.auroc(a.y[:, j], a.transfer[:, j]), M.auroc(b.y[:, j], b.transfer[:, j])
+            if np.isfinite(s1):
+                assert s2 == pytest.approx(1 - s1)
+                flipped += 1
+    assert flipped
+    # the transfer scores are the CT head's own predictions on the MR test bags
+    logits, _ = predict(a.source.head, [fs.bag(k) for k in a.study_keys])
+    cols = [a.source.columns.index((p.source_label,)) for p in a.pairs]
+    np.testing.assert_allclose(np.asarray(logits)[:, cols], a.transfer, rtol=1e-5, atol=1e-5)
+
+
+def test_label_efficiency_cli_and_subsamples(world):
+    from neurovfm.eval.efficiency import subsample_positives
+
+    out = str(world["root"] / "efficiency")
+    f = world["feats"]
+    assert cli_main(["label-efficiency", "--features", f"a={f['a']}", f"b={f['b']}", f"hist={f['hist']}",
+                     "--labels", world["labels"], "--out", out, "--positives", "1,2,all", "--repeats", "2",
+                     "--epochs", "2", "--min-test-positives", "1", "--quiet"]) == 0
+    with open(os.path.join(out, "label_efficiency.json")) as fh:
+        m = json.load(fh)
+    assert os.path.getsize(os.path.join(out, "label_efficiency.png")) > 1000
+    with open(os.path.join(out, "label_efficiency.csv"), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    mods = [mod for mod in ("CT", "MR") if m["labels"].get(mod)]
+    assert mods
+    keys = [(r["features"], r["modality"], r["positives"], int(r["repeat"])) for r in rows]
+    assert sorted(keys) == sorted((n, mod, p, r) for n in ("a", "b", "hist") for mod in mods
+                                  for p in ("1", "2", "all") for r in range(2))
+    for r in m["rows"]:
+        for lab, u in r["per_label"].items():
+            cap = u["positives_available"] if r["positives"] == "all" else min(int(r["positives"]),
+                                                                              u["positives_available"])
+            assert u["positives_used"] == cap and u["positives_available"] >= 1
+        assert r["macro_auroc"] is None or 0 <= r["macro_auroc"] <= 1
+    # subsamples: nested, negatives kept, 'all' (and any budget above every count) is the full split
+    fs = FeatureStore(f["a"])
+    for mod in mods:
+        t = read_study_table(world["labels"], mod, studies=set(fs.studies()))
+        full = t.y[t.index("train")]
+        np.testing.assert_array_equal(subsample_positives(t, None, 0, 0), full)
+        np.testing.assert_array_equal(subsample_positives(t, 10**6, 0, 1), full)
+        y1, y2 = subsample_positives(t, 1, 0, 0), subsample_positives(t, 2, 0, 0)
+        np.testing.assert_array_equal(y1 == 0, full == 0)
+        assert ((y1 == 1) <= (y2 == 1)).all() and ((y2 == 1) <= (full == 1)).all()
+        np.testing.assert_array_equal((y1 == 1).sum(0), np.minimum(1, (full == 1).sum(0)))
+        np.testing.assert_array_equal(y1, subsample_positives(t, 1, 0, 0))  # deterministic by seed

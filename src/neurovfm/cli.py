@@ -168,7 +168,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         names["CT"] = read_label_names(a.ct_labels)
     if a.mr_labels:
         names["MR"] = read_label_names(a.mr_labels)
-    cfg = EvalConfig(head=HeadConfig(kind=a.head), train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
+    cfg = EvalConfig(head=HeadConfig(kind="gated" if a.head == "auto" else a.head), head_auto=a.head == "auto",
+                     train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
                      calibration=a.calibration, target_sensitivity=a.target_sensitivity,
                      min_test_positives=a.min_test_positives, bootstrap=a.bootstrap, seed=a.seed,
                      modalities=a.modalities.split(","), comparator_flag_rate=a.comparator_flag_rate,
@@ -180,6 +181,79 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(json.dumps({"out": a.out, "macro_auroc": brief,
                       "comparisons": {k: {m: {x: d.get(x) for x in ("estimate", "low", "high")} for m, d in v.items()}
                                       for k, v in summary["comparisons"].items()}}))
+    return 0
+
+
+def _named_features(items: list[str]) -> dict[str, str]:
+    """``NAME=DIR`` (or a bare ``DIR``, named after its folder) -> {name: dir}, names unique."""
+    feats: dict[str, str] = {}
+    for item in items:
+        name, _, path = item.rpartition("=")
+        name = name or os.path.basename(os.path.normpath(path))
+        if name in feats:
+            raise ValueError(f"--features: name {name!r} given twice (use NAME=PATH)")
+        feats[name] = path
+    return feats
+
+
+def cmd_transfer(a: argparse.Namespace) -> int:
+    """Cross-modal zero-shot transfer: CT-trained heads on MRI test studies and the reverse."""
+    from neurovfm.eval.transfer import TransferConfig, summary_table, transfer
+    from neurovfm.probe.heads import HeadConfig
+    from neurovfm.probe.train import HeadTrainConfig
+
+    cfg = TransferConfig(head=HeadConfig(kind=a.head), train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
+                         min_test_positives=a.min_test_positives, bootstrap=a.bootstrap, seed=a.seed)
+    summary = transfer(_named_features(a.features), a.labels, a.out, cfg, progress=not a.quiet)
+    print(summary_table(summary))
+    print(f"table: {os.path.join(a.out, 'transfer.csv')}  plot: {os.path.join(a.out, 'transfer.png')}")
+    return 0
+
+
+def cmd_label_efficiency(a: argparse.Namespace) -> int:
+    """Test AUROC against the number of positive training studies per label."""
+    from neurovfm.eval.efficiency import EfficiencyConfig, label_efficiency, parse_positives, summary_table
+    from neurovfm.probe.heads import HeadConfig
+    from neurovfm.probe.train import HeadTrainConfig
+
+    cfg = EfficiencyConfig(head=HeadConfig(kind=a.head), train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
+                           positives=parse_positives(a.positives), repeats=a.repeats,
+                           min_test_positives=a.min_test_positives, modalities=a.modalities.split(","),
+                           seed=a.seed)
+    summary = label_efficiency(_named_features(a.features), a.labels, a.out, cfg, progress=not a.quiet)
+    print(summary_table(summary))
+    print(f"table: {os.path.join(a.out, 'label_efficiency.csv')}  "
+          f"plot: {os.path.join(a.out, 'label_efficiency.png')}")
+    return 0
+
+
+def cmd_shortcut(a: argparse.Namespace) -> int:
+    """Shortcut check: CT vs MR separability by token kind; head attention on air/bone tokens."""
+    from neurovfm.eval.shortcut import ShortcutConfig, format_table, shortcut_check
+    from neurovfm.probe.embed import FeatureStore
+
+    feats = _named_features(a.features)
+    cfg = ShortcutConfig(bootstrap=a.bootstrap, seed=a.seed, l2=a.l2,
+                         ct_windows=a.ct_windows.split(",") if a.ct_windows else None)
+    summary = shortcut_check({n: FeatureStore(p) for n, p in feats.items()}, a.labels, a.out, cfg,
+                             eval_metrics=a.eval_metrics, paths=feats)
+    print(format_table(summary))
+    print(f"table: {os.path.join(a.out, 'shortcut.csv')}  plot: {os.path.join(a.out, 'shortcut.png')}")
+    return 0
+
+
+def cmd_evaluate_external(a: argparse.Namespace) -> int:
+    """A saved model's heads, calibration and thresholds on another site's features, no refit."""
+    from neurovfm.eval.external import ExternalConfig, evaluate_external, format_table
+
+    cfg = ExternalConfig(min_test_positives=a.min_test_positives, bootstrap=a.bootstrap, seed=a.seed,
+                         modalities=a.modalities.split(","),
+                         ct_windows=a.ct_windows.split(",") if a.ct_windows else None,
+                         check_encoder=not a.no_encoder_check)
+    summary = evaluate_external(a.model, a.features, a.labels, a.out, cfg, home_metrics=a.home_metrics,
+                                home_model=a.home_model)
+    print(format_table(summary))
+    print(f"table: {os.path.join(a.out, 'external.csv')}  plot: {os.path.join(a.out, 'reliability_external.png')}")
     return 0
 
 
@@ -268,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", help="token cache, for breakdowns by kernel, thickness and plane")
     s.add_argument("--ct-labels", help="CT label list (default: every CT label column)")
     s.add_argument("--mr-labels", help="MRI label list (default: every MRI label column)")
-    s.add_argument("--head", choices=["gated", "abmil", "mean"], default="gated")
+    s.add_argument("--head", choices=["gated", "abmil", "mean", "auto"], default="gated",
+                   help="head kind; auto: each model's best kind on validation")
     s.add_argument("--epochs", type=int, default=40)
     s.add_argument("--calibration", choices=["platt", "temperature"], default="platt")
     s.add_argument("--target-sensitivity", type=float, default=0.9)
@@ -282,6 +357,65 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("transfer", help="cross-modal zero-shot transfer: CT-trained heads on MRI test studies "
+                       "and the reverse, through the CT <-> MRI label table")
+    s.add_argument("--features", nargs="+", required=True, metavar="[NAME=]DIR", help="feature folders")
+    s.add_argument("--labels", required=True, help="keyed labels.csv (`neurovfm rekey`)")
+    s.add_argument("--out", required=True, help="output folder (transfer.json/csv/png)")
+    s.add_argument("--head", choices=["gated", "abmil", "mean"], default="gated")
+    s.add_argument("--epochs", type=int, default=40)
+    s.add_argument("--min-test-positives", type=int, default=20, help="label pairs in the macro mean have at "
+                   "least this many target test positives")
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_transfer)
+
+    s = sub.add_parser("label-efficiency", help="test AUROC against the number of positive training studies")
+    s.add_argument("--features", nargs="+", required=True, metavar="[NAME=]DIR", help="feature folders")
+    s.add_argument("--labels", required=True, help="keyed labels.csv (`neurovfm rekey`)")
+    s.add_argument("--out", required=True, help="output folder (label_efficiency.json/csv/png)")
+    s.add_argument("--positives", default="1,2,4,8,16,32,all", help="positive training studies kept per label")
+    s.add_argument("--repeats", type=int, default=3, help="subsamples (and head seeds) per budget")
+    s.add_argument("--head", choices=["gated", "abmil", "mean"], default="gated")
+    s.add_argument("--epochs", type=int, default=40)
+    s.add_argument("--min-test-positives", type=int, default=20, help="labels scored have at least this many "
+                   "test positives")
+    s.add_argument("--modalities", default="CT,MR")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_label_efficiency)
+
+    s = sub.add_parser("shortcut", help="shortcut check: CT vs MR separability of soft-tissue vs air/bone token "
+                       "features, and head attention on air/bone tokens")
+    s.add_argument("--features", nargs="+", required=True, metavar="[NAME=]DIR", help="feature folders")
+    s.add_argument("--labels", required=True, help="keyed labels.csv (`neurovfm rekey`): splits and patients")
+    s.add_argument("--out", required=True, help="output folder (shortcut.json/csv/png)")
+    s.add_argument("--eval-metrics", help="an `evaluate` metrics.json: its heads' attention share on air/bone tokens")
+    s.add_argument("--ct-windows", help="comma-separated CT windows (default: the evaluation's, else all)")
+    s.add_argument("--l2", type=float, help="probe L2 strength (default: chosen on validation)")
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_shortcut)
+
+    s = sub.add_parser("evaluate-external", help="a saved model's heads, calibration and thresholds on another "
+                       "site's features (no refit), and ECE after recalibrating on that site's validation split")
+    s.add_argument("--model", required=True, help="model folder with head_ct / head_mr (`evaluate --save-model`)")
+    s.add_argument("--features", required=True, help="the other site's feature folder (`neurovfm embed`)")
+    s.add_argument("--labels", required=True, help="the other site's keyed labels.csv")
+    s.add_argument("--out", required=True, help="output folder (external.json/csv, reliability_external.png)")
+    s.add_argument("--home-metrics", help="the home evaluation's metrics.json, printed side by side")
+    s.add_argument("--home-model", help="model name in --home-metrics (default: its first, whose heads were saved)")
+    s.add_argument("--min-test-positives", type=int, default=20, help="headline labels have at least this many "
+                   "external test positives (and negatives)")
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--modalities", default="CT,MR")
+    s.add_argument("--ct-windows", help="comma-separated CT windows (as the heads were fitted; default all)")
+    s.add_argument("--no-encoder-check", action="store_true",
+                   help="allow features of another encoder than the model folder's")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_evaluate_external)
 
     s = sub.add_parser("analyze", help="one study (folder or NIfTI) or a worklist -> findings, triage, maps")
     s.add_argument("study", nargs="?", help="a study folder (DICOM and/or NIfTI) or one NIfTI file")
