@@ -1,0 +1,182 @@
+"""Vision-language model for findings reports.
+
+Per-series encoder token features -> PerceiverResampler -> Connector -> LLM embedding space.
+The chat prompt carries one image placeholder token per series (in series order); each
+placeholder is expanded to `latents` positions whose input embeddings are the connector
+outputs of that series. Loss is on the answer tokens only (labels -100 elsewhere).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .connector import Connector
+from .resampler import PerceiverResampler
+
+IGNORE = -100
+
+
+@dataclass
+class ReportVLMConfig:
+    image_token: str = "<|image|>"
+    system_prompt: str | None = "You are a neuroradiologist."
+    instruction: str = "Describe the findings of this study."
+    indication_prefix: str = "Clinical indication:"
+    enable_thinking: bool = False      # passed to the chat template when it knows the flag
+    stage: int = 1                     # 1: LLM frozen, resampler + connector train
+
+
+def _pack(series_feats):
+    """Accept (features [T, D], cu [S+1]) or a list of [T_i, D] tensors."""
+    if isinstance(series_feats, (tuple, list)) and len(series_feats) == 2 and torch.is_tensor(series_feats[1]) \
+            and series_feats[1].dim() == 1 and series_feats[0].dim() == 2 and series_feats[1].dtype in (torch.int32, torch.int64):
+        feats, cu = series_feats
+        return feats, cu.long()
+    parts = list(series_feats)
+    if not parts:
+        raise ValueError("no series given")
+    lens = torch.tensor([p.shape[0] for p in parts])
+    cu = torch.zeros(len(parts) + 1, dtype=torch.long)
+    cu[1:] = torch.cumsum(lens, 0)
+    return torch.cat(parts, 0), cu
+
+
+class ReportVLM(nn.Module):
+    def __init__(self, resampler: PerceiverResampler, connector: Connector, llm, tokenizer,
+                 config: ReportVLMConfig | None = None):
+        super().__init__()
+        self.config = config or ReportVLMConfig()
+        self.resampler = resampler
+        self.connector = connector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        tok = self.config.image_token
+        if tok not in tokenizer.get_vocab():
+            tokenizer.add_tokens([tok], special_tokens=True)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(tok)
+        emb = llm.get_input_embeddings()
+        if emb.num_embeddings < len(tokenizer):
+            try:   # mean_resizing (transformers >= 4.46) is slow on large vocabularies
+                llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            except TypeError:
+                llm.resize_token_embeddings(len(tokenizer))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.set_stage(self.config.stage)
+
+    # ------------------------------------------------------------------ training stages
+    @property
+    def n_latents(self) -> int:
+        return self.resampler.config.latents
+
+    def set_stage(self, stage: int) -> None:
+        """Stage 1: LLM frozen, resampler and connector trainable. (Stage 2 / LoRA: not yet.)"""
+        if stage != 1:
+            raise NotImplementedError("only stage 1 (frozen LLM) is implemented so far")
+        self.config.stage = stage
+        for p in self.llm.parameters():
+            p.requires_grad_(False)
+        for m in (self.resampler, self.connector):
+            for p in m.parameters():
+                p.requires_grad_(True)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.stage == 1:
+            self.llm.eval()       # frozen LLM: no dropout
+        return self
+
+    # ------------------------------------------------------------------ prompt
+    def _template_supports_thinking(self) -> bool:
+        tmpl = getattr(self.tokenizer, "chat_template", None) or ""
+        if isinstance(tmpl, dict):
+            tmpl = " ".join(tmpl.values())
+        return "enable_thinking" in tmpl
+
+    def prompt_text(self, n_series: int, indication: str | None = None) -> str:
+        c = self.config
+        lines = [" ".join([c.image_token] * n_series)]
+        if indication:
+            lines.append(f"{c.indication_prefix} {indication}")
+        lines.append(c.instruction)
+        messages = []
+        if c.system_prompt:
+            messages.append({"role": "system", "content": c.system_prompt})
+        messages.append({"role": "user", "content": "\n".join(lines)})
+        kw = {}
+        if self._template_supports_thinking():
+            kw["enable_thinking"] = c.enable_thinking
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
+
+    def prompt_ids(self, n_series: int, indication: str | None = None) -> list[int]:
+        ids = self.tokenizer(self.prompt_text(n_series, indication), add_special_tokens=False).input_ids
+        n = sum(1 for i in ids if i == self.image_token_id)
+        if n != n_series:
+            raise ValueError(f"prompt holds {n} image placeholders for {n_series} series")
+        return ids
+
+    def answer_ids(self, answer: str) -> list[int]:
+        ids = self.tokenizer(answer, add_special_tokens=False).input_ids
+        eos = self.tokenizer.eos_token_id
+        return ids + ([eos] if eos is not None else [])
+
+    # ------------------------------------------------------------------ inputs
+    def visual_embeds(self, series_feats) -> torch.Tensor:
+        feats, cu = _pack(series_feats)
+        p = next(self.resampler.parameters())
+        lat = self.resampler(feats.to(device=p.device, dtype=p.dtype), cu)
+        return self.connector(lat)                         # [S, latents, H]
+
+    def build_inputs(self, series_feats, indication: str | None = None, answer: str | None = None) -> dict:
+        """Returns inputs_embeds [1, N, H], attention_mask [1, N], labels [1, N] (or None),
+        and image_positions [S, latents] (sequence indices of each series' visual block)."""
+        vis = self.visual_embeds(series_feats)
+        S, L, _ = vis.shape
+        ids = self.prompt_ids(S, indication)
+        n_prompt_text = len(ids)
+        ans = self.answer_ids(answer) if answer is not None else []
+        all_ids = torch.tensor(ids + ans, dtype=torch.long, device=vis.device)
+        emb_layer = self.llm.get_input_embeddings()
+        text = emb_layer(all_ids)
+        vis = vis.to(text.dtype)
+
+        pieces, label_pieces, positions = [], [], []
+        pos, s, start = 0, 0, 0
+        for i, t in enumerate(all_ids.tolist()):
+            if t != self.image_token_id:
+                continue
+            pieces.append(text[start:i])
+            pos += i - start
+            pieces.append(vis[s])
+            positions.append(torch.arange(pos, pos + L))
+            pos += L
+            s += 1
+            start = i + 1
+        pieces.append(text[start:])
+        embeds = torch.cat(pieces, 0).unsqueeze(0)
+        N = embeds.shape[1]
+        out = {
+            "inputs_embeds": embeds,
+            "attention_mask": torch.ones(1, N, dtype=torch.long, device=vis.device),
+            "labels": None,
+            "image_positions": torch.stack(positions).to(vis.device),
+        }
+        if answer is not None:
+            labels = torch.full((1, N), IGNORE, dtype=torch.long, device=vis.device)
+            labels[0, N - len(ans):] = torch.tensor(ans, dtype=torch.long, device=vis.device)
+            out["labels"] = labels
+        assert N == n_prompt_text - S + S * L + len(ans)
+        return out
+
+    def forward(self, series_feats, indication: str | None = None, answer: str | None = None):
+        """Teacher-forced loss on the answer tokens (the HF causal-LM loss)."""
+        if answer is None:
+            raise ValueError("forward needs an answer to compute the loss")
+        b = self.build_inputs(series_feats, indication, answer)
+        out = self.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"], labels=b["labels"])
+        return out.loss
