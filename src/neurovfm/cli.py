@@ -257,6 +257,13 @@ def cmd_evaluate_external(a: argparse.Namespace) -> int:
     return 0
 
 
+def _feature_set_args(s: argparse.ArgumentParser, out_help: str) -> None:
+    """--features / --labels / --out, shared by the experiments over several feature folders."""
+    s.add_argument("--features", nargs="+", required=True, metavar="[NAME=]DIR", help="feature folders")
+    s.add_argument("--labels", required=True, help="keyed labels.csv (`neurovfm rekey`): labels, splits, patients")
+    s.add_argument("--out", required=True, help=out_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neurovfm", description=__doc__)
     p.add_argument("--version", action="version", version=f"neurovfm {__version__}")
@@ -360,9 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("transfer", help="cross-modal zero-shot transfer: CT-trained heads on MRI test studies "
                        "and the reverse, through the CT <-> MRI label table")
-    s.add_argument("--features", nargs="+", required=True, metavar="[NAME=]DIR", help="feature folders")
-    s.add_argument("--labels", required=True, help="keyed labels.csv (`neurovfm rekey`)")
-    s.add_argument("--out", required=True, help="output folder (transfer.json/csv/png)")
+    _feature_set_args(s, "output folder (transfer.json/csv/png)")
     s.add_argument("--head", choices=["gated", "abmil", "mean"], default="gated")
     s.add_argument("--epochs", type=int, default=40)
     s.add_argument("--min-test-positives", type=int, default=20, help="label pairs in the macro mean have at "
@@ -373,9 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_transfer)
 
     s = sub.add_parser("label-efficiency", help="test AUROC against the number of positive training studies")
-    s.add_argument("--features", nargs="+", required=True, metavar="[NAME=]DIR", help="feature folders")
-    s.add_argument("--labels", required=True, help="keyed labels.csv (`neurovfm rekey`)")
-    s.add_argument("--out", required=True, help="output folder (label_efficiency.json/csv/png)")
+    _feature_set_args(s, "output folder (label_efficiency.json/csv/png)")
     s.add_argument("--positives", default="1,2,4,8,16,32,all", help="positive training studies kept per label")
     s.add_argument("--repeats", type=int, default=3, help="subsamples (and head seeds) per budget")
     s.add_argument("--head", choices=["gated", "abmil", "mean"], default="gated")
@@ -389,9 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("shortcut", help="shortcut check: CT vs MR separability of soft-tissue vs air/bone token "
                        "features, and head attention on air/bone tokens")
-    s.add_argument("--features", nargs="+", required=True, metavar="[NAME=]DIR", help="feature folders")
-    s.add_argument("--labels", required=True, help="keyed labels.csv (`neurovfm rekey`): splits and patients")
-    s.add_argument("--out", required=True, help="output folder (shortcut.json/csv/png)")
+    _feature_set_args(s, "output folder (shortcut.json/csv/png)")
     s.add_argument("--eval-metrics", help="an `evaluate` metrics.json: its heads' attention share on air/bone tokens")
     s.add_argument("--ct-windows", help="comma-separated CT windows (default: the evaluation's, else all)")
     s.add_argument("--l2", type=float, help="probe L2 strength (default: chosen on validation)")

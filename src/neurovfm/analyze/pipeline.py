@@ -34,7 +34,7 @@ from neurovfm.privacy.keys import Keyer
 from neurovfm.probe.embed import encode_views, encoder_id
 from neurovfm.probe.train import load_head
 from neurovfm.synth import tables
-from neurovfm.tokens.cache import as_views
+from neurovfm.tokens.cache import as_views, atomic_write_text
 
 RESULT_FORMAT = "neurovfm-result"
 RESULT_VERSION = 1
@@ -232,7 +232,7 @@ class Analyzer:
             "exams": exams, "warnings": warnings,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
-        _write_json(os.path.join(out, "result.json"), result)
+        atomic_write_text(os.path.join(out, "result.json"), json.dumps(result, indent=1))
         from neurovfm.analyze.summary import write_summary
 
         write_summary(out, result)
@@ -391,13 +391,6 @@ def _acuity(mod: str, label: str) -> str:
         return "Routine"
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".part"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
-
-
 def analyze(study: str, out: str, model: str | None = None, cfg: AnalyzeConfig | None = None, log=None) -> dict:
     """Analyse one study (see the module doc)."""
     return Analyzer(model, cfg).run(study, out, log)
@@ -431,6 +424,7 @@ def analyze_worklist(studies: list[str], out: str, model: str | None = None, cfg
     """Analyse many studies with one loaded model; one sub-folder per study (numbered, not named
     after the input, which may carry a patient's name) and ``worklist.csv``."""
     import csv
+    import io
 
     from tqdm import tqdm
 
@@ -450,14 +444,14 @@ def analyze_worklist(studies: list[str], out: str, model: str | None = None, cfg
         except NeuroVFMError as e:
             row.update(status="error", warnings=str(e).replace(st, f"item {i + 1}"))
         rows.append(row)
-    path = os.path.join(out, "worklist.csv")
+    buf = io.StringIO()
     cols = ["item", "folder", "status", "modalities", "triage", "findings", "warnings", "seconds"]
-    with open(path + ".part", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: r.get(c, "") for c in cols})
-    os.replace(path + ".part", path)
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: r.get(c, "") for c in cols})
+    path = os.path.join(out, "worklist.csv")
+    atomic_write_text(path, buf.getvalue())
     return path
 
 

@@ -7,6 +7,8 @@ import html
 import os
 from typing import Any
 
+from neurovfm.tokens.cache import atomic_write_text
+
 _COLOURS = {"Urgent": "#c0392b", "Routine": "#d68910", "Normal": "#1e8449"}
 
 
@@ -51,7 +53,5 @@ def write_summary(out: str, result: dict[str, Any]) -> str:
     parts.append("<p>Maps: <code>*_map_LABEL.nii.gz</code> on each series' own grid; open them over "
                  "<code>*_image.nii.gz</code> in 3D Slicer or ITK-SNAP.</p></body></html>")
     path = os.path.join(out, "summary.html")
-    with open(path + ".part", "w", encoding="utf-8") as fh:
-        fh.write("\n".join(parts))
-    os.replace(path + ".part", path)
+    atomic_write_text(path, "\n".join(parts))
     return path

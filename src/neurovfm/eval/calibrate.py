@@ -31,6 +31,37 @@ def _nll(z: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
+def fit_logistic(x: np.ndarray, t: np.ndarray, ridge: np.ndarray, prior: np.ndarray | None = None,
+                 steps: int = NEWTON_STEPS) -> np.ndarray:
+    """Weights of a logistic regression of (soft) targets ``t`` on ``x`` (bias as a column of
+    ``x``) with a per-weight ridge pulling toward ``prior``: damped Newton, the step halved until
+    the loss falls. Shared by Platt scaling and the shortcut probe."""
+    x, t = np.asarray(x, np.float64), np.asarray(t, np.float64)
+    ridge = np.asarray(ridge, np.float64)
+    prior = np.zeros(x.shape[1]) if prior is None else np.asarray(prior, np.float64)
+
+    def loss(w: np.ndarray) -> float:
+        z = x @ w
+        return float(np.mean(np.logaddexp(0.0, z) - t * z) + 0.5 * np.sum(ridge * (w - prior) ** 2))
+
+    w = prior.copy()
+    cur = loss(w)
+    for _ in range(steps):
+        p = sigmoid(x @ w)
+        g = x.T @ (p - t) / len(t) + ridge * (w - prior)
+        h = (x * (p * (1 - p))[:, None]).T @ x / len(t) + np.diag(ridge + 1e-9)
+        step = np.linalg.solve(h, g)
+        lr = 1.0
+        while lr > 1e-8 and loss(w - lr * step) > cur:
+            lr /= 2
+        w = w - lr * step
+        new = loss(w)
+        if cur - new < 1e-12:
+            break
+        cur = new
+    return w
+
+
 def _usable(y: np.ndarray) -> bool:
     return 0 < np.nansum(y) < np.sum(~np.isnan(y))
 
@@ -94,25 +125,7 @@ class PlattScaler:
             x = np.stack([zj, np.ones_like(zj)], 1)
             prior = np.array([1.0, 0.0])
 
-            def loss(w):
-                q = np.clip(sigmoid(x @ w), 1e-15, 1 - 1e-15)
-                return float(-np.mean(t * np.log(q) + (1 - t) * np.log(1 - q))
-                             + 0.5 * PLATT_RIDGE * np.sum((w - prior) ** 2))
-            w = prior.copy()
-            cur = loss(w)
-            for _ in range(NEWTON_STEPS):  # damped Newton: halve the step until the loss falls
-                p = sigmoid(x @ w)
-                g = x.T @ (p - t) / len(t) + PLATT_RIDGE * (w - prior)
-                h = (x * (p * (1 - p))[:, None]).T @ x / len(t) + PLATT_RIDGE * np.eye(2)
-                step = np.linalg.solve(h, g)
-                lr = 1.0
-                while lr > 1e-6 and loss(w - lr * step) > cur:
-                    lr /= 2
-                w = w - lr * step
-                new = loss(w)
-                if cur - new < 1e-12:
-                    break
-                cur = new
+            w = fit_logistic(x, t, PLATT_RIDGE * np.ones(2), prior)
             self.a[j], self.b[j] = w
         return self
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from neurovfm.errors import NeuroVFMError
 from neurovfm.eval import metrics as M
+from neurovfm.eval.calibrate import fit_logistic, sigmoid
 from neurovfm.eval.data import StudyTable, read_study_table
 from neurovfm.pretrain.data import KIND_AIR, KIND_BONE, KIND_SOFT
 
@@ -70,10 +71,6 @@ class ShortcutConfig:
 
 
 # -- the probe -------------------------------------------------------------------------------------
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
-
-
 @dataclass
 class LogisticProbe:
     """Binary logistic regression on standardised features, L2 on the weights (not the bias),
@@ -98,38 +95,16 @@ class LogisticProbe:
         sd = x.std(0)
         self.scale = np.where(sd > 1e-8, sd, 1.0)
         X = self._design(x)
-        n, d1 = X.shape
-        reg = np.full(d1, self.l2)
-        reg[-1] = 0.0
-
-        def loss(w: np.ndarray) -> float:
-            z = X @ w
-            return float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(reg * w * w))
-
-        w = np.zeros(d1)
-        cur = loss(w)
-        for _ in range(NEWTON_STEPS):
-            p = _sigmoid(X @ w)
-            g = X.T @ (p - y) / n + reg * w
-            h = (X * (p * (1 - p))[:, None]).T @ X / n + np.diag(reg + 1e-9)
-            step = np.linalg.solve(h, g)
-            lr = 1.0
-            while lr > 1e-8 and loss(w - lr * step) > cur:
-                lr /= 2
-            w = w - lr * step
-            new = loss(w)
-            if cur - new < 1e-12:
-                cur = new
-                break
-            cur = new
-        self.w = w
+        reg = np.full(X.shape[1], self.l2)
+        reg[-1] = 0.0  # the bias is not shrunk
+        self.w = fit_logistic(X, y, reg, steps=NEWTON_STEPS)
         return self
 
     def decision(self, x) -> np.ndarray:
         return self._design(x) @ self.w
 
     def predict_proba(self, x) -> np.ndarray:
-        return _sigmoid(self.decision(x))
+        return sigmoid(self.decision(x))
 
 
 # -- study means by token kind ---------------------------------------------------------------------

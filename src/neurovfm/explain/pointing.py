@@ -24,6 +24,7 @@ from tqdm import tqdm
 from neurovfm.analyze.config import AnalyzeConfig
 from neurovfm.analyze.pipeline import Analyzer, read_study
 from neurovfm.errors import NeuroVFMError
+from neurovfm.tokens.cache import atomic_write_text
 
 
 @dataclass
@@ -106,10 +107,7 @@ def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None 
     summary = summarize(rows, cfg)
     os.makedirs(out, exist_ok=True)
     res = {"config": asdict(cfg), "model": an.model_info, "summary": summary, "findings": rows}
-    tmp = os.path.join(out, "pointing.json.part")
-    with open(tmp, "w") as fh:
-        json.dump(res, fh, indent=1)
-    os.replace(tmp, os.path.join(out, "pointing.json"))
+    atomic_write_text(os.path.join(out, "pointing.json"), json.dumps(res, indent=1))
     return res
 
 
