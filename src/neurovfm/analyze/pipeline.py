@@ -169,14 +169,17 @@ class ExamScores:
     per_series_w: list[np.ndarray]  # per series [n_tokens, C]: head attention summed over its views
     n_tokens: int  # foreground tokens of the series (each counted once, not once per CT window)
     ood: dict[str, Any] | None
+    view_features: list = field(default_factory=list)  # encoder tokens per series view (the report's input)
 
 
 class Analyzer:
     """A loaded model (encoder, heads, calibration, operating points, distance-to-training) that
     analyses studies one after another (worklists load it once)."""
 
-    def __init__(self, model: str | None = None, cfg: AnalyzeConfig | None = None):
+    def __init__(self, model: str | None = None, cfg: AnalyzeConfig | None = None, reporter=None):
         self.cfg = cfg or AnalyzeConfig()
+        self.reporter = reporter    # report.generate.Reporter: a findings report per exam (optional)
+        self._indication: str | None = None
         self.model = os.path.abspath(model or default_model_path())
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise AnalyzeError(f"{self.model}: no model here (no config.json); pass --model MODEL_FOLDER")
@@ -199,10 +202,12 @@ class Analyzer:
         self._progress = lambda step, fraction: None
 
     # -- one study ------------------------------------------------------------------------------
-    def run(self, study: str, out: str, log=None, progress=None) -> dict[str, Any]:
+    def run(self, study: str, out: str, log=None, progress=None, indication: str | None = None) -> dict[str, Any]:
         """Analyse one study into ``out``. ``progress(step, fraction)``, if given, is called as the
-        work advances (the web viewer shows it)."""
+        work advances (the web viewer shows it). ``indication`` (free text) only conditions the
+        report; it is never written out."""
         cfg = self.cfg
+        self._indication = indication
         self._progress = progress or (lambda step, fraction: None)
         self._progress("reading the study", 0.02)
         os.makedirs(out, exist_ok=True)
@@ -291,7 +296,8 @@ class Analyzer:
                    "outside": bool(score > ood_m.threshold)}
         timings["heads"] = timings.get("heads", 0.0) + time.perf_counter() - t
         n_fg = int(sum(s.ts.n_tokens for s in group))
-        return ExamScores(mod, labels, p_raw, p_cal, thr, acuity, level, decided, drivers, per_series_w, n_fg, ood)
+        return ExamScores(mod, labels, p_raw, p_cal, thr, acuity, level, decided, drivers, per_series_w, n_fg, ood,
+                          list(feats))
 
     def _exam(self, mod: str, group: list[SeriesInput], out: str, timings: dict[str, float],
               warnings: list[dict[str, Any]]) -> dict[str, Any]:
@@ -339,7 +345,13 @@ class Analyzer:
             r["maps"] = map_files.get(r["label"], {})
         timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - t
         rows.sort(key=lambda r: -r["calibrated_probability"])
-        return {
+        report = None
+        if self.reporter is not None:
+            self._progress(f"{mod}: findings report", 0.85)
+            t = time.perf_counter()
+            report = self.reporter.report(sc.view_features, mod, rows, self._indication)
+            timings["report"] = timings.get("report", 0.0) + time.perf_counter() - t
+        exam = {
             "modality": mod, "n_tokens": sc.n_tokens,
             "series": [{"name": s.name, "plane": s.meta["plane"], "sequence": s.meta.get("sequence"),
                         "kernel": s.meta.get("kernel"), "contrast": bool(s.meta.get("contrast")),
@@ -353,6 +365,9 @@ class Analyzer:
             "findings": [r["label"] for r in rows if r["decision"]],
             "labels": rows, "distance_to_training": sc.ood,
         }
+        if report is not None:
+            exam["report"] = report
+        return exam
 
     def _write_maps(self, mod, group, natives, planes, per_series_w, labels, to_map, p_cal, out) -> dict:
         files: dict[str, dict[str, Any]] = {}
@@ -420,7 +435,7 @@ def read_worklist(spec: str) -> list[str]:
 
 
 def analyze_worklist(studies: list[str], out: str, model: str | None = None, cfg: AnalyzeConfig | None = None,
-                     progress: bool = True) -> str:
+                     progress: bool = True, reporter=None) -> str:
     """Analyse many studies with one loaded model; one sub-folder per study (numbered, not named
     after the input, which may carry a patient's name) and ``worklist.csv``."""
     import csv
@@ -428,7 +443,7 @@ def analyze_worklist(studies: list[str], out: str, model: str | None = None, cfg
 
     from tqdm import tqdm
 
-    an = Analyzer(model, cfg)
+    an = Analyzer(model, cfg, reporter)
     os.makedirs(out, exist_ok=True)
     rows = []
     for i, st in enumerate(tqdm(studies, desc="studies", unit="study", disable=not progress, file=sys.stderr)):

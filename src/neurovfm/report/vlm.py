@@ -58,12 +58,21 @@ class ReportVLM(nn.Module):
         self.image_token_id = tokenizer.convert_tokens_to_ids(tok)
         emb = llm.get_input_embeddings()
         if emb.num_embeddings < len(tokenizer):
+            old = emb.num_embeddings
             try:   # mean_resizing (transformers >= 4.46) is slow on large vocabularies
                 llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             except TypeError:
                 llm.resize_token_embeddings(len(tokenizer))
+            # the placeholder row is never read (replaced by visual embeddings) and never written
+            # (masked in decoding); zeroing it keeps reloads bit-identical
+            with torch.no_grad():
+                llm.get_input_embeddings().weight[old:] = 0
+                out = llm.get_output_embeddings()
+                if out is not None:
+                    out.weight[old:] = 0
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.lora_config: dict | None = None
         self.set_stage(self.config.stage)
 
     # ------------------------------------------------------------------ training stages
@@ -72,23 +81,41 @@ class ReportVLM(nn.Module):
         return self.resampler.config.latents
 
     def set_stage(self, stage: int) -> None:
-        """Stage 1: LLM frozen, resampler and connector trainable. (Stage 2 / LoRA: not yet.)"""
-        if stage != 1:
-            raise NotImplementedError("only stage 1 (frozen LLM) is implemented so far")
+        """Stage 1: LLM frozen, resampler and connector train. Stage 2: LoRA adapters (added with
+        `add_lora`) train as well; the base LLM weights stay frozen. Stage 2 without adapters
+        fine-tunes the whole LLM."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
         self.config.stage = stage
-        for p in self.llm.parameters():
-            p.requires_grad_(False)
+        lora = self.has_lora
+        for name, p in self.llm.named_parameters():
+            p.requires_grad_(stage == 2 and (not lora or "lora_" in name))
         for m in (self.resampler, self.connector):
             for p in m.parameters():
                 p.requires_grad_(True)
+
+    @property
+    def has_lora(self) -> bool:
+        return any("lora_" in n for n, _ in self.llm.named_parameters())
+
+    def add_lora(self, r: int = 8, alpha: int = 16, target_modules=("q_proj", "v_proj"), seed: int = 0) -> None:
+        """Wrap the LLM with peft LoRA adapters (B initialised to zero: outputs unchanged)."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.has_lora:
+            raise ValueError("the LLM already has LoRA adapters")
+        torch.manual_seed(seed)
+        self.llm = get_peft_model(self.llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                                       target_modules=list(target_modules), bias="none"))
+        self.lora_config = {"r": r, "alpha": alpha, "target_modules": list(target_modules)}
+        self.set_stage(self.config.stage)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.config.stage == 1:
-            self.llm.eval()       # frozen LLM: no dropout
+        self.llm.eval()           # no dropout in the LLM (LoRA dropout is 0): steps are deterministic
         return self
 
     # ------------------------------------------------------------------ prompt
@@ -100,7 +127,7 @@ class ReportVLM(nn.Module):
 
     def prompt_text(self, n_series: int, indication: str | None = None) -> str:
         c = self.config
-        lines = [" ".join([c.image_token] * n_series)]
+        lines = [" ".join([c.image_token] * n_series)] if n_series else []
         if indication:
             lines.append(f"{c.indication_prefix} {indication}")
         lines.append(c.instruction)
@@ -135,7 +162,12 @@ class ReportVLM(nn.Module):
     def build_inputs(self, series_feats, indication: str | None = None, answer: str | None = None) -> dict:
         """Returns inputs_embeds [1, N, H], attention_mask [1, N], labels [1, N] (or None),
         and image_positions [S, latents] (sequence indices of each series' visual block)."""
-        vis = self.visual_embeds(series_feats)
+        if isinstance(series_feats, (list, tuple)) and len(series_feats) == 0:   # text-only prompt
+            H = self.llm.get_input_embeddings().weight.shape[1]
+            p = next(self.connector.parameters())
+            vis = torch.zeros(0, self.n_latents, H, device=p.device, dtype=p.dtype)
+        else:
+            vis = self.visual_embeds(series_feats)
         S, L, _ = vis.shape
         ids = self.prompt_ids(S, indication)
         n_prompt_text = len(ids)
@@ -164,7 +196,7 @@ class ReportVLM(nn.Module):
             "inputs_embeds": embeds,
             "attention_mask": torch.ones(1, N, dtype=torch.long, device=vis.device),
             "labels": None,
-            "image_positions": torch.stack(positions).to(vis.device),
+            "image_positions": (torch.stack(positions) if positions else torch.zeros(0, L, dtype=torch.long)).to(vis.device),
         }
         if answer is not None:
             labels = torch.full((1, N), IGNORE, dtype=torch.long, device=vis.device)
@@ -180,3 +212,42 @@ class ReportVLM(nn.Module):
         b = self.build_inputs(series_feats, indication, answer)
         out = self.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"], labels=b["labels"])
         return out.loss
+
+    def loss_on_ids(self, series_feats, indication: str | None, answer_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced loss on pre-tokenised answer ids (from ReportGrammar.encode, EOS included)."""
+        b = self.build_inputs(series_feats, indication, None)
+        emb = self.llm.get_input_embeddings()
+        ans = torch.tensor(answer_ids, dtype=torch.long, device=b["inputs_embeds"].device)
+        embeds = torch.cat([b["inputs_embeds"], emb(ans).unsqueeze(0).to(b["inputs_embeds"].dtype)], 1)
+        labels = torch.full(embeds.shape[:2], IGNORE, dtype=torch.long, device=embeds.device)
+        labels[0, -len(answer_ids):] = ans
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    @torch.no_grad()
+    def generate_ids(self, series_feats, grammar, indication: str | None = None, num_beams: int = 3,
+                     max_new_tokens: int | None = None) -> list[int]:
+        """Schema-constrained generation: greedy (num_beams=1, forced runs batched) or beam search."""
+        from .constrained import ReportLogitsProcessor, greedy_decode
+
+        was = self.training
+        self.eval()
+        try:
+            b = self.build_inputs(series_feats, indication, None)
+            if num_beams <= 1:
+                return greedy_decode(self.llm, grammar, b["inputs_embeds"], b["attention_mask"])
+            from transformers import LogitsProcessorList
+
+            out = self.llm.generate(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"],
+                                    logits_processor=LogitsProcessorList([ReportLogitsProcessor(grammar)]),
+                                    num_beams=num_beams, do_sample=False,
+                                    max_new_tokens=max_new_tokens or grammar.max_length(),
+                                    eos_token_id=grammar.eos, pad_token_id=self.tokenizer.pad_token_id)
+            return [int(t) for t in out[0].tolist() if t != self.tokenizer.pad_token_id or t == grammar.eos]
+        finally:
+            self.train(was)
+
+    def generate_report(self, series_feats, grammar, indication: str | None = None, num_beams: int = 3,
+                        max_new_tokens: int | None = None) -> dict:
+        """A validated structured report; ReportGenerationError if the schema cannot be completed."""
+        return grammar.decode(self.generate_ids(series_feats, grammar, indication, num_beams, max_new_tokens))
