@@ -5,7 +5,8 @@
 #   (ViT-Tiny, train split, resumed once) -> frozen features of the pretrained and a random-init
 #   encoder and the histogram baseline -> study-level heads evaluated on the test split (and saved
 #   into the model with calibration, operating points and distance-to-training) -> `analyze` of one
-#   test study with that model and with the shipped demo model -> pointing game on the test split.
+#   test study with that model and with the shipped demo model -> a draft findings report of that
+#   study (shipped report model on SmolLM2-135M-Instruct, with the consistency guard) -> pointing game.
 # SMOKE=1 (`make demo-smoke`, run by CI): the same path with fewer steps and baselines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ BIN=.venv/bin
 SMOKE=${SMOKE:-0}
 OUT=${DEMO_OUT:-demo-out}
 rm -rf "$OUT/archive" "$OUT/cache" "$OUT/keyed" "$OUT/pretrain" "$OUT/features" "$OUT/eval" "$OUT/random" \
-  "$OUT/analyze" "$OUT/analyze-shipped" "$OUT/pointing"
+  "$OUT/analyze" "$OUT/analyze-shipped" "$OUT/pointing" "$OUT/report"
 mkdir -p "$OUT"
 export NEUROVFM_SITE_SECRET="${NEUROVFM_SITE_SECRET:-demo-site-secret}"
 echo "== synth: 16 studies (first run also builds the anatomy template, ~1 min) =="
@@ -62,10 +63,16 @@ if [ -e src/neurovfm/demo_model/config.json ]; then
   echo "== analyze: the same study with the shipped demo model (the default) =="
   $BIN/neurovfm analyze "$STUDY" --out "$OUT/analyze-shipped" --quiet
 fi
+if [ -e src/neurovfm/demo_model/report/report_config.json ]; then
+  echo "== report: the same study -> draft structured findings report (shipped model + SmolLM2 + guard) =="
+  $BIN/neurovfm report "$STUDY" --out "$OUT/report" --indication "$($BIN/python -c "import json,sys; \
+rs=[json.loads(l) for l in open(sys.argv[1]+'/records.jsonl')]; print(next(r for r in rs if r['split']=='test').get('indication',''))" "$OUT/archive")"
+fi
 echo "== pointing game: does the head's map hit the lesions of the test split? =="
 $BIN/neurovfm pointing "$OUT/archive" --model "$OUT/pretrain/model" --out "$OUT/pointing" --quiet
 echo
 echo "evaluation: $OUT/eval/index.html   (16 studies: a smoke run of the pipeline, not a measurement)"
 echo "analysis:   $OUT/analyze/summary.html   maps: $OUT/analyze/*_map_*.nii.gz over *_image.nii.gz"
 [ -e "$OUT/analyze-shipped/summary.html" ] && echo "shipped demo model: $OUT/analyze-shipped/summary.html"
+[ -e "$OUT/report/result.json" ] && echo "findings report: $OUT/report/summary.html (result.json: exams[].report)"
 echo "previews:   $OUT/archive/preview/*.png"

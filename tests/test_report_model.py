@@ -259,3 +259,33 @@ def test_real_smollm2_writes_a_schema_valid_report(tmp_path_factory, grammar):
     rep = vlm.generate_report([torch.randn(8, DIM), torch.randn(5, DIM)], g, "Sudden severe headache.", num_beams=2)
     validate_report(rep, g.schema)
     assert json.loads(json.dumps(rep)) == rep
+
+
+def test_report_train_under_torchrun(llm_dir, tmp_path):
+    """Two gloo processes: each takes its own example per step, DDP averages the gradients, rank 0
+    writes checkpoints and the model; resuming needs the same number of processes."""
+    world = write_world(str(tmp_path / "w"))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("latents: 2\nresampler_layers: 1\nresampler_heads: 2\nresampler_width: 16\nstage1_steps: 1\n"
+                   "stage2_steps: 2\nlora_r: 2\nlora_alpha: 4\nlora_targets: [q_proj, v_proj]\nwarmup_steps: 1\n"
+                   "checkpoint_every: 1\nmax_tokens_per_series: 6\n")
+    out = str(tmp_path / "ddp")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.path.join(root, "src"), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "neurovfm", "report-train", "--llm", llm_dir, "--features", world["features"],
+                        "--findings", world["findings"], "--out", out, "--config", str(cfg), "--threads", "1",
+                        "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout[r.stdout.index("{"):])
+    assert res["done"] and res["world_size"] == 2
+    from neurovfm.pretrain.checkpoint import latest_checkpoint, load_checkpoint
+
+    _, meta = load_checkpoint(latest_checkpoint(out))
+    assert meta["world_size"] == 2 and meta["step"] == 3 and len(meta["log"]) == 3
+    vlm, _, _ = load_report_model(os.path.join(out, "model"))
+    assert vlm.has_lora
+    with pytest.raises(Exception, match="processes"):      # same run, one process: refused
+        train_reports(_train_cfg(world, llm_dir, out, latents=2, resampler_width=16, stage1_steps=1,
+                                 stage2_steps=2, max_tokens_per_series=6, checkpoint_every=1, threads=1,
+                                 lora_targets=("q_proj", "v_proj")))

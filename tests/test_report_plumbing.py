@@ -118,7 +118,7 @@ def test_stage1_gradients_and_memorisation(llm_dir):
 
     opt = torch.optim.AdamW(vlm.trainable_parameters(), lr=3e-3)
     first = loss.item()
-    for _ in range(20):
+    for _ in range(60):
         opt.zero_grad()
         loss = vlm(feats, "weakness", ANSWER)
         loss.backward()

@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", choices=["ct", "mr"], help="modality of NIfTI files without a sidecar")
     s.add_argument("--attention", default="auto", help="encoder attention backend")
     s.add_argument("--show-paths", action="store_true", help="print refused files' paths (terminal only)")
-    _report_args(s, required=False)
+    _report_args(s, report_command=False)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_analyze)
 
@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (nothing is written elsewhere)")
     s.add_argument("--maps", default="none", choices=["top-k", "all", "none"])
     s.add_argument("--modality", choices=["ct", "mr"], help="modality of NIfTI files without a sidecar")
-    _report_args(s, required=True)
+    _report_args(s, report_command=True)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_report)
 
@@ -504,9 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _report_args(s: argparse.ArgumentParser, required: bool) -> None:
-    s.add_argument("--report-model", required=required,
-                   help="report model folder (`neurovfm report-train`): add a draft findings report per exam")
+def _report_args(s: argparse.ArgumentParser, report_command: bool) -> None:
+    if not report_command:
+        s.add_argument("--report", action="store_true",
+                       help="add a draft findings report per exam (the shipped demo report model unless "
+                            "--report-model is given)")
+    s.add_argument("--report-model", help="report model folder (`neurovfm report-train`; default: the shipped one)")
     s.add_argument("--llm", help="base LLM folder, if it moved since the report model was trained")
     s.add_argument("--indication", help="clinical indication given to the report model (never written out)")
     s.add_argument("--beams", type=int, default=3, help="beam search width for the report (1: greedy)")
@@ -514,8 +517,8 @@ def _report_args(s: argparse.ArgumentParser, required: bool) -> None:
                    help="do not add findings the head is confident of but the report omits (still flagged)")
 
 
-def _reporter(a: argparse.Namespace):
-    if not getattr(a, "report_model", None):
+def _reporter(a: argparse.Namespace, always: bool = False):
+    if not (always or getattr(a, "report", False) or getattr(a, "report_model", None)):
         return None
     from neurovfm.report.generate import Reporter
 
@@ -538,7 +541,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     from neurovfm.analyze.pipeline import Analyzer
 
     cfg = AnalyzeConfig(maps=a.maps, modality=a.modality)
-    res = Analyzer(a.model, cfg, _reporter(a)).run(a.study, a.out, indication=a.indication)
+    res = Analyzer(a.model, cfg, _reporter(a, always=True)).run(a.study, a.out, indication=a.indication)
     if not a.quiet:
         for ex in res["exams"]:
             print(f"{ex['modality']}: head triage {ex['triage']['level']}; positive: {', '.join(ex['findings']) or 'none'}")
@@ -565,7 +568,8 @@ def cmd_report_train(a: argparse.Namespace) -> int:
     if a.text_only and cfg.stage1_steps:   # same number of steps, all of them in stage 2
         cfg = ReportTrainConfig(**{**vars(cfg), "stage2_steps": cfg.stage1_steps + cfg.stage2_steps,
                                    "stage1_steps": 0})
-    bar = None if a.quiet else tqdm(total=cfg.total_steps, desc="report-train", unit="step")
+    quiet = a.quiet or int(os.environ.get("RANK", "0")) != 0
+    bar = None if quiet else tqdm(total=cfg.total_steps, desc="report-train", unit="step")
 
     def progress(step, total, loss):
         if bar is not None:
@@ -576,7 +580,8 @@ def cmd_report_train(a: argparse.Namespace) -> int:
     res = train_reports(cfg, a.max_steps, progress)
     if bar is not None:
         bar.close()
-    print(json.dumps(res, indent=1))
+    if res["rank"] == 0:
+        print(json.dumps(res, indent=1))
     return 0
 
 

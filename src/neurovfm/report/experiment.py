@@ -100,8 +100,6 @@ def generate_split(report_model: str, features: str, keyed_findings: str, out_js
                    progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, Any]]:
     """Reports of a report model for every study of the splits, appended to out_jsonl one line per
     study (resumable). Failures are recorded as typed errors, never skipped silently."""
-    import torch
-
     from .constrained import ReportGrammar
     from .folder import load_report_model
     from .schema import ReportGenerationError
@@ -110,7 +108,6 @@ def generate_split(report_model: str, features: str, keyed_findings: str, out_js
     grammar = ReportGrammar(schema, vlm.tokenizer)
     done = _done_keys(out_jsonl)
     exs = [e for e in build_examples(keyed_findings, features, tuple(splits)) if e.study_key not in done]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
     with open(out_jsonl, "a") as fh:
         for i, ex in enumerate(exs):

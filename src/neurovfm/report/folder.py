@@ -28,6 +28,19 @@ WEIGHTS = "report.safetensors"
 _LLM_FILES = (".json", ".safetensors", ".model", ".txt", ".jinja")
 
 
+SMOLLM2_NAME = "smollm2-135m-instruct"
+
+
+def default_llm_cache() -> str:
+    """Where converted base LLMs live: $NEUROVFM_LLM_CACHE, else ~/.cache/neurovfm/llm."""
+    return os.environ.get("NEUROVFM_LLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "neurovfm", "llm")
+
+
+def default_report_model() -> str:
+    """The shipped demo report model (trained on the embedded archive's features)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_model", "report")
+
+
 class ReportModelError(NeuroVFMError):
     """A report model folder is missing, malformed, or does not fit its base LLM."""
 
@@ -93,13 +106,15 @@ def save_report_model(folder: str, vlm: ReportVLM, schema: ReportSchema, cfg: di
     save_tensors(os.path.join(folder, WEIGHTS), trainable_state(vlm))
     vc = dict(vars(vlm.config))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION,
-              "base_llm": {"path": os.path.abspath(llm_folder), "sha256": llm_sha},
+              "base_llm": {"path": os.path.abspath(llm_folder), "sha256": llm_sha,
+                           "name": os.path.basename(os.path.abspath(llm_folder).rstrip("/")).lower()},
               "feature_dim": feature_dim, "encoder_id": encoder_id,
               "resampler": cfg["resampler"], "connector_hidden": cfg.get("connector_hidden"),
               "vlm": vc, "lora": vlm.lora_config, "stage": vlm.config.stage,
               "schema": schema.to_dict(), "use_images": cfg.get("use_images", True),
               "use_indication": cfg.get("use_indication", True),
               "max_tokens_per_series": cfg.get("max_tokens_per_series"),
+              "finding_labels": cfg.get("finding_labels"),
               "provenance": provenance or make_provenance()}
     write_json(os.path.join(folder, CONFIG), config)
 
@@ -126,7 +141,13 @@ def load_report_model(folder: str, llm_folder: str | None = None, check_base: bo
     from ..models.folder import load_state
 
     cfg = read_report_config(folder)
-    base = llm_folder or cfg["base_llm"]["path"]
+    base = llm_folder or cfg["base_llm"].get("path") or ""
+    if not os.path.isdir(base) and not llm_folder and cfg["base_llm"].get("name") == SMOLLM2_NAME:
+        from .llm import smollm2_folder   # the default base: converted once from the offline wheel
+
+        base = smollm2_folder(default_llm_cache())
+    if not os.path.isdir(base):
+        raise ReportModelError(f"{folder}: its base LLM folder {base!r} is missing; pass --llm FOLDER")
     if check_base:
         sha = llm_fingerprint(base)
         if sha != cfg["base_llm"]["sha256"]:

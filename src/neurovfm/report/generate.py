@@ -17,7 +17,7 @@ import torch
 
 from .constrained import ReportGrammar
 from .evaluation import safe_triage
-from .folder import load_report_model
+from .folder import default_report_model, load_report_model
 from .guard import apply_guard
 
 GUARD_FILE = "guard.json"
@@ -27,8 +27,9 @@ class Reporter:
     """A loaded report model; `report()` turns one exam's encoder features + head output into a
     structured report, the guard's flags, and the triage the report implies."""
 
-    def __init__(self, folder: str, llm: str | None = None, num_beams: int = 3, guard: bool = True):
+    def __init__(self, folder: str | None = None, llm: str | None = None, num_beams: int = 3, guard: bool = True):
         t = time.perf_counter()
+        folder = folder or default_report_model()
         self.folder = folder
         self.vlm, self.schema, self.cfg = load_report_model(folder, llm)
         self.grammar = ReportGrammar(self.schema, self.vlm.tokenizer)

@@ -110,13 +110,55 @@ def _enter_stage2(vlm, cfg: ReportTrainConfig) -> None:
     vlm.set_stage(2)
 
 
+class _LossModule(torch.nn.Module):
+    """The VLM's teacher-forced loss as a module call, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, vlm):
+        super().__init__()
+        self.vlm = vlm
+
+    def forward(self, feats, indication, answer_ids):
+        return self.vlm.loss_on_ids(feats, indication, answer_ids)
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """torchrun: one process per GPU (NCCL) or per CPU slot (gloo); alone: rank 0 of 1."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _wrap(vlm, world: int, device: torch.device, find_unused: bool):
+    mod = _LossModule(vlm)
+    if world == 1:
+        return mod
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(mod, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=find_unused)
+
+
 def train_reports(cfg: ReportTrainConfig, max_steps: int | None = None,
                   progress: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
     """Run (or resume) training; stops after max_steps more steps (a chunk) or at the end.
-    Writes checkpoints under out/ and, at the end, the report model folder out/model."""
+    Writes checkpoints under out/ and, at the end, the report model folder out/model.
+    Under torchrun each of the `world` processes takes its own example per step and DDP averages
+    the gradients (an effective batch of `world`); rank 0 writes."""
+    import torch.distributed as dist
+
     from ..probe.embed import FeatureStore
 
     torch.set_num_threads(max(1, cfg.threads))
+    rank, world, device = _init_distributed()
     examples = build_examples(cfg.findings, cfg.features, ("train",))
     store_meta = FeatureStore(cfg.features).meta
     dim = int(store_meta["dim"])
@@ -138,6 +180,9 @@ def train_reports(cfg: ReportTrainConfig, max_steps: int | None = None,
             raise ReportTrainError(f"{ck}: written with another configuration; use a new --out")
         if meta["llm_sha256"] != llm_sha:
             raise ReportTrainError(f"{ck}: the base LLM changed since this run started")
+        if int(meta.get("world_size", 1)) != world:
+            raise ReportTrainError(f"{ck}: started with {meta.get('world_size', 1)} processes, now {world}; "
+                                   "resume with the same number (a step's examples depend on it)")
         step, log = int(meta["step"]), meta["log"]
         if meta["stage"] == 2:
             _enter_stage2(vlm, cfg)
@@ -150,49 +195,74 @@ def train_reports(cfg: ReportTrainConfig, max_steps: int | None = None,
         opt = _optimizer(vlm, cfg)
 
     end = cfg.total_steps if max_steps is None else min(cfg.total_steps, step + max_steps)
+    vlm.to(device)
+    opt_state_to(opt, device)
     vlm.train()
+    model = _wrap(vlm, world, device, not cfg.use_images)
     t0 = time.time()
 
     def save(at: int) -> None:
+        if rank != 0:
+            return
         tensors = trainable_state(vlm)
         ot, groups = optimizer_tensors(opt.state_dict())
         tensors.update(ot)
         save_checkpoint(cfg.out, at, tensors, {"step": at, "config": _cfg_json(cfg), "llm_sha256": llm_sha,
                                                "param_groups": groups, "log": log,
-                                               "stage": vlm.config.stage}, cfg.keep_checkpoints)
+                                               "stage": vlm.config.stage, "world_size": world},
+                        cfg.keep_checkpoints)
 
     while step < end:
         if step >= cfg.stage1_steps and vlm.config.stage == 1:
             _enter_stage2(vlm, cfg)       # adapters added (B = 0: same outputs), fresh optimiser
+            vlm.to(device)
             opt = _optimizer(vlm, cfg)
-        i = example_order(len(examples), step, cfg.seed)
+            model = _wrap(vlm, world, device, not cfg.use_images)
+        k = step * world + rank           # this process's example of the step
+        i = example_order(len(examples), k, cfg.seed)
         ex = examples[i]
-        rng = np.random.default_rng([cfg.seed, step, 1])
-        feats = series_features(ex, cfg.max_tokens_per_series, rng) if cfg.use_images else []
+        rng = np.random.default_rng([cfg.seed, k, 1])
+        feats = [f.to(device) for f in series_features(ex, cfg.max_tokens_per_series, rng)] if cfg.use_images else []
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        loss = vlm.loss_on_ids(feats, ex.indication if cfg.use_indication else None, answers[i])
+        loss = model(feats, ex.indication if cfg.use_indication else None, answers[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(vlm.trainable_parameters(), cfg.grad_clip)
         opt.step()
         step += 1
-        log.append({"step": step, "loss": round(loss.item(), 5), "stage": vlm.config.stage})
-        if progress:
-            progress(step, cfg.total_steps, loss.item())
+        lv = loss.detach()
+        if world > 1:
+            dist.all_reduce(lv)
+            lv = lv / world
+        log.append({"step": step, "loss": round(lv.item(), 5), "stage": vlm.config.stage})
+        if progress and rank == 0:
+            progress(step, cfg.total_steps, lv.item())
         if step % cfg.checkpoint_every == 0 or step == end:
             save(step)
     done = step >= cfg.total_steps
-    if done:
+    if done and rank == 0:
         model_dir = os.path.join(cfg.out, "model")
-        save_report_model(model_dir, vlm, schema, cfg.model_cfg(dim), cfg.llm, llm_sha, dim,
+        mcfg = cfg.model_cfg(dim)
+        mcfg["finding_labels"] = sorted({f["label"] for e in examples for f in e.truth["findings"]})
+        save_report_model(model_dir, vlm.to("cpu"), schema, mcfg, cfg.llm, llm_sha, dim,
                           store_meta.get("encoder_id"),
                           make_provenance({"train_studies": len(examples), "steps": cfg.total_steps,
                                            "config": _cfg_json(cfg)}))
+    if world > 1:
+        dist.barrier()                    # rank 0 has written everything before anyone returns
+        dist.destroy_process_group()
     return {"step": step, "total_steps": cfg.total_steps, "done": done, "seconds": round(time.time() - t0, 1),
             "last_losses": [r["loss"] for r in log[-10:]], "n_train": len(examples),
-            "model": os.path.join(cfg.out, "model") if done else None}
+            "model": os.path.join(cfg.out, "model") if done else None, "world_size": world, "rank": rank}
+
+
+def opt_state_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    for st in opt.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and k != "step":
+                st[k] = v.to(device)
 
 
 def _cfg_json(cfg: ReportTrainConfig) -> dict[str, Any]:
