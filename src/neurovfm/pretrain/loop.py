@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from neurovfm.distributed import init_distributed as _init_distributed
 from neurovfm.models.folder import make_provenance, save_encoder
 from neurovfm.pretrain import monitors
 from neurovfm.pretrain.checkpoint import (CheckpointError, is_checkpoint, latest_checkpoint, load_checkpoint,
@@ -68,21 +69,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 # -- distribution --------------------------------------------------------------------------------
 def init_distributed(cfg: PretrainConfig) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want = cfg.run.device
-    cuda = torch.cuda.is_available() and want in ("auto", "cuda")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is cuda but no CUDA device is available")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
+    try:
+        return _init_distributed(cfg.run.device)
+    except RuntimeError as e:
+        raise RuntimeError(f"run.device: {e}") from None
 
 
 def autocast(cfg: PretrainConfig, device: torch.device):

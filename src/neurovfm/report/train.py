@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..distributed import init_distributed
 from ..errors import NeuroVFMError
 from ..models.folder import make_provenance
 from ..pretrain.checkpoint import (latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors,
@@ -121,22 +122,6 @@ class _LossModule(torch.nn.Module):
         return self.vlm.loss_on_ids(feats, indication, answer_ids)
 
 
-def _init_distributed() -> tuple[int, int, torch.device]:
-    """torchrun: one process per GPU (NCCL) or per CPU slot (gloo); alone: rank 0 of 1."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
 def _wrap(vlm, world: int, device: torch.device, find_unused: bool):
     mod = _LossModule(vlm)
     if world == 1:
@@ -158,7 +143,7 @@ def train_reports(cfg: ReportTrainConfig, max_steps: int | None = None,
     from ..probe.embed import FeatureStore
 
     torch.set_num_threads(max(1, cfg.threads))
-    rank, world, device = _init_distributed()
+    rank, world, device = init_distributed("auto")
     examples = build_examples(cfg.findings, cfg.features, ("train",))
     store_meta = FeatureStore(cfg.features).meta
     dim = int(store_meta["dim"])
