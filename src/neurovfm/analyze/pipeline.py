@@ -347,6 +347,11 @@ class Analyzer:
         rows.sort(key=lambda r: -r["calibrated_probability"])
         report = None
         if self.reporter is not None:
+            want = self.reporter.cfg.get("encoder_id")
+            if want and want != self.model_info["encoder_id"]:
+                warnings.append(_warn("report_encoder_mismatch",
+                                      "the report model was trained on another encoder's features than this "
+                                      "model's; its report is unreliable"))
             self._progress(f"{mod}: findings report", 0.85)
             t = time.perf_counter()
             report = self.reporter.report(sc.view_features, mod, rows, self._indication)

@@ -29,6 +29,8 @@ from .schema import ReportGenerationError, ReportSchema, clean_text, validate_re
 @dataclass
 class _Choice:
     options: list[tuple[tuple[int, ...], int]]   # (token ids, next node); next -1 = end
+    kind: str = ""                               # "label" | "side": options carry values
+    values: tuple[str, ...] = ()
 
 
 @dataclass
@@ -43,8 +45,13 @@ class _Text:
     next: int
 
 
-State = tuple[int, tuple[int, ...]]   # (node, tokens consumed inside it); node -1 = done
-DONE: State = (-1, ())
+# (node, tokens consumed inside it, (finding (label, side) pairs written so far, current label));
+# node -1 = done. A (label, side) pair may be written once: beam and greedy search otherwise
+# fall into repeating one finding until the list is full.
+Ctx = tuple[frozenset, "str | None"]
+State = tuple[int, tuple[int, ...], Ctx]
+EMPTY: Ctx = (frozenset(), None)
+DONE = -1
 
 
 class ReportGrammar:
@@ -113,8 +120,9 @@ class ReportGrammar:
             size = self._add(None)
             desc = self._add(None)
             close = self._add(None)
-            self.nodes[label_nodes[k]] = _Choice([(self.ids(lab + '"'), side) for lab in s.labels])
-            side_enum = self._add(_Choice([(self.ids(v + '"'), size_open) for v in s.sides]))
+            self.nodes[label_nodes[k]] = _Choice([(self.ids(lab + '"'), side) for lab in s.labels], "label",
+                                                 tuple(s.labels))
+            side_enum = self._add(_Choice([(self.ids(v + '"'), size_open) for v in s.sides], "side", tuple(s.sides)))
             self.nodes[side] = self._lit(', "side": "', side_enum)
             self.nodes[size_open] = self._lit(', "size_mm": ', size)
             desc_open = self._add(None)
@@ -129,7 +137,7 @@ class ReportGrammar:
                                      (self.ids('{"label": "'), label_nodes[0])])
         self.nodes[exam] = _Choice([(self.ids(v + '", "findings": ['), fopen) for v in s.exam_types])
         self.nodes[start] = self._lit('{"exam_type": "', exam)
-        self.start: State = (start, ())
+        self.start: State = (start, (), EMPTY)
         self._check()
 
     def _check(self) -> None:
@@ -152,54 +160,74 @@ class ReportGrammar:
                     raise ReportGenerationError(f"grammar node {i}: its end is ambiguous with this tokenizer")
 
     # ------------------------------------------------------------------ running
-    def _choice_next(self, node: _Choice, prefix: tuple[int, ...]) -> list[int]:
-        n = len(prefix)
-        return sorted({o[n] for o, _ in node.options if len(o) > n and o[:n] == prefix})
+    @staticmethod
+    def is_done(state: State) -> bool:
+        return state[0] == DONE
 
-    def _enter(self, idx: int, tok: int) -> State | None:
-        """Feed the first token of choice node idx."""
-        return self._step_choice(idx, (), tok)
-
-    def _step_choice(self, idx: int, prefix: tuple[int, ...], tok: int) -> State | None:
+    def _live(self, idx: int, ctx: Ctx) -> list[tuple[tuple[int, ...], int, str]]:
+        """The options of a choice node still open given what the report already holds."""
         node = self.nodes[idx]
+        used, cur = ctx
+        vals = node.values or ("",) * len(node.options)
+        out = []
+        for (o, nxt), v in zip(node.options, vals):
+            if node.kind == "label" and all((v, sd) in used for sd in self.schema.sides):
+                continue
+            if node.kind == "side" and (cur, v) in used:
+                continue
+            out.append((o, nxt, v))
+        return out
+
+    def _choice_next(self, idx: int, prefix: tuple[int, ...], ctx: Ctx) -> list[int]:
+        n = len(prefix)
+        return sorted({o[n] for o, _, _ in self._live(idx, ctx) if len(o) > n and o[:n] == prefix})
+
+    def _step_choice(self, idx: int, prefix: tuple[int, ...], tok: int, ctx: Ctx) -> State | None:
+        kind = self.nodes[idx].kind
         p = prefix + (tok,)
-        for o, nxt in node.options:
+        live = self._live(idx, ctx)
+        for o, nxt, v in live:
             if o == p:
-                return DONE if nxt == -1 else (nxt, ())
-        if any(len(o) > len(p) and o[:len(p)] == p for o, _ in node.options):
-            return (idx, p)
+                used, cur = ctx
+                if kind == "label":
+                    ctx = (used, v)
+                elif kind == "side":
+                    ctx = (used | {(cur, v)}, cur)
+                return (nxt, (), ctx)
+        if any(len(o) > len(p) and o[:len(p)] == p for o, _, _ in live):
+            return (idx, p, ctx)
         return None
 
     def advance(self, state: State, tok: int) -> State:
         """The state after emitting tok; raises ReportGenerationError if tok is not allowed."""
-        idx, got = state
+        idx, got, ctx = state
         out = None
         if idx >= 0:
             node = self.nodes[idx]
             if isinstance(node, _Choice):
-                out = self._step_choice(idx, got, tok)
+                out = self._step_choice(idx, got, tok, ctx)
             else:
                 limit = node.max_digits if isinstance(node, _Digits) else node.max_tokens
                 own = tok in self.digit_ids if isinstance(node, _Digits) else \
                     (0 <= tok < self.vocab_size and bool(self.text_mask[tok]))
                 min_len = 1 if isinstance(node, _Digits) else 0
                 if own and len(got) < limit:
-                    out = (idx, got + (tok,))
+                    out = (idx, got + (tok,), ctx)
                 elif len(got) >= min_len:
-                    out = self._enter(node.next, tok)
+                    out = self._step_choice(node.next, (), tok, ctx)
         if out is None:
             raise ReportGenerationError(f"token {tok} ({self.tok.decode([tok])!r}) breaks the report schema")
         return out
 
     def allowed(self, state: State) -> tuple[list[int], bool]:
         """(explicit token ids, whether the free-text mask is also allowed)."""
-        idx, got = state
+        idx, got, ctx = state
         if idx < 0:
             return [self.eos], False
         node = self.nodes[idx]
         if isinstance(node, _Choice):
-            return self._choice_next(node, got), False
-        nxt = self._choice_next(self.nodes[node.next], ())
+            return self._choice_next(idx, got, ctx), False
+        nxt = self._choice_next(node.next, (), ctx)
         if isinstance(node, _Digits):
             own = sorted(self.digit_ids) if len(got) < node.max_digits else []
             return (own + nxt) if got else own, False
@@ -257,7 +285,7 @@ class ReportGrammar:
         out += self._text_ids(report["impression"], s.max_impression_tokens)
         out += self.ids('"}') + (self.eos,)
         state = self.run(out)            # the decoder must be able to produce every training answer
-        if state != DONE:
+        if not self.is_done(state):
             raise ReportGenerationError("internal: encoded report does not reach the end of the grammar")
         return out
 
@@ -276,7 +304,7 @@ class ReportGrammar:
             state = self.run(ids)
         except ReportGenerationError as e:
             raise ReportGenerationError(f"generated tokens break the schema: {e}") from None
-        if state != DONE:
+        if not self.is_done(state):
             raise ReportGenerationError(f"generation stopped before the report was complete "
                                         f"({len(ids)} tokens; raise max_new_tokens?)")
         text = self.tok.decode(body, skip_special_tokens=False)
@@ -339,7 +367,7 @@ def greedy_decode(llm, grammar: ReportGrammar, inputs_embeds: torch.Tensor, atte
     state, gen, pending = grammar.start, [], []
     n_past = inputs_embeds.shape[1]
     limit = grammar.max_length()
-    while state != DONE:
+    while not grammar.is_done(state):
         f = grammar.forced(state)
         if f:
             for t in f:

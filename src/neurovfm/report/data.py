@@ -72,9 +72,14 @@ def finding_vocabulary(records: list[dict[str, Any]]) -> list[str]:
 def target_report(rec: dict[str, Any], schema: ReportSchema) -> dict[str, Any]:
     """The structured report a study's ground truth implies."""
     fs = sorted(rec["findings"], key=lambda f: (ACUITY_ORDER.get(f.get("acuity", "Routine"), 1), f["label"]))
-    findings = [{"label": f["label"], "side": f["side"] if f["side"] in schema.sides else "bilateral",
-                 "size_mm": int(round(float(f.get("size_mm") or 0))),
-                 "description": clean_text(f.get("location", ""))} for f in fs[: schema.max_findings]]
+    findings, seen = [], set()
+    for f in fs:     # one finding per (label, side), as the decoder allows
+        side = f["side"] if f["side"] in schema.sides else "bilateral"
+        if (f["label"], side) in seen or len(findings) == schema.max_findings:
+            continue
+        seen.add((f["label"], side))
+        findings.append({"label": f["label"], "side": side, "size_mm": int(round(float(f.get("size_mm") or 0))),
+                         "description": clean_text(f.get("location", ""))})
     imp = (rec.get("report") or {}).get("impression", "")
     items = [clean_text(line.split(".", 1)[1] if line[:1].isdigit() and "." in line else line)
              for line in imp.splitlines() if line.strip()]
