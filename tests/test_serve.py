@@ -227,15 +227,27 @@ def test_browser_upload_view_scroll_map_triage(server, archive):
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "serve_viewer.png"), full_page=True)
 
-            # no report in the result: nothing shown for it; a result with one (reports come later): shown, flags too
+            # no report in the result: nothing shown for it; an exam with one (`--report`): findings, what
+            # the guard added, its flags
             assert page.inner_text("#report").strip() == ""
             res_path = Path(server["data"]) / "jobs" / job_id / "out" / "result.json"
-            with_report = dict(result, report={"text": "Draft report text.", "guard_flags": ["laterality_unsupported"]})
+            rep = {"report": {"exam_type": "CT head", "impression": "Left subdural hematoma.",
+                              "findings": [{"label": "acute_subdural_hematoma", "side": "left", "size_mm": 7,
+                                            "description": "left convexity"},
+                                           {"label": "midline_shift", "side": "midline", "size_mm": 0,
+                                            "description": "added", "added_by_guard": True}]},
+                   "guard_flags": [{"kind": "omitted_finding", "label": "midline_shift", "side": "midline"}],
+                   "triage": "Urgent"}
+            with_report = json.loads(json.dumps(result))
+            with_report["exams"][0]["report"] = rep
             res_path.write_text(json.dumps(with_report))
             page.reload()
             page.wait_for_selector("#report .report")
-            assert "Draft report text." in page.inner_text("#report")
-            assert "laterality_unsupported" in page.inner_text("#report .flags")
+            text = page.inner_text("#report")
+            assert "acute_subdural_hematoma" in text and "Left subdural hematoma." in text and "triage Urgent" in text
+            assert page.locator("#report li.added").count() == 1
+            assert "added by guard" in page.inner_text("#report li.added")
+            assert "omitted_finding: midline_shift" in page.inner_text("#report .flags")
             res_path.write_text(json.dumps(result))
         finally:
             browser.close()

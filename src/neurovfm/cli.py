@@ -487,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="local web viewer: upload or pick a study, see findings and maps on the images")
     s.add_argument("--model", help="model folder with heads (default: the shipped demo model; loaded on the first job)")
+    s.add_argument("--report", action="store_true", help="add a draft findings report per exam (LLM + guard)")
+    s.add_argument("--report-model", help="report model folder (default with --report: the shipped one)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; any other needs a token)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--root", help="study folders under this folder can be picked from the page")
@@ -674,7 +676,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from neurovfm.serve.run import serve, token_from
     from neurovfm.serve.settings import MB, ServeSettings
 
-    serve(ServeSettings(model=a.model, host=a.host, port=a.port, root=a.root, workers=a.workers,
+    serve(ServeSettings(model=a.model, report=a.report, report_model=a.report_model, host=a.host, port=a.port,
+                        root=a.root, workers=a.workers,
                         retention_hours=a.retention_hours, max_upload_bytes=int(a.max_upload_mb * MB),
                         max_files=a.max_files, data=a.data or "", token=token_from(a.token)))
     return 0

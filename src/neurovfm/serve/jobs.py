@@ -96,7 +96,12 @@ class JobManager:
         from neurovfm.analyze.config import AnalyzeConfig
         from neurovfm.analyze.pipeline import Analyzer
 
-        return Analyzer(self.settings.model, AnalyzeConfig())
+        reporter = None
+        if self.settings.report or self.settings.report_model:
+            from neurovfm.report.generate import Reporter
+
+            reporter = Reporter(self.settings.report_model)
+        return Analyzer(self.settings.model, AnalyzeConfig(), reporter)
 
     def analyzer(self) -> Any:
         with self._load_lock:

@@ -37,6 +37,8 @@ def default_data_dir() -> str:
 @dataclass
 class ServeSettings:
     model: str | None = None  # model folder; None: the shipped demo model
+    report: bool = False  # add a draft findings report per exam (report model below, or the shipped one)
+    report_model: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     root: str | None = None  # study folders under here may be picked from the page

@@ -261,14 +261,23 @@ async function pollJob(id) {
 }
 
 function renderReport(report) {
-  // reports come later: a string, or {text, guard_flags}; nothing is shown without one
+  // an exam's draft findings report (`analyze --report`): structured findings, impression, the
+  // consistency guard's additions and flags; nothing is shown without one
   if (!report) return null;
-  const text = typeof report === "string" ? report : (report.text || report.report || [report.findings, report.impression].filter(Boolean).join("\n\n"));
-  const flags = typeof report === "object" ? (report.guard_flags || report.flags || report.guards || []) : [];
+  const r = typeof report === "object" ? report.report : null;
+  const flags = typeof report === "object" ? (report.guard_flags || []) : [];
+  const body = (r && typeof r === "object")
+    ? [h("ul", { class: "report-findings" }, r.findings.length ? r.findings.map((f) =>
+        h("li", { class: f.added_by_guard ? "added" : "" }, h("b", {}, f.label), ` (${f.side}${f.size_mm ? ", " + f.size_mm + " mm" : ""})`,
+          f.description ? `: ${f.description}` : "", f.added_by_guard ? h("span", { class: "badge added-badge" }, "added by guard") : null))
+        : [h("li", {}, "no findings reported")]),
+       h("p", { class: "impression" }, "Impression: ", r.impression || "")]
+    : [String(report)];
   return h("div", { class: "report-block" },
-    h("h3", {}, "Draft report"),
-    h("div", { class: "report" }, text || ""),
-    flags.length ? h("ul", { class: "flags" }, flags.map((f) => h("li", {}, typeof f === "string" ? f : (f.code ? `${f.code}: ${f.message || ""}` : JSON.stringify(f))))) : null);
+    h("h3", {}, `Draft report (machine generated${report.triage ? "; triage " + report.triage : ""})`),
+    h("div", { class: "report" }, ...body),
+    flags.length ? h("ul", { class: "flags" }, flags.map((f) => h("li", {}, typeof f === "string" ? f
+      : `${f.kind}: ${f.label}${f.side ? " (map side " + f.side + ")" : ""}${f.report_side ? ", report says " + f.report_side : ""}`))) : null);
 }
 
 function renderResult(id, st) {
@@ -292,8 +301,6 @@ function renderResult(id, st) {
 
   const rep = $("#report");
   rep.replaceChildren();
-  const top = renderReport(res.report);
-  if (top) rep.append(top);
   for (const ex of res.exams) {
     const r = renderReport(ex.report);
     if (r) rep.append(r);
