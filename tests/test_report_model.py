@@ -127,6 +127,8 @@ def test_random_model_output_always_parses(llm_dir, grammar):
         validate_report(grammar.decode(ids), grammar.schema)
     rep = vlm.generate_report(feats, grammar, "headache", num_beams=2)
     validate_report(rep, grammar.schema)
+    vlm.tokenizer.pad_token = vlm.tokenizer.eos_token    # as in SmolLM2: finished beams padded with EOS
+    validate_report(vlm.generate_report(feats, grammar, "headache", num_beams=3), grammar.schema)
     with pytest.raises(ReportGenerationError):
         vlm.generate_report(feats, grammar, "headache", num_beams=2, max_new_tokens=5)
 

@@ -202,7 +202,9 @@ class ReportGrammar:
         """The state after emitting tok; raises ReportGenerationError if tok is not allowed."""
         idx, got, ctx = state
         out = None
-        if idx >= 0:
+        if idx < 0 and tok == self.eos:
+            out = state                   # finished hypotheses are padded with EOS by beam search
+        elif idx >= 0:
             node = self.nodes[idx]
             if isinstance(node, _Choice):
                 out = self._step_choice(idx, got, tok, ctx)
@@ -296,10 +298,9 @@ class ReportGrammar:
     def decode(self, ids) -> dict[str, Any]:
         """Generated ids -> validated report; ReportGenerationError if they are not a full report."""
         ids = [int(i) for i in ids]
-        if ids and ids[-1] == self.eos:
-            body = ids[:-1]
-        else:
-            body = ids
+        if self.eos in ids:               # the report ends at its first EOS (beam search pads after it)
+            ids = ids[: ids.index(self.eos) + 1]
+        body = ids[:-1] if ids and ids[-1] == self.eos else ids
         try:
             state = self.run(ids)
         except ReportGenerationError as e:

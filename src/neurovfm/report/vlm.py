@@ -240,10 +240,11 @@ class ReportVLM(nn.Module):
 
             out = self.llm.generate(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"],
                                     logits_processor=LogitsProcessorList([ReportLogitsProcessor(grammar)]),
-                                    num_beams=num_beams, do_sample=False,
+                                    num_beams=num_beams, do_sample=False, early_stopping=True,
                                     max_new_tokens=max_new_tokens or grammar.max_length(),
                                     eos_token_id=grammar.eos, pad_token_id=self.tokenizer.pad_token_id)
-            return [int(t) for t in out[0].tolist() if t != self.tokenizer.pad_token_id or t == grammar.eos]
+            ids = [int(t) for t in out[0].tolist()]
+            return ids[: ids.index(grammar.eos) + 1] if grammar.eos in ids else ids
         finally:
             self.train(was)
 
