@@ -27,7 +27,7 @@ class Reporter:
     """A loaded report model; `report()` turns one exam's encoder features + head output into a
     structured report, the guard's flags, and the triage the report implies."""
 
-    def __init__(self, folder: str | None = None, llm: str | None = None, num_beams: int = 3, guard: bool = True):
+    def __init__(self, folder: str | None = None, llm: str | None = None, num_beams: int = 1, guard: bool = True):
         t = time.perf_counter()
         folder = folder or default_report_model()
         self.folder = folder

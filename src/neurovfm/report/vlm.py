@@ -225,7 +225,7 @@ class ReportVLM(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
     @torch.no_grad()
-    def generate_ids(self, series_feats, grammar, indication: str | None = None, num_beams: int = 3,
+    def generate_ids(self, series_feats, grammar, indication: str | None = None, num_beams: int = 1,
                      max_new_tokens: int | None = None) -> list[int]:
         """Schema-constrained generation: greedy (num_beams=1, forced runs batched) or beam search."""
         from .constrained import ReportLogitsProcessor, greedy_decode
@@ -248,7 +248,7 @@ class ReportVLM(nn.Module):
         finally:
             self.train(was)
 
-    def generate_report(self, series_feats, grammar, indication: str | None = None, num_beams: int = 3,
+    def generate_report(self, series_feats, grammar, indication: str | None = None, num_beams: int = 1,
                         max_new_tokens: int | None = None) -> dict:
         """A validated structured report; ReportGenerationError if the schema cannot be completed."""
         return grammar.decode(self.generate_ids(series_feats, grammar, indication, num_beams, max_new_tokens))
