@@ -70,9 +70,6 @@ def test_guard_threshold_from_validation_only(tmp_path, test_truth_sdh):
     a = res["metrics"]["a_image"]
     assert d["recall"] >= a["recall"]
     assert os.path.isfile(tmp_path / "out" / "report_eval.json") and os.path.isfile(tmp_path / "out" / "report_eval.png")
-    # deterministic: the same inputs give the same threshold
-    other = evaluate_reports(p["truth"], p["a"], p["b"], str(tmp_path / "heads"), str(tmp_path / "o2"), n_boot=50)
-    assert other["guard_threshold"]["threshold"] == thr
     rm = tmp_path / "rm"
     rm.mkdir()
     g = json.load(open(save_guard(str(rm), res)))

@@ -274,11 +274,9 @@ def plot_reliability(out_dir: str, summary: dict[str, Any], preds: dict[str, dic
         ax.set_ylabel("observed frequency")
         ax.set_title(f"{mod}: external test ({len(c)} labels pooled)")
         ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "reliability_external.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    from neurovfm.eval.plots import _finish
+
+    return _finish(plt, fig, axes, axes.size, os.path.join(out_dir, "reliability_external.png"), None)
 
 
 def format_table(summary: dict[str, Any]) -> str:

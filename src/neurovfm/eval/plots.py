@@ -97,10 +97,12 @@ def write_modality_plots(out_dir: str, modality: str, runs: dict[str, Any], head
     return written
 
 
-def _finish(plt, fig, axes, used: int, path: str, title: str) -> str:
+def _finish(plt, fig, axes, used: int, path: str, title: str | None) -> str:
+    """Blank the unused panels, title, lay out, save and close: every evaluation figure ends here."""
     for ax in list(axes.flat)[used:]:
         ax.axis("off")
-    fig.suptitle(title)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -332,11 +332,9 @@ def plot(out_dir: str, summary: dict[str, Any]) -> str:
         ax.set_ylim(0, 1)
         ax.set_title("air/bone tokens: attention vs share (test)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "shortcut.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    from neurovfm.eval.plots import _finish
+
+    return _finish(plt, fig, axes, axes.size, os.path.join(out_dir, "shortcut.png"), None)
 
 
 def format_table(summary: dict[str, Any]) -> str:

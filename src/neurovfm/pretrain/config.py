@@ -145,13 +145,9 @@ def config_from_dict(d: dict[str, Any], where: str = "config") -> PretrainConfig
 def load_config(path: str, overrides: list[str] | None = None) -> PretrainConfig:
     """YAML file (+ ``section.key=value`` overrides) -> validated config. Paths may use
     ``$VARS``; relative paths are relative to the working directory."""
-    try:
-        with open(path) as fh:
-            d = yaml.safe_load(fh) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    from neurovfm.files import read_yaml
+
+    d = read_yaml(path, ConfigError)
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not section.key=value")

@@ -143,6 +143,7 @@ class ReportGrammar:
     def _check(self) -> None:
         """Every choice must be prefix-free and every choice after a Digits/Text node must start
         with a token that node cannot emit; otherwise decoding would be ambiguous."""
+        text_ids = set(torch.nonzero(self.text_mask).flatten().tolist())
         for i, node in enumerate(self.nodes):
             if isinstance(node, _Choice):
                 seqs = [o for o, _ in node.options]
@@ -154,8 +155,7 @@ class ReportGrammar:
                             raise ReportGenerationError(f"grammar node {i}: option {a} is a prefix of {b}")
             if isinstance(node, (_Digits, _Text)):
                 firsts = {o[0] for o, _ in self.nodes[node.next].options}
-                own = set(self.digit_ids) if isinstance(node, _Digits) else \
-                    set(torch.nonzero(self.text_mask).flatten().tolist())
+                own = self.digit_ids if isinstance(node, _Digits) else text_ids
                 if firsts & own:
                     raise ReportGenerationError(f"grammar node {i}: its end is ambiguous with this tokenizer")
 

@@ -108,17 +108,17 @@ def build_examples(findings_path: str, features_dir: str, splits: tuple[str, ...
     return out
 
 
+def subsample_tokens(feats: np.ndarray, max_tokens: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+    """float32 [n, D] with at most max_tokens rows: random when rng is given (training), evenly
+    spaced otherwise (evaluation and `neurovfm report` see the same tokens)."""
+    n = feats.shape[0]
+    if n > max_tokens:
+        idx = np.sort(rng.choice(n, max_tokens, replace=False)) if rng is not None else \
+            np.linspace(0, n - 1, max_tokens).round().astype(np.int64)
+        feats = feats[idx]
+    return torch.from_numpy(np.asarray(feats, np.float32))
+
+
 def series_features(ex: ReportExample, max_tokens: int, rng: np.random.Generator | None = None) -> list[torch.Tensor]:
-    """One float32 [n, D] tensor per series view; more than max_tokens are subsampled (randomly
-    when rng is given, for training; evenly spaced otherwise, so inference is deterministic)."""
-    out = []
-    for v in ex.views:
-        n = v.feats.shape[0]
-        if n > max_tokens:
-            idx = np.sort(rng.choice(n, max_tokens, replace=False)) if rng is not None else \
-                np.linspace(0, n - 1, max_tokens).round().astype(np.int64)
-            f = np.asarray(v.feats[idx], np.float32)
-        else:
-            f = np.asarray(v.feats, np.float32)
-        out.append(torch.from_numpy(f))
-    return out
+    """One float32 [n, D] tensor per series view of a stored study (see subsample_tokens)."""
+    return [subsample_tokens(v.feats, max_tokens, rng) for v in ex.views]

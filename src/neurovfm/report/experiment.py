@@ -97,7 +97,8 @@ def head_rows(result_path: str, modality: str) -> list[dict[str, Any]]:
 
 def generate_split(report_model: str, features: str, keyed_findings: str, out_jsonl: str, splits=("val", "test"),
                    num_beams: int = 1, llm: str | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, Any]]:
+                   progress: Callable[[int, int], None] | None = None,
+                   keys: set[str] | None = None) -> dict[str, dict[str, Any]]:
     """Reports of a report model for every study of the splits, appended to out_jsonl one line per
     study (resumable). Failures are recorded as typed errors, never skipped silently."""
     from .constrained import ReportGrammar
@@ -107,7 +108,8 @@ def generate_split(report_model: str, features: str, keyed_findings: str, out_js
     vlm, schema, cfg = load_report_model(report_model, llm)
     grammar = ReportGrammar(schema, vlm.tokenizer)
     done = _done_keys(out_jsonl)
-    exs = [e for e in build_examples(keyed_findings, features, tuple(splits)) if e.study_key not in done]
+    exs = [e for e in build_examples(keyed_findings, features, tuple(splits))
+           if e.study_key not in done and (keys is None or e.study_key in keys)]
     os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
     with open(out_jsonl, "a") as fh:
         for i, ex in enumerate(exs):

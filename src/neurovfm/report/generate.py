@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from .constrained import ReportGrammar
+from .data import MAX_VIEWS, subsample_tokens
 from .evaluation import safe_triage
-from .folder import default_report_model, load_report_model
+from .folder import ReportModelError, default_report_model, load_report_model
 from .guard import apply_guard
 
 GUARD_FILE = "guard.json"
@@ -38,21 +39,18 @@ class Reporter:
         g = {}
         path = os.path.join(folder, GUARD_FILE)
         if os.path.isfile(path):
-            with open(path) as fh:
-                g = json.load(fh)
+            try:
+                with open(path) as fh:
+                    g = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ReportModelError(f"{path}: not valid JSON ({e.msg}); rerun `neurovfm report-eval`") from None
         self.guard_threshold = g.get("threshold")
         self.vocabulary = g.get("vocabulary") or self.cfg.get("finding_labels") or list(self.schema.labels)
         self.max_tokens = int(self.cfg.get("max_tokens_per_series") or 512)
         self.load_s = time.perf_counter() - t
 
     def _features(self, view_features: list[np.ndarray]) -> list[torch.Tensor]:
-        out = []
-        for f in view_features[:8]:
-            n = f.shape[0]
-            if n > self.max_tokens:   # evenly spaced, as in evaluation (report.data.series_features)
-                f = f[np.linspace(0, n - 1, self.max_tokens).round().astype(np.int64)]
-            out.append(torch.from_numpy(np.asarray(f, np.float32)))
-        return out
+        return [subsample_tokens(f, self.max_tokens) for f in view_features[:MAX_VIEWS]]
 
     def report(self, view_features: list[np.ndarray], modality: str, head_rows: list[dict[str, Any]],
                indication: str | None = None) -> dict[str, Any]:

@@ -259,10 +259,9 @@ def _cfg_json(cfg: ReportTrainConfig) -> dict[str, Any]:
 
 
 def load_train_config(path: str, **overrides: Any) -> ReportTrainConfig:
-    import yaml
+    from ..files import read_yaml
 
-    with open(path) as fh:
-        d = yaml.safe_load(fh) or {}
+    d = read_yaml(path, ReportTrainError)
     d.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(d) - set(ReportTrainConfig.__dataclass_fields__)
     if unknown:

@@ -159,9 +159,11 @@ class ReportVLM(nn.Module):
         lat = self.resampler(feats.to(device=p.device, dtype=p.dtype), cu)
         return self.connector(lat)                         # [S, latents, H]
 
-    def build_inputs(self, series_feats, indication: str | None = None, answer: str | None = None) -> dict:
+    def build_inputs(self, series_feats, indication: str | None = None, answer: str | None = None,
+                     answer_ids: list[int] | None = None) -> dict:
         """Returns inputs_embeds [1, N, H], attention_mask [1, N], labels [1, N] (or None),
-        and image_positions [S, latents] (sequence indices of each series' visual block)."""
+        and image_positions [S, latents] (sequence indices of each series' visual block).
+        The answer is text (tokenised + EOS) or ids already tokenised (ReportGrammar.encode)."""
         if isinstance(series_feats, (list, tuple)) and len(series_feats) == 0:   # text-only prompt
             H = self.llm.get_input_embeddings().weight.shape[1]
             p = next(self.connector.parameters())
@@ -171,7 +173,10 @@ class ReportVLM(nn.Module):
         S, L, _ = vis.shape
         ids = self.prompt_ids(S, indication)
         n_prompt_text = len(ids)
-        ans = self.answer_ids(answer) if answer is not None else []
+        if answer_ids is not None:
+            ans = list(answer_ids)
+        else:
+            ans = self.answer_ids(answer) if answer is not None else []
         all_ids = torch.tensor(ids + ans, dtype=torch.long, device=vis.device)
         emb_layer = self.llm.get_input_embeddings()
         text = emb_layer(all_ids)
@@ -198,7 +203,7 @@ class ReportVLM(nn.Module):
             "labels": None,
             "image_positions": (torch.stack(positions) if positions else torch.zeros(0, L, dtype=torch.long)).to(vis.device),
         }
-        if answer is not None:
+        if ans:
             labels = torch.full((1, N), IGNORE, dtype=torch.long, device=vis.device)
             labels[0, N - len(ans):] = torch.tensor(ans, dtype=torch.long, device=vis.device)
             out["labels"] = labels
@@ -209,20 +214,14 @@ class ReportVLM(nn.Module):
         """Teacher-forced loss on the answer tokens (the HF causal-LM loss)."""
         if answer is None:
             raise ValueError("forward needs an answer to compute the loss")
-        b = self.build_inputs(series_feats, indication, answer)
-        out = self.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"], labels=b["labels"])
-        return out.loss
+        return self.loss_on_ids(series_feats, indication, self.answer_ids(answer))
 
     def loss_on_ids(self, series_feats, indication: str | None, answer_ids: list[int]) -> torch.Tensor:
         """Teacher-forced loss on pre-tokenised answer ids (from ReportGrammar.encode, EOS included)."""
-        b = self.build_inputs(series_feats, indication, None)
-        emb = self.llm.get_input_embeddings()
-        ans = torch.tensor(answer_ids, dtype=torch.long, device=b["inputs_embeds"].device)
-        embeds = torch.cat([b["inputs_embeds"], emb(ans).unsqueeze(0).to(b["inputs_embeds"].dtype)], 1)
-        labels = torch.full(embeds.shape[:2], IGNORE, dtype=torch.long, device=embeds.device)
-        labels[0, -len(answer_ids):] = ans
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        if not answer_ids:
+            raise ValueError("loss_on_ids needs answer ids")
+        b = self.build_inputs(series_feats, indication, answer_ids=answer_ids)
+        return self.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
 
     @torch.no_grad()
     def generate_ids(self, series_feats, grammar, indication: str | None = None, num_beams: int = 1,
