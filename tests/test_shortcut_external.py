@@ -18,6 +18,7 @@ from neurovfm.cli import main as cli_main
 from neurovfm.eval import calibrate as cal
 from neurovfm.eval.data import read_study_table
 from neurovfm.eval.external import ExternalConfig, ExternalEvalError, evaluate_external
+from neurovfm.errors import NeuroVFMError
 from neurovfm.eval.shortcut import LogisticProbe, ShortcutConfig, shortcut_check, study_means
 from neurovfm.ingest.pipeline import IngestOptions, run_ingest
 from neurovfm.models.folder import read_config, update_config
@@ -326,3 +327,65 @@ def test_shortcut_cli_on_real_features(sites, tmp_path):
     assert os.path.getsize(os.path.join(out, "shortcut.png")) > 1000
     assert cli_main(["shortcut", "--features", f"a={sites['home_feats']}", "--labels", sites["home_labels"],
                      "--out", out, "--eval-metrics", str(tmp_path / "missing.json")]) == 2
+
+
+# -- the anatomy probe on the home archive's real per-subject anatomy maps ------------------------------
+def _overwrite_features(src: str, dst: str, make) -> str:
+    """A copy of feature folder ``src`` whose token features are ``make(view) -> [n, dim]``."""
+    shutil.copytree(src, dst)
+    store = FeatureStore(src)
+    for i in range(store.meta["n_parts"]):
+        d = os.path.join(dst, "parts", f"p{i:05d}")
+        rows = json.load(open(os.path.join(d, "index.json")))
+        n = sum(r["n_tokens"] for r in rows)
+        f = np.memmap(os.path.join(d, "feats.f16"), np.float16, "r+", shape=(n, store.dim))
+        for r in rows:
+            v = next(v for v in store.views if v.series_key == r["series_key"] and v.view == r["view"])
+            f[r["offset"]:r["offset"] + r["n_tokens"]] = make(v)
+        f.flush()
+    return dst
+
+
+def test_anatomy_probe_finds_planted_anatomy_not_noise(sites, tmp_path):
+    import nibabel as nib
+
+    from neurovfm.eval.anatomy import AnatomyProbeConfig, anatomy_probe, class_lookup, read_truth, token_codes
+    from neurovfm.synth.atlas_maps import read_legend
+    from neurovfm.tokens.cache import TokenCache
+
+    root = sites["root"]
+    arch, cache_dir = str(root / "home_archive"), str(root / "home_cache")
+    keyer = Keyer(b"home-secret")
+    truth, classes = read_truth(arch, keyer)
+    lookup = class_lookup(read_legend(os.path.join(arch, "tables", "anatomy_labels.csv")), classes)
+    cache = TokenCache(cache_dir)
+    rng = np.random.default_rng(0)
+
+    def planted(v):  # the token's true class, one-hot, under noise (a few hundred train tokens, 192 dims)
+        _, code = token_codes(cache.get(v.series_key).grid_affine_array, v.coords, nib.load(truth[v.study_key].anatomy))
+        cls = np.where(code > 0, lookup[np.clip(code, 0, len(lookup) - 1)], -1)
+        x = rng.normal(0, 0.3, (len(cls), FeatureStore(sites["home_feats"]).dim))
+        x[cls >= 0, cls[cls >= 0]] += 3.0
+        return x
+
+    good = _overwrite_features(sites["home_feats"], str(tmp_path / "planted"), planted)
+    noise = _overwrite_features(sites["home_feats"], str(tmp_path / "noise"),
+                                lambda v: rng.normal(0, 1, (len(v.coords), FeatureStore(sites["home_feats"]).dim)))
+    cache.close()
+    cfg = AnatomyProbeConfig(tokens_per_view=200, min_train_tokens=10, bootstrap=200, l2_grid=[1e-2])
+    out = tmp_path / "anatomy"
+    s = anatomy_probe({"planted": good, "noise": noise, "random": sites["home_feats"]}, arch, cache_dir,
+                      str(out), cfg, keyer=keyer)
+    assert s["modalities"], "no modality probed"
+    for mod, m in s["modalities"].items():
+        r = m["results"]
+        assert set(r) == {"position", "planted", "noise", "random"}
+        assert r["planted"]["balanced_accuracy"]["estimate"] > 0.9, (mod, r["planted"])
+        assert r["noise"]["balanced_accuracy"]["estimate"] < m["chance_balanced_accuracy"] + 0.2, (mod, r["noise"])
+        assert r["noise"]["planted_minus_this_balanced_accuracy"]["low"] > 0.3
+        assert m["tokens"]["test"] > 50
+    for f in ("anatomy.json", "anatomy.csv", "anatomy.png"):
+        assert os.path.getsize(out / f) > 100
+    # the features must come from the cache the maps are looked up through
+    with pytest.raises(NeuroVFMError, match="site secret"):
+        anatomy_probe({"planted": good}, arch, cache_dir, None, cfg, keyer=Keyer(b"another-secret"))

@@ -200,3 +200,61 @@ def test_rendering_is_deterministic_per_seed(tmp_path):
         ma = np.asarray(nib.load(tmp_path / "a" / s["mask"]).dataobj)
         mb = np.asarray(nib.load(tmp_path / "b" / s["mask"]).dataobj)
         np.testing.assert_array_equal(ma, mb)
+
+
+def test_anatomy_maps_line_up_with_the_scans(archive, cache):
+    """Each study's anatomy map is in the scanner frame of its series: tokens whose centre the map
+    calls bone are bright in the CT bone window, white-matter tokens are not; AAL3's left regions
+    lie on the patient's left (lower RAS x) of its right ones; the legend names every code."""
+    from neurovfm.eval.anatomy import token_codes
+    from neurovfm.synth.atlas_maps import TISSUE_CODES, read_legend
+
+    out, _ = archive
+    cdir, _, keyer = cache
+    legend = read_legend(os.path.join(out, "tables", "anatomy_labels.csv"))
+    c = TokenCache(cdir)
+    by_study: dict[str, list] = {}
+    for e in c.series():
+        by_study.setdefault(e.study_key, []).append(e)
+    bone_tok, wm_tok = [], []
+    for rec in _records(out):
+        img = nib.load(os.path.join(out, rec["anatomy"]))
+        amap = np.asarray(img.dataobj)
+        assert set(np.unique(amap)) - {0} <= set(legend), "codes without a legend entry"
+        ijk = np.argwhere(amap > 0)
+        x = ijk @ img.affine[:3, :3].T[:, 0] + img.affine[0, 3]
+        cls = np.array([legend[int(k)][1] for k in amap[amap > 0]])
+        left, right = np.char.endswith(cls, "_L"), np.char.endswith(cls, "_R")
+        assert x[left].mean() < x[right].mean() - 30, rec["modality"]
+        if rec["modality"] != "CT":
+            continue
+        for e in by_study[keyer.study(rec["study_uid"])]:
+            if e.kernel != "soft":
+                continue
+            views, coords, _ = c.views(e, ["bone"])
+            _, code = token_codes(e.grid_affine_array, coords, img)
+            mean = views[:, 0].astype(float).mean(1)
+            bone_tok += list(mean[code == TISSUE_CODES["bone"]])
+            wm_tok += list(mean[np.isin(code, [TISSUE_CODES["white_matter_L"], TISSUE_CODES["white_matter_R"]])])
+    assert len(bone_tok) > 20 and len(wm_tok) > 20
+    assert np.median(bone_tok) > np.median(wm_tok) + 25, (np.median(bone_tok), np.median(wm_tok))
+
+
+def test_anatomy_backfill_rebuilds_the_same_map(archive):
+    """`synth --anatomy-only` rebuilds a missing map from the plan: the same head, the same labels;
+    other plan values than the archive's are refused."""
+    from neurovfm.errors import NeuroVFMError
+    from neurovfm.synth.archive import write_anatomy_maps
+
+    out, _ = archive
+    rec = _records(out)[0]
+    path = os.path.join(out, rec["anatomy"])
+    before = nib.load(path)
+    data, affine = np.asarray(before.dataobj).copy(), before.affine.copy()
+    os.remove(path)
+    counts = write_anatomy_maps(out, N_STUDIES, SEED, workers=1, progress=False)
+    assert counts == {"kept": N_STUDIES - 1, "written": 1}
+    after = nib.load(path)
+    assert np.array_equal(np.asarray(after.dataobj), data) and np.allclose(after.affine, affine)
+    with pytest.raises(NeuroVFMError, match="written with"):
+        write_anatomy_maps(out, N_STUDIES + 1, SEED, progress=False)

@@ -98,6 +98,31 @@ def encoder_flops(lengths: list[int], width: int, depth: int, mlp: float, token_
     return f
 
 
+def padding_ceiling(lengths: list[int], cfg) -> float:
+    """FLOPs of the padded path (every series padded to the longest) over FLOPs on real tokens: the
+    most any packed path can gain over it at equal efficiency (key-padding masks do not skip work)."""
+    args = (cfg.width, cfg.depth, cfg.mlp_ratio, cfg.token_dim, cfg.embed_dim)
+    return encoder_flops([max(lengths)] * len(lengths), *args) / encoder_flops(list(lengths), *args)
+
+
+def padding_survey(cache_dir: str, cfg, n_series: int = 6) -> dict:
+    """The padding ceiling over every MRI study of the cache with >= ``n_series`` series (their
+    first ``n_series``, as the timed study), so the one timed study can be read against the archive."""
+    from neurovfm.tokens.cache import TokenCache
+
+    c = TokenCache(cache_dir)
+    by: dict[str, list] = {}
+    for e in c.series():
+        by.setdefault(e.study_key, []).append(e)
+    c.close()
+    ceil = np.array([padding_ceiling([e.n_tokens for e in v[:n_series]], cfg)
+                     for v in by.values() if v[0].modality == "MR" and len(v) >= n_series])
+    return {"mri_studies": int(ceil.size), "series_per_study": n_series,
+            "ceiling_p10_p50_p90": [float(x) for x in np.percentile(ceil, [10, 50, 90])] if ceil.size else [],
+            "ceiling_max": float(ceil.max()) if ceil.size else None,
+            "fraction_with_ceiling_ge_1.3": float((ceil >= 1.3).mean()) if ceil.size else None}
+
+
 def matmul_rate(device, dtype, n: int = 2048, reps: int = 10) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -279,7 +304,22 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="base", help="encoder size compared (the targets are for base)")
     ap.add_argument("--out", help="write results JSON here")
     ap.add_argument("--only-pretrain", action="store_true", help="only the pretraining measurement (merged into --out)")
+    ap.add_argument("--only-padding-survey", action="store_true",
+                    help="only the padded-path FLOP ceiling over the cache's MRI studies (merged into --out)")
     a = ap.parse_args(argv)
+    if a.only_padding_survey:
+        cfg = encoder_config(a.size)
+        sv = padding_survey(a.cache, cfg)
+        res = json.load(open(a.out)) if a.out and os.path.exists(a.out) else {}
+        for row in res.get("studies", []):
+            row["padding_ceiling"] = padding_ceiling(row["series_tokens"], cfg)
+        res["padding_survey"] = sv
+        res["padding_survey_command"] = " ".join(["bench/encoder/bench_encoder.py"] + (argv or sys.argv[1:]))
+        print(json.dumps(sv), *(f"{r['study']}: ceiling {r['padding_ceiling']:.3f}" for r in res.get("studies", [])), sep="\n")
+        if a.out:
+            with open(a.out, "w") as fh:
+                json.dump(res, fh, indent=1)
+        return 0
     studies = load_studies(a.studies) if a.studies else pick_studies(a.cache, a.seed)
     if a.only_pretrain:  # rerun the pretraining measurement alone, into an existing results file
         pt = pretrain_rate(studies, torch.device(a.device), a.device == "cuda", a.pretrain_steps)
@@ -314,7 +354,8 @@ def main(argv=None) -> int:
         fg = [len(s["coords"]) / float(np.prod(s["grid"])) for s in st["series"]]
         flops = encoder_flops(lengths, cfg.width, cfg.depth, cfg.mlp_ratio, cfg.token_dim, cfg.embed_dim)
         row = {"study": st["name"], "series_tokens": lengths, "grids": [s["grid"] for s in st["series"]],
-               "foreground_fraction": fg, "real_token_gflop": flops / 1e9, "seconds": {}}
+               "foreground_fraction": fg, "real_token_gflop": flops / 1e9, "seconds": {},
+               "padding_ceiling": padding_ceiling(lengths, cfg)}
         print(f"\n{st['name']}: tokens per series {lengths}; foreground fraction "
               + ", ".join(f"{f:.2f}" for f in fg))
         import dataclasses
@@ -356,6 +397,7 @@ def main(argv=None) -> int:
         row["best_ours_backend"] = min((v, k) for k, v in ok.items() if k.startswith("ours["))[1]
         for k, v in sorted(ok.items(), key=lambda kv: kv[1]):
             print(f"  {k:24s} {v * 1000:9.1f} ms  {1 / v:7.2f} studies/s  ours is {v / t_ours:5.2f}x faster")
+        print(f"  padded path does {row['padding_ceiling']:.2f}x the real-token FLOPs (the most packing can gain)")
         print(f"  MFU ours[{auto}] {row['mfu_ours_auto'] * 100:.1f} % ({flops / t_ours / 1e9:.1f} GFLOP/s on real tokens); "
               f"best backend here {row['best_ours_backend']} ({best_ours * 1000:.1f} ms)")
         res["studies"].append(row)

@@ -11,11 +11,17 @@
    labels only, the epoch with the best val macro AUROC kept, the test split scored once.
    Target: macro AUROC >= 0.85 (otherwise lesions are invisible or labels inconsistent).
    The histogram baseline is also reported with the age added (atrophy is "advanced for age").
+3. The same CNN with the train split's lesion masks as a second, voxel-level target (``cnn_mask_aux``,
+   ``--aux-weight``): if labels alone cannot teach the network where to look but masks can, the
+   lesions are visible and the gap is the labels-only baseline's; if it fails too on a label, that
+   label's lesions are not visible at this resolution. The voxel head's maximum is also reported as a
+   study score (``voxel_head_max``).
 
 Both are evaluated on the test split, CT and MR separately, per headline label and macro.
 Also reports the per-lesion contrast-to-noise distribution from the archive's masks.
 
-    python bench/synth/difficulty.py ARCHIVE CACHE [--epochs 40] [--inputs FILE.npz] [--out bench/results/synth_difficulty.json]
+    python bench/synth/difficulty.py ARCHIVE CACHE [--epochs 40] [--inputs FILE.npz] [--aux-weight 1] [--only-cnn]
+        [--out bench/results/synth_difficulty.json]
 
 CACHE must be `neurovfm ingest ARCHIVE/dicom CACHE` with the same site secret as this run.
 """
@@ -181,8 +187,8 @@ def _resample(vols: np.ndarray, affine: np.ndarray, centre: np.ndarray) -> np.nd
     return out[0].numpy()
 
 
-def study_volume(cache, entries) -> tuple[str, np.ndarray]:
-    """A study's co-registered channels on the fixed grid (float16)."""
+def study_volume(cache, entries) -> tuple[str, np.ndarray, np.ndarray]:
+    """A study's co-registered channels on the fixed grid (float16) and the grid's RAS centre."""
     mod = entries[0].modality
     if mod == "CT":
         soft = [e for e in entries if e.kernel == "soft"] or entries
@@ -195,58 +201,133 @@ def study_volume(cache, entries) -> tuple[str, np.ndarray]:
     tok = coords.astype(float) * np.array(cache.policy.patch) + (np.array(cache.policy.patch) - 1) / 2
     centre = (tok @ aff[:3, :3].T + aff[:3, 3]).mean(0)
     if mod == "CT":
-        return mod, _resample(vols, aff, centre).astype(np.float16)
+        return mod, _resample(vols, aff, centre).astype(np.float16), centre
     out = np.zeros((len(MR_CHANNELS),) + GRID, np.float16)
     for e in entries:
         if e.sequence in MR_CHANNELS:
             v, a, _, _ = _dense(cache, e)
             out[MR_CHANNELS.index(e.sequence)] = _resample(v, a, centre)[0]
-    return mod, out
+    return mod, out, centre
 
 
-def build_cnn_data(cache, studies, cache_file: str | None = None) -> dict:
+# -- lesion masks on the same grid (for the mask-supervised variant) ------------------------------
+# Which lesion voxels stand for which headline label: a finding counts for every headline label it
+# is or implies (parents table); brain_mass_effect is a deformation without voxels of its own, so
+# in a study labelled with it the space-occupying lesions stand for it. cerebral_atrophy is diffuse
+# and has no mask: its column gets no voxel supervision.
+AUX = ("intracranial_hemorrhage", "acute_ischemic_stroke", "brain_mass_effect", "small_vessel_ischemic_disease",
+       "ventriculomegaly")
+MASS_FAMILIES = ("iph", "sdh_acute", "sdh_chronic", "edh", "glioma", "meningioma", "metastases")
+
+
+def finding_bits(rec: dict) -> dict[int, int]:
+    """mask index -> bit field over AUX for one study's findings."""
+    from neurovfm.synth.tables import parents
+
+    out: dict[int, int] = defaultdict(int)
+    for f in rec["findings"]:
+        implied = {f["label"], *parents(rec["modality"], f["label"])}
+        for i, h in enumerate(AUX):
+            if h in implied or (h == "brain_mass_effect" and h in rec["labels"] and f["family"] in MASS_FAMILIES):
+                out[int(f["mask_index"])] |= 1 << i
+    return out
+
+
+def study_mask(archive: str, rec: dict, centre: np.ndarray) -> np.ndarray:
+    """The study's lesion bit field (uint8, bit i = AUX[i]) on the CNN grid around ``centre``.
+    Read from the finest non-bone series' mask (all series of a study share the patient frame);
+    each grid voxel ORs 8 samples +-1/4 voxel apart so lesions thinner than a voxel are kept."""
+    import nibabel as nib
+
+    bits = finding_bits(rec)
+    if not bits:
+        return np.zeros(GRID, np.uint8)
+    s = min((s for s in rec["series"] if s["kind"] != "bone"), key=lambda s: s["thickness_mm"])
+    img = nib.load(os.path.join(archive, s["mask"]))
+    idx = np.asarray(img.dataobj).astype(np.int64)
+    lut = np.zeros(max(int(idx.max()), max(bits)) + 1, np.uint8)
+    for k, b in bits.items():
+        lut[k] = b
+    vol = lut[np.clip(idx, 0, None)]
+    axes = [(np.arange(n) - (n - 1) / 2) * mm for n, mm in zip(GRID, GRID_MM)]
+    z, y, x = np.meshgrid(*axes, indexing="ij")
+    out = np.zeros(GRID, np.uint8)
+    inv = np.linalg.inv(img.affine)
+    for dz in (-0.25, 0.25):
+        for dy in (-0.25, 0.25):
+            for dx in (-0.25, 0.25):
+                ras = np.stack([x + dx * GRID_MM[2], y + dy * GRID_MM[1], z + dz * GRID_MM[0]], -1) + centre
+                ijk = np.rint(ras @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
+                ok = np.all((ijk >= 0) & (ijk < np.array(vol.shape)), axis=-1)
+                out[ok] |= vol[ijk[ok][:, 0], ijk[ok][:, 1], ijk[ok][:, 2]]
+    return out
+
+
+def build_cnn_data(cache, studies, cache_file: str | None = None, archive: str | None = None,
+                   records: dict | None = None) -> dict:
+    """study key -> (modality, channels [C, *GRID] float16, lesion bit field [*GRID] uint8).
+    Cached in ``cache_file`` (npz, no pickles); masks need ``archive`` and its keyed ``records``."""
     if cache_file and os.path.exists(cache_file):
         z = np.load(cache_file, allow_pickle=False)
         keys = list(z["keys"])
-        return {k: (str(m), z[f"v{i}"]) for i, (k, m) in enumerate(zip(keys, z["mods"]))}
+        if "m0" in z.files or archive is None:
+            return {k: (str(m), z[f"v{i}"], z[f"m{i}"] if f"m{i}" in z.files else np.zeros(GRID, np.uint8))
+                    for i, (k, m) in enumerate(zip(keys, z["mods"]))}
     t0 = time.time()
-    data = {sk: study_volume(cache, entries) for sk, entries in studies.items()}
+    data = {}
+    for sk, entries in studies.items():
+        mod, vol, centre = study_volume(cache, entries)
+        mask = study_mask(archive, records[sk], centre) if archive and records and sk in records else np.zeros(GRID, np.uint8)
+        data[sk] = (mod, vol, mask)
     print(f"  cnn inputs: {len(data)} studies in {time.time() - t0:.0f} s", file=sys.stderr)
     if cache_file:
         keys = list(data)
-        np.savez(cache_file, keys=np.array(keys), mods=np.array([data[k][0] for k in keys]),
-                 **{f"v{i}": data[k][1] for i, k in enumerate(keys)})
+        tmp = cache_file + ".tmp.npz"
+        np.savez(tmp, keys=np.array(keys), mods=np.array([data[k][0] for k in keys]),
+                 **{f"v{i}": data[k][1] for i, k in enumerate(keys)}, **{f"m{i}": data[k][2] for i, k in enumerate(keys)})
+        os.replace(tmp, cache_file)
     return data
 
 
 def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, lr: float = 1e-3,
-            inputs_file: str | None = None, threads: int | None = None) -> dict:
-    """One small 3-D CNN per modality, trained on the train split's labels only; the epoch with
-    the best validation macro AUROC is kept; the test split is scored once, at the end."""
+            inputs_file: str | None = None, threads: int | None = None, aux_weight: float = 0.0,
+            archive: str | None = None, records: dict | None = None) -> dict:
+    """One small 3-D CNN per modality, trained on the train split's labels only (and, with
+    ``aux_weight`` > 0, the train split's lesion masks as a second, voxel-level target); the epoch
+    with the best validation macro AUROC is kept; the test split is scored once, at the end."""
     import torch
 
     torch.set_num_threads(threads or max(os.cpu_count() or 1, 1))
-    data = build_cnn_data(cache, studies, inputs_file)
+    data = build_cnn_data(cache, studies, inputs_file, archive, records)
     age = {k: (float(studies[k][0].age_years or 60) - 60) / 20 for k in data}
-    scores, history, best = {}, {}, {}
+    scores, seg_scores, history, best = {}, {}, {}, {}
     for mod in ("CT", "MR"):
         keys = [k for k in data if data[k][0] == mod]
-        out = _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr)
+        out = _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr, aux_weight)
         scores.update(out["scores"])
+        seg_scores.update(out["seg_scores"])
         history[mod] = out["history"]
         best[mod] = {"val_macro_auroc": out["val_best"], "epoch": out["best_epoch"]}
     res = evaluate(scores, labels)
+    if aux_weight > 0:
+        # diagnostic: the voxel head's maximum as the study score, for the labels it is trained on
+        full = {k: np.array([v[AUX.index(h)] if h in AUX else np.nan for h in HEADLINE]) for k, v in seg_scores.items()}
+        seg = evaluate(full, labels)
+        res["voxel_head_max"] = {m: {"auroc": {h: seg[m]["auroc"][h] for h in AUX}} for m in ("CT", "MR")}
     res["val_best"] = best
     res["history"] = history
     res["setup"] = {"grid": GRID, "grid_mm": GRID_MM, "ct_channels": CT_CHANNELS, "mr_channels": MR_CHANNELS,
-                    "batch": batch, "lr": lr, "epochs": epochs, "seed": seed,
+                    "batch": batch, "lr": lr, "epochs": epochs, "seed": seed, "aux_weight": aux_weight,
+                    "aux_labels": AUX if aux_weight > 0 else [],
                     "model": "per modality: conv(C->16, stride 1x2x2) + 3 x [maxpool, conv, conv] (32, 64, 128), "
                              "BatchNorm, max + log-sum-exp + mean pooling, age, linear head; AdamW, warmup + cosine, "
-                             "class-balanced BCE, left-right flip / shift / intensity jitter, flip-averaged scores"}
+                             "class-balanced BCE, left-right flip / shift / intensity jitter, flip-averaged scores"
+                             + ("; voxel head (1x1x1 conv on the 64-channel, 12 x 12 x 16 mm level) trained "
+                                "on max-pooled lesion masks with class-balanced BCE" if aux_weight > 0 else "")}
     return res
 
 
-def _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr) -> dict:
+def _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr, aux_weight: float = 0.0) -> dict:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -262,20 +343,24 @@ def _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr) -> dict:
     class Net(nn.Module):
         """3 mm input -> 6 mm in-plane at the stem; pooled features + age -> one logit per label.
         Age goes in because atrophy is labelled 'advanced for age' (as a radiologist reads it);
-        the histogram baseline is also reported with age."""
+        the histogram baseline is also reported with age. ``seg`` is a voxel-level head on the
+        mid-level features, used only when lesion masks supervise it."""
 
         def __init__(self):
             super().__init__()
-            self.trunk = nn.Sequential(block(chans, 16, (1, 2, 2)), nn.MaxPool3d(2), block(16, 32), block(32, 32),
-                                       nn.MaxPool3d(2), block(32, 64), block(64, 64), nn.MaxPool3d(2), block(64, 128))
+            self.low = nn.Sequential(block(chans, 16, (1, 2, 2)), nn.MaxPool3d(2), block(16, 32), block(32, 32),
+                                     nn.MaxPool3d(2), block(32, 64), block(64, 64))
+            self.high = nn.Sequential(nn.MaxPool3d(2), block(64, 128))
+            self.seg = nn.Conv3d(64, len(AUX), 1)
             self.drop = nn.Dropout(0.3)
             self.head = nn.Linear(3 * 128 + 1, len(HEADLINE))
 
         def forward(self, x, a):
-            f = self.trunk(x).flatten(2)
+            mid = self.low(x)
+            f = self.high(mid).flatten(2)
             lse = torch.logsumexp(f * 4, dim=2) / 4 - np.log(f.shape[2]) / 4  # soft maximum over space
             pooled = torch.cat([f.amax(2), lse, f.mean(2)], 1)
-            return self.head(torch.cat([self.drop(pooled), a[:, None]], 1))
+            return self.head(torch.cat([self.drop(pooled), a[:, None]], 1)), self.seg(mid)
 
     net = Net()
     train = [k for k in keys if labels[k]["split"] == "train"]
@@ -287,30 +372,47 @@ def _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr) -> dict:
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.02)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + np.cos(np.pi * (t - warm) / max(steps - warm, 1))))
+    bitw = torch.tensor([1 << i for i in range(len(AUX))], dtype=torch.int32)
 
-    def tensor(ks, augment: bool):
+    def batch_of(ks, augment: bool):
+        """Inputs and lesion targets [B, len(AUX), *GRID], augmented together."""
         x = torch.from_numpy(np.stack([data[k][1] for k in ks]).astype(np.float32))
+        m = torch.from_numpy(np.stack([data[k][2] for k in ks]).astype(np.int32))
+        m = ((m[:, None] & bitw[None, :, None, None, None]) > 0).float()
         if augment:
             if rs.random() < 0.5:
-                x = x.flip(-1)  # left-right: the headline labels are side-free
+                x, m = x.flip(-1), m.flip(-1)  # left-right: the headline labels are side-free
             sh = rs.integers(-3, 4, 3)
-            x = torch.roll(x, shifts=(int(sh[0]) // 2, int(sh[1]), int(sh[2])), dims=(2, 3, 4))
+            shifts = (int(sh[0]) // 2, int(sh[1]), int(sh[2]))
+            x, m = torch.roll(x, shifts=shifts, dims=(2, 3, 4)), torch.roll(m, shifts=shifts, dims=(2, 3, 4))
             x = x * float(rs.uniform(0.92, 1.08)) + float(rs.normal(0, 0.02))
-        return x
+        return x, m
 
     def ages(ks):
         return torch.tensor([age[k] for k in ks], dtype=torch.float32)
 
+    # voxel-level class balance: lesion voxels are rare at the mid level
+    if aux_weight > 0:
+        with torch.no_grad():
+            frac = torch.zeros(len(AUX))
+            for i in range(0, len(train), 16):
+                _, m = batch_of(train[i:i + 16], False)
+                frac += F.adaptive_max_pool3d(m, _mid_shape()).mean((0, 2, 3, 4)) * len(train[i:i + 16])
+            frac /= len(train)
+        seg_w = ((1 - frac) / frac.clamp_min(1e-4)).clamp(1, 50)
+
     def predict(ks):
         net.eval()
-        out = {}
+        out, seg_out = {}, {}
         with torch.no_grad():
             for i in range(0, len(ks), 16):
                 part = ks[i:i + 16]
-                x, a = tensor(part, False), ages(part)
-                sc = (net(x, a) + net(x.flip(-1), a)) / 2  # flip-averaged
-                out.update(zip(part, sc.numpy()))
-        return out
+                x, _ = batch_of(part, False)
+                a = ages(part)
+                (c1, s1), (c2, s2) = net(x, a), net(x.flip(-1), a)
+                out.update(zip(part, ((c1 + c2) / 2).numpy()))  # flip-averaged
+                seg_out.update(zip(part, ((s1.flatten(2).amax(2) + s2.flatten(2).amax(2)) / 2).numpy()))
+        return out, seg_out
 
     best, best_state, history = -1.0, None, []
     yv = np.stack([labels[k]["y"] for k in val])
@@ -318,13 +420,20 @@ def _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr) -> dict:
         net.train()
         t0 = time.time()
         perm = rs.permutation(len(train))
-        losses = []
+        losses, seg_losses = [], []
         for i in range(0, len(train), batch):
             ks = [train[j] for j in perm[i:i + batch]]
             if len(ks) < 2:
                 continue  # BatchNorm needs two
             y = torch.from_numpy(np.stack([labels[k]["y"] for k in ks]))
-            loss = F.binary_cross_entropy_with_logits(net(tensor(ks, True), ages(ks)), y, pos_weight=pos_w)
+            x, m = batch_of(ks, True)
+            logits, seg = net(x, ages(ks))
+            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_w)
+            if aux_weight > 0:
+                target = F.adaptive_max_pool3d(m, seg.shape[2:])
+                seg_loss = F.binary_cross_entropy_with_logits(seg, target, pos_weight=seg_w[None, :, None, None, None])
+                seg_losses.append(seg_loss.item())
+                loss = loss + aux_weight * seg_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {ep}")
             opt.zero_grad()
@@ -333,18 +442,27 @@ def _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr) -> dict:
             opt.step()
             sched.step()
             losses.append(loss.item())
-        vs = predict(val)
+        vs, _ = predict(val)
         sv = np.stack([vs[k] for k in val])
         vauc = float(np.nanmean([auroc(yv[:, i], sv[:, i]) for i in range(len(HEADLINE))]))
         history.append({"epoch": ep, "train_loss": float(np.mean(losses)), "val_macro_auroc": vauc,
-                        "seconds": time.time() - t0})
+                        "seconds": time.time() - t0, **({"seg_loss": float(np.mean(seg_losses))} if seg_losses else {})})
         print(f"  cnn {mod} epoch {ep}: loss {np.mean(losses):.3f} val macro AUROC {vauc:.3f} ({time.time() - t0:.0f} s)",
               file=sys.stderr)
         if vauc > best:
             best, best_ep = vauc, ep
             best_state = {k: v.clone() for k, v in net.state_dict().items()}
     net.load_state_dict(best_state)
-    return {"scores": predict(keys), "history": history, "val_best": best, "best_epoch": best_ep}
+    sc, seg_sc = predict(keys)
+    return {"scores": sc, "seg_scores": seg_sc, "history": history, "val_best": best, "best_epoch": best_ep}
+
+
+def _mid_shape() -> tuple[int, int, int]:
+    """Spatial shape of the CNN's mid level (after the stride-2 stem and two 2x pools)."""
+    d, h, w = GRID[0], (GRID[1] + 1) // 2, (GRID[2] + 1) // 2
+    for _ in range(2):
+        d, h, w = d // 2, h // 2, w // 2
+    return d, h, w
 
 
 def lesion_cnr(archive: str, max_studies: int = 80) -> dict:
@@ -401,9 +519,15 @@ def main() -> int:
     ap.add_argument("--skip-cnn", action="store_true")
     ap.add_argument("--inputs", help="npz file caching the CNN's resampled study volumes (made if missing)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--aux-weight", type=float, default=1.0,
+                    help="also train the CNN with the lesion masks as a voxel-level target at this loss weight "
+                         "(reported as cnn_mask_aux beside the labels-only cnn); 0 to skip")
+    ap.add_argument("--only-cnn", action="store_true", help="skip the histogram baseline and the CNR survey")
     a = ap.parse_args()
     keyer = Keyer.from_site()
     labels = load_labels(a.archive, keyer)
+    with open(os.path.join(a.archive, "findings.jsonl")) as fh:
+        records = {keyer.study(r["study_uid"]): r for r in map(json.loads, fh) if r}
     cache = TokenCache(a.cache)
     studies: dict[str, list] = defaultdict(list)
     for e in cache.series():
@@ -412,21 +536,25 @@ def main() -> int:
     missing = set(labels) - set(studies)
     print(f"studies: {len(studies)} in cache, {len(missing)} labelled studies missing from it", file=sys.stderr)
     res = {"command": " ".join(sys.argv), "headline": list(HEADLINE)}
-    t0 = time.time()
-    feats = histogram_features(cache, studies)
-    res["histogram_lr"] = run_histogram(cache, studies, labels, feats=feats)
-    res["histogram_lr"]["seconds"] = time.time() - t0
-    print(json.dumps({k: res["histogram_lr"][k] for k in ("macro",)}), file=sys.stderr)
-    t0 = time.time()
-    res["histogram_lr_with_age"] = run_histogram(cache, studies, labels, with_age=True, feats=feats)
-    res["histogram_lr_with_age"]["seconds"] = time.time() - t0
-    res["lesion_cnr"] = lesion_cnr(a.archive)
-    print("lesion CNR (all):", json.dumps(res["lesion_cnr"]["_all"]), file=sys.stderr)
-    if not a.skip_cnn:
+    if not a.only_cnn:
         t0 = time.time()
-        res["cnn"] = run_cnn(cache, studies, labels, a.epochs, inputs_file=a.inputs, threads=a.threads)
-        res["cnn"]["seconds"] = time.time() - t0
-    for name in ("histogram_lr", "histogram_lr_with_age", "cnn"):
+        feats = histogram_features(cache, studies)
+        res["histogram_lr"] = run_histogram(cache, studies, labels, feats=feats)
+        res["histogram_lr"]["seconds"] = time.time() - t0
+        print(json.dumps({k: res["histogram_lr"][k] for k in ("macro",)}), file=sys.stderr)
+        t0 = time.time()
+        res["histogram_lr_with_age"] = run_histogram(cache, studies, labels, with_age=True, feats=feats)
+        res["histogram_lr_with_age"]["seconds"] = time.time() - t0
+        res["lesion_cnr"] = lesion_cnr(a.archive)
+        print("lesion CNR (all):", json.dumps(res["lesion_cnr"]["_all"]), file=sys.stderr)
+    if not a.skip_cnn:
+        variants = [("cnn", 0.0)] + ([("cnn_mask_aux", a.aux_weight)] if a.aux_weight > 0 else [])
+        for name, w in variants:
+            t0 = time.time()
+            res[name] = run_cnn(cache, studies, labels, a.epochs, inputs_file=a.inputs, threads=a.threads,
+                                aux_weight=w, archive=a.archive, records=records)
+            res[name]["seconds"] = time.time() - t0
+    for name in ("histogram_lr", "histogram_lr_with_age", "cnn", "cnn_mask_aux"):
         if name not in res:
             continue
         r = res[name]

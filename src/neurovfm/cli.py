@@ -71,8 +71,12 @@ def cmd_cache_info(a: argparse.Namespace) -> int:
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    from neurovfm.synth.archive import write_archive
+    from neurovfm.synth.archive import write_anatomy_maps, write_archive
 
+    if a.anatomy_only:
+        print(json.dumps(write_anatomy_maps(a.out, a.studies, a.seed, site=a.site, workers=a.workers,
+                                            progress=not a.quiet)))
+        return 0
     summary = write_archive(a.out, a.studies, a.seed, site=a.site, workers=a.workers, preview=a.preview,
                             progress=not a.quiet, nifti=a.nifti)
     print(json.dumps(summary, indent=2))
@@ -242,6 +246,18 @@ def cmd_shortcut(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_anatomy(a: argparse.Namespace) -> int:
+    """Anatomy probe: a linear probe from token features to the structure each token covers."""
+    from neurovfm.eval.anatomy import AnatomyProbeConfig, anatomy_probe, format_table
+
+    cfg = AnatomyProbeConfig(tokens_per_view=a.tokens_per_view, bootstrap=a.bootstrap, seed=a.seed,
+                             ct_views=a.ct_views.split(","))
+    summary = anatomy_probe(_named_features(a.features), a.archive, a.cache, a.out, cfg)
+    print(format_table(summary))
+    print(f"table: {os.path.join(a.out, 'anatomy.csv')}  plot: {os.path.join(a.out, 'anatomy.png')}")
+    return 0
+
+
 def cmd_evaluate_external(a: argparse.Namespace) -> int:
     """A saved model's heads, calibration and thresholds on another site's features, no refit."""
     from neurovfm.eval.external import ExternalConfig, evaluate_external, format_table
@@ -295,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--preview", action="store_true", help="PNG montages with lesion outlines")
     s.add_argument("--nifti", action="store_true", help="also write every series as NIfTI + BIDS sidecar")
+    s.add_argument("--anatomy-only", action="store_true",
+                   help="only add the per-subject anatomy maps to an archive written without them "
+                        "(same --studies/--seed/--site as when it was written)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_synth)
 
@@ -399,6 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bootstrap", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_shortcut)
+
+    s = sub.add_parser("anatomy", help="anatomy probe: token features -> the structure each token covers "
+                       "(per-subject anatomy maps of a synthetic archive), vs token position and chance")
+    s.add_argument("--features", nargs="+", required=True, help="NAME=FEATURE_DIR ... (the first is the reference "
+                   "of the paired differences); all embedded from --cache")
+    s.add_argument("--archive", required=True, help="the `neurovfm synth` archive with anatomy maps")
+    s.add_argument("--cache", required=True, help="the token cache the features were embedded from")
+    s.add_argument("--out", required=True, help="output folder (anatomy.json/csv/png)")
+    s.add_argument("--tokens-per-view", type=int, default=48)
+    s.add_argument("--ct-views", default="brain", help="comma-separated CT windows whose tokens are probed")
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_anatomy)
 
     s = sub.add_parser("evaluate-external", help="a saved model's heads, calibration and thresholds on another "
                        "site's features (no refit), and ECE after recalibrating on that site's validation split")

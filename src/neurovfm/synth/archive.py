@@ -5,7 +5,9 @@ train / val / test), ages, sexes and pathology families, with prevalence control
 headline label has enough positive test studies. Each study is then rendered independently in a
 worker (its own random stream): one subject built from the template anatomy, pathology drawn
 into it, every series of the exam acquired with its own protocol and written with the
-project's one DICOM writer, lesion masks written as NIfTI in each series' scanner space.
+project's one DICOM writer, lesion masks written as NIfTI in each series' scanner space, and
+one anatomical label map per study (AAL3 regions and tissue classes of this head, scanner RAS;
+:mod:`neurovfm.synth.atlas_maps`).
 Patients with both a CT and an MRI study get the same head and the same disease.
 """
 
@@ -24,8 +26,10 @@ import numpy as np
 import pydicom
 from tqdm import tqdm
 
+from neurovfm.errors import NeuroVFMError
 from neurovfm.synth import reports, tables
 from neurovfm.synth.anatomy import disease_csf, make_subject
+from neurovfm.synth.atlas_maps import write_anatomy_map, write_legend
 from neurovfm.synth.assets import load_template
 from neurovfm.synth.dicom_writer import Identity, SeriesSpec, write_series
 from neurovfm.synth.pathology import CT_ONLY, FAMILIES, MR_ONLY, Painter
@@ -270,10 +274,9 @@ def _write_nifti(out: str, rel_dir: str, planes: np.ndarray, affine: np.ndarray,
 def render_study(plan: StudyPlan, out: str, seed: int, nifti: bool = False) -> dict:
     """Render and write one study; returns its ground-truth record."""
     site = Site.named(plan.site)
-    srng = np.random.default_rng([plan.subject_seed, 3])
-    sulcal, vent = disease_csf(plan.age, np.random.default_rng([plan.subject_seed, 4]), "atrophy" in plan.families,
-                               "ventriculomegaly" in plan.families, "hydrocephalus" in plan.families)
-    subject = make_subject(_template(), srng, age=plan.age, sex=plan.sex, atrophy=sulcal, ventricle_mm=vent)
+    subject = _subject(plan)
+    ident = _identity(plan, seed, site)
+    anatomy_rel = write_anatomy_map(out, ident.study_uid, subject)  # normal anatomy, before pathology
     painter = Painter(subject, np.random.default_rng([plan.subject_seed, 5]))
     for fam in plan.families:
         if fam != "big_mass":
@@ -287,7 +290,6 @@ def render_study(plan: StudyPlan, out: str, seed: int, nifti: bool = False) -> d
     painter.mimics()
     painter.apply_mass_effect()
     rng = np.random.default_rng([plan.study_seed, 9])
-    ident = _identity(plan, seed, site)
     head_lps = subject.world_from_template[:3, 3] * np.array([-1.0, -1.0, 1.0])
     contrast = any(f in plan.families for f in ("glioma", "metastases", "meningioma")) or rng.random() < 0.25
     protocols = _ct_protocols(rng, site, head_lps) if plan.modality == "CT" else _mr_protocols(rng, site, head_lps, contrast and plan.modality == "MR")
@@ -325,7 +327,53 @@ def render_study(plan: StudyPlan, out: str, seed: int, nifti: bool = False) -> d
         series_records.append(dict(series_uid=suid, kind=prot.kind, plane=prot.plane, thickness_mm=prot.thickness,
                                    step_mm=prot.step, pixel_mm=round(prot.pixel, 4), tilt_deg=round(prot.tilt_deg, 2),
                                    n_slices=len(planes), mask=mask_rel, path=os.path.relpath(sdir, out)))
-    return _ground_truth(plan, painter, ident, series_records, seed)
+    return {**_ground_truth(plan, painter, ident, series_records, seed), "anatomy": anatomy_rel}
+
+
+def _subject(plan: StudyPlan):
+    """The plan's head before pathology (the same for a study's rendering and its anatomy map)."""
+    srng = np.random.default_rng([plan.subject_seed, 3])
+    sulcal, vent = disease_csf(plan.age, np.random.default_rng([plan.subject_seed, 4]), "atrophy" in plan.families,
+                               "ventriculomegaly" in plan.families, "hydrocephalus" in plan.families)
+    return make_subject(_template(), srng, age=plan.age, sex=plan.sex, atrophy=sulcal, ventricle_mm=vent)
+
+
+def _anatomy_star(args) -> str:
+    plan, out, seed = args
+    ident = _identity(plan, seed, Site.named(plan.site))
+    if os.path.exists(os.path.join(out, "anatomy", f"{ident.study_uid}.nii.gz")):
+        return "kept"
+    write_anatomy_map(out, ident.study_uid, _subject(plan))
+    return "written"
+
+
+def write_anatomy_maps(out: str, n_studies: int, seed: int, site: str = "main", workers: int = 1,
+                       progress: bool = True) -> dict:
+    """Add the per-subject anatomy maps to an archive written before they existed (same plan, same
+    heads: the subject is rebuilt from the plan's seeds); maps already there are kept."""
+    if not os.path.exists(os.path.join(out, "records.jsonl")):
+        raise NeuroVFMError(f"{out}: not a synthetic archive (no records.jsonl)")
+    plans = plan_archive(n_studies, seed, site)
+    with open(os.path.join(out, "records.jsonl")) as fh:
+        written = {json.loads(line)["study_uid"] for line in fh if line.strip()}
+    planned = {_identity(p, seed, Site.named(p.site)).study_uid for p in plans}
+    if planned != written:
+        raise NeuroVFMError(f"{out}: --studies {n_studies} --seed {seed} --site {site} plan {len(planned - written)} "
+                            f"studies the archive does not hold and miss {len(written - planned)} it does; give the "
+                            "values it was written with")
+    _template()
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    counts = {"kept": 0, "written": 0}
+    try:
+        args = [(p, out, seed) for p in plans]
+        it = pool.map(_anatomy_star, args) if pool else map(_anatomy_star, args)
+        for r in tqdm(it, total=len(plans), desc="anatomy maps", unit="study", disable=not progress, file=sys.stderr):
+            counts[r] += 1
+    finally:
+        if pool:
+            pool.shutdown()
+    write_legend(os.path.join(out, "tables", "anatomy_labels.csv"), _template())
+    return counts
 
 
 def _centre_of(subject, index: int) -> np.ndarray:
@@ -458,6 +506,7 @@ def _write_tables(out: str, records: list[dict]) -> None:
     src = os.path.join(os.path.dirname(__file__), "tables")
     for f in ("label_acuity.csv", "ct_mri_labels.csv"):
         shutil.copy(os.path.join(src, f), os.path.join(tdir, f))
+    write_legend(os.path.join(tdir, "anatomy_labels.csv"), _template())
     with open(os.path.join(tdir, "headline_labels.txt"), "w") as fh:
         fh.write("\n".join(HEADLINE) + "\n")
 

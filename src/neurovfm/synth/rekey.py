@@ -61,6 +61,7 @@ def rekey_archive(archive: str, out_dir: str, keyer: Keyer) -> tuple[str, str]:
                 s.pop("path", None)
                 s.pop("mask", None)
             rec.pop("patient", None)
+            rec.pop("anatomy", None)  # a path named by the raw study UID
             lines.append(json.dumps(rec))
     findings_path = os.path.join(out_dir, "findings_keyed.jsonl")
     atomic_write_text(findings_path, "\n".join(lines) + "\n")
