@@ -442,3 +442,21 @@ def test_nothing_written_outside_out(tmp_path, model, monkeypatch):
     written = {os.path.relpath(k, "out") for k in changed}
     assert {"result.json", "summary.html"} <= written
     assert not any(k.endswith(".part") or ".part." in k for k in written)  # no temporary leftovers
+
+
+def test_each_dicom_file_is_decoded_once(archive, model, tmp_path, monkeypatch):
+    """analyze maps back onto the native grid with the pixels ingestion decoded, not a second read."""
+    from neurovfm.analyze.pipeline import Analyzer
+    from neurovfm.ingest.dicom_series import DicomStack
+
+    calls: dict[str, int] = {}
+    real = DicomStack._decode
+
+    def counting(self, path):
+        calls[path] = calls.get(path, 0) + 1
+        return real(self, path)
+
+    monkeypatch.setattr(DicomStack, "_decode", counting)
+    Analyzer(model).run(archive["ct"], str(tmp_path / "out"))
+    n_files = sum(len(files) for _, _, files in os.walk(archive["ct"]))
+    assert len(calls) == n_files and set(calls.values()) == {1}, sorted(set(calls.values()))

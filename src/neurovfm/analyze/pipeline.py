@@ -133,6 +133,8 @@ def _series_warnings(s: SeriesInput, cfg: AnalyzeConfig, width_mm: float | None)
 
 
 def _native_volume(src: Any) -> np.ndarray:
+    if hasattr(src, "volume"):  # RememberedPlanes: the planes ingestion already decoded
+        return src.volume()
     g = src.geometry
     vol = np.empty(tuple(g.shape), np.float32)
     for k in range(g.shape[2]):

@@ -98,6 +98,32 @@ class PlaneSource(Protocol):
         ...
 
 
+class RememberedPlanes:
+    """A :class:`PlaneSource` that keeps every plane it has read, for callers that need the native
+    pixels again after canonicalisation (``analyze`` maps back onto the original grid): each file
+    is decoded once. Trades the streaming memory bound for one native volume per series."""
+
+    def __init__(self, source: PlaneSource):
+        self.source = source
+        self.geometry = source.geometry
+        self._planes: dict[int, np.ndarray] = {}
+
+    def plane(self, k: int) -> np.ndarray:
+        if k not in self._planes:
+            self._planes[k] = self.source.plane(k)
+        return self._planes[k]
+
+    def volume(self) -> np.ndarray:
+        """The native volume float32 [n_i, n_j, n_k] (planes not read yet are read now); the kept
+        planes are released, so the pixels are held once."""
+        g = self.geometry
+        vol = np.empty(tuple(g.shape), np.float32)
+        for k in range(g.shape[2]):
+            vol[:, :, k] = self.plane(k)
+            self._planes.pop(k, None)
+        return vol
+
+
 @dataclass
 class CanonicalVolume:
     """A series on the canonical grid: float32 [D, H, W] and its voxel -> RAS affine."""

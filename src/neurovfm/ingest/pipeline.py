@@ -23,7 +23,7 @@ from neurovfm.files import file_sha256
 from neurovfm.ingest.classify import classify, skip_reason
 from neurovfm.ingest.dicom_headers import SliceRecord, read_header
 from neurovfm.ingest.dicom_series import SeriesCandidate, build_stack, group_records
-from neurovfm.ingest.geometry import canonicalize
+from neurovfm.ingest.geometry import RememberedPlanes, canonicalize
 from neurovfm.ingest.nifti import bids_entities, classify_nifti, is_nifti, open_nifti, read_sidecar
 from neurovfm.ingest.policy import DEFAULT_POLICY, PreprocessPolicy
 from neurovfm.privacy.allowlist import series_metadata
@@ -195,6 +195,8 @@ def process_unit(unit: Unit, policy: PreprocessPolicy, modality_hint: str | None
             if cls.perfusion:
                 raise IngestError("perfusion", "CT perfusion (4-D) series are not volumes for this model", cand.display_path, status="skipped")
             stack = build_stack(cand, policy)
+            if keep_sources:
+                stack = RememberedPlanes(stack)
             cv = canonicalize(stack, policy, name=cand.display_path)
             ts = tokenize(cv, cls.modality, policy)
             if ts.n_tokens == 0:
