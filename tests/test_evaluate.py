@@ -15,7 +15,7 @@ import pytest
 
 from neurovfm.cli import main as cli_main
 from neurovfm.eval.data import LabelTableError, read_study_table
-from neurovfm.eval.experiment import EvalConfig, fit_modality
+from neurovfm.eval.experiment import EvalConfig, EvaluationError, evaluate, fit_modality
 from neurovfm.ingest.pipeline import IngestOptions, run_ingest
 from neurovfm.models.folder import read_config
 from neurovfm.privacy.keys import Keyer
@@ -284,3 +284,35 @@ def test_label_efficiency_cli_and_subsamples(world):
         assert ((y1 == 1) <= (y2 == 1)).all() and ((y2 == 1) <= (full == 1)).all()
         np.testing.assert_array_equal((y1 == 1).sum(0), np.minimum(1, (full == 1).sum(0)))
         np.testing.assert_array_equal(y1, subsample_positives(t, 1, 0, 0))  # deterministic by seed
+
+
+def test_cnn_baseline_through_evaluate(world, tmp_path):
+    """`evaluate --cnn-baseline`: the end-to-end 3-D CNN is scored like every head (calibration,
+    operating points, paired bootstrap against the first feature set), and nothing of it is fitted
+    on the test split: flipping every test label leaves its test predictions unchanged."""
+    from neurovfm.eval.experiment import CNN_NAME, fit_cnn_modality
+    from neurovfm.probe.cnn3d import CNNConfig
+
+    out = str(tmp_path / "eval")
+    f = world["feats"]
+    assert cli_main(["evaluate", "--features", f"a={f['a']}", "--labels", world["labels"], "--cache", world["cache"],
+                     "--out", out, "--min-test-positives", "1", "--bootstrap", "100", "--epochs", "2",
+                     "--cnn-baseline", "--cnn-epochs", "2", "--quiet"]) == 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert set(m["models"]) == {"a", CNN_NAME} and set(m["comparisons"]) == {f"a - {CNN_NAME}"}
+    for mod, e in m["models"][CNN_NAME].items():
+        assert e["head"] == "3-D CNN, end to end" and e["test_studies"] == m["models"]["a"][mod]["test_studies"]
+        assert [r for r in e["labels"] if r.get("auroc") is not None], mod
+        assert len(e["history"]) == 2 and e["attention_on_nonbrain_tokens"] is None
+    fs = FeatureStore(f["a"])
+    cfg = EvalConfig(bootstrap=100, min_test_positives=1, cnn=CNNConfig(epochs=2, seed=0, threads=1))
+    t1 = read_study_table(world["labels"], "MR", studies=set(fs.studies()))
+    r1 = fit_cnn_modality(t1, world["cache"], cfg, progress=False)
+    t2 = read_study_table(world["labels"], "MR", studies=set(fs.studies()))
+    te = t2.index("test")
+    t2.y[te] = np.where(np.isnan(t2.y[te]), np.nan, 1 - t2.y[te])
+    r2 = fit_cnn_modality(t2, world["cache"], cfg, progress=False)
+    np.testing.assert_array_equal(r1.logits_test, r2.logits_test)
+    np.testing.assert_array_equal(r1.thresholds, r2.thresholds)
+    with pytest.raises(EvaluationError, match="--cache"):
+        evaluate({"a": f["a"]}, world["labels"], str(tmp_path / "x"), cfg)

@@ -39,9 +39,9 @@ from collections import defaultdict
 import numpy as np
 
 from neurovfm.privacy.keys import Keyer
+from neurovfm.probe import cnn3d as C
 from neurovfm.synth.archive import HEADLINE
 from neurovfm.tokens.cache import TokenCache
-from neurovfm.tokens.patches import unpatchify
 
 KINDS = ("CT:soft", "CT:bone", "MR:T1", "MR:T1C", "MR:T2", "MR:FLAIR", "MR:DWI", "MR:ADC", "MR:SWI", "MR:PD", "MR:other")
 
@@ -141,75 +141,7 @@ def run_histogram(cache, studies, labels, with_age: bool = False, feats: dict | 
     return evaluate(scores, labels)
 
 
-# -- the supervised 3-D CNN ------------------------------------------------------------------------
-# Every series of a study is resampled (trilinear) from its canonical token grid onto one fixed
-# RAS grid centred on the head, so a study is one co-registered multi-channel volume: CT = brain,
-# blood and bone windows of the soft-kernel series; MR = one channel per sequence family (zeros
-# where the exam has no such sequence). One network, a stem per modality, a shared trunk, lesion-
-# friendly pooling (global max and log-sum-exp beside the mean) and a head per modality.
-GRID = (40, 72, 60)  # slices (S-I, 4 mm) x A-P x L-R (3 mm): 160 x 216 x 180 mm
-GRID_MM = (4.0, 3.0, 3.0)
-CT_CHANNELS = ("brain", "blood", "bone")
-MR_CHANNELS = ("T1", "T1C", "T2", "FLAIR", "DWI", "ADC", "SWI", "PD")
-
-
-def _dense(cache, e, names=None):
-    """One series as dense volumes [V, D, H, W] (float32 0..1; tokens not stored are 0) and the
-    voxel -> RAS affine."""
-    views, coords, _ = cache.views(e, names)
-    grid = tuple(json.loads(e.grid_shape))
-    patch = cache.policy.patch
-    full = np.zeros((views.shape[1], int(np.prod(grid)), views.shape[2]), np.float32)
-    flat = np.ravel_multi_index(coords.T.astype(int), grid)
-    full[:, flat] = np.transpose(views, (1, 0, 2)).astype(np.float32) / 255.0
-    vols = np.stack([unpatchify(full[v], grid, patch) for v in range(full.shape[0])])
-    s = np.eye(4)
-    for ax in range(3):
-        s[ax, ax] = patch[ax]
-        s[ax, 3] = (patch[ax] - 1) / 2.0
-    return vols, e.grid_affine_array @ np.linalg.inv(s), coords, grid
-
-
-def _resample(vols: np.ndarray, affine: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """[V, D, H, W] in its own voxel space -> [V, *GRID] on the RAS grid around ``centre``."""
-    import torch
-    import torch.nn.functional as F
-
-    axes = [(np.arange(n) - (n - 1) / 2) * mm for n, mm in zip(GRID, GRID_MM)]
-    z, y, x = np.meshgrid(*axes, indexing="ij")
-    ras = np.stack([x, y, z], -1) + centre  # R, A, S
-    inv = np.linalg.inv(affine)
-    ijk = ras @ inv[:3, :3].T + inv[:3, 3]  # voxel (d, h, w) coordinates
-    shape = np.array(vols.shape[1:], float)
-    norm = 2 * ijk / np.maximum(shape - 1, 1) - 1  # grid_sample wants (x=w, y=h, z=d)
-    g = torch.from_numpy(norm[..., ::-1].copy()).float()[None]
-    out = F.grid_sample(torch.from_numpy(vols)[None], g, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out[0].numpy()
-
-
-def study_volume(cache, entries) -> tuple[str, np.ndarray, np.ndarray]:
-    """A study's co-registered channels on the fixed grid (float16) and the grid's RAS centre."""
-    mod = entries[0].modality
-    if mod == "CT":
-        soft = [e for e in entries if e.kernel == "soft"] or entries
-        vols, aff, coords, _ = _dense(cache, soft[0], CT_CHANNELS)
-    else:
-        order = {k: i for i, k in enumerate(("T2", "FLAIR", "T1", "PD", "DWI", "T1C", "ADC", "SWI"))}
-        ref = sorted(entries, key=lambda e: order.get(e.sequence, 9))[0]
-        vols, aff, coords, _ = _dense(cache, ref)
-    # centre of the head: mean RAS of the stored (foreground) tokens of the reference series
-    tok = coords.astype(float) * np.array(cache.policy.patch) + (np.array(cache.policy.patch) - 1) / 2
-    centre = (tok @ aff[:3, :3].T + aff[:3, 3]).mean(0)
-    if mod == "CT":
-        return mod, _resample(vols, aff, centre).astype(np.float16), centre
-    out = np.zeros((len(MR_CHANNELS),) + GRID, np.float16)
-    for e in entries:
-        if e.sequence in MR_CHANNELS:
-            v, a, _, _ = _dense(cache, e)
-            out[MR_CHANNELS.index(e.sequence)] = _resample(v, a, centre)[0]
-    return mod, out, centre
-
-
+# -- the supervised 3-D CNN (neurovfm.probe.cnn3d: the same network `neurovfm evaluate --cnn-baseline` uses) ---
 # -- lesion masks on the same grid (for the mask-supervised variant) ------------------------------
 # Which lesion voxels stand for which headline label: a finding counts for every headline label it
 # is or implies (parents table); brain_mass_effect is a deformation without voxels of its own, so
@@ -241,7 +173,7 @@ def study_mask(archive: str, rec: dict, centre: np.ndarray) -> np.ndarray:
 
     bits = finding_bits(rec)
     if not bits:
-        return np.zeros(GRID, np.uint8)
+        return np.zeros(C.GRID, np.uint8)
     s = min((s for s in rec["series"] if s["kind"] != "bone"), key=lambda s: s["thickness_mm"])
     img = nib.load(os.path.join(archive, s["mask"]))
     idx = np.asarray(img.dataobj).astype(np.int64)
@@ -249,14 +181,13 @@ def study_mask(archive: str, rec: dict, centre: np.ndarray) -> np.ndarray:
     for k, b in bits.items():
         lut[k] = b
     vol = lut[np.clip(idx, 0, None)]
-    axes = [(np.arange(n) - (n - 1) / 2) * mm for n, mm in zip(GRID, GRID_MM)]
-    z, y, x = np.meshgrid(*axes, indexing="ij")
-    out = np.zeros(GRID, np.uint8)
+    out = np.zeros(C.GRID, np.uint8)
     inv = np.linalg.inv(img.affine)
+    base = C.grid_ras(centre)
     for dz in (-0.25, 0.25):
         for dy in (-0.25, 0.25):
             for dx in (-0.25, 0.25):
-                ras = np.stack([x + dx * GRID_MM[2], y + dy * GRID_MM[1], z + dz * GRID_MM[0]], -1) + centre
+                ras = base + np.array([dx * C.GRID_MM[2], dy * C.GRID_MM[1], dz * C.GRID_MM[0]])
                 ijk = np.rint(ras @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
                 ok = np.all((ijk >= 0) & (ijk < np.array(vol.shape)), axis=-1)
                 out[ok] |= vol[ijk[ok][:, 0], ijk[ok][:, 1], ijk[ok][:, 2]]
@@ -271,13 +202,13 @@ def build_cnn_data(cache, studies, cache_file: str | None = None, archive: str |
         z = np.load(cache_file, allow_pickle=False)
         keys = list(z["keys"])
         if "m0" in z.files or archive is None:
-            return {k: (str(m), z[f"v{i}"], z[f"m{i}"] if f"m{i}" in z.files else np.zeros(GRID, np.uint8))
+            return {k: (str(m), z[f"v{i}"], z[f"m{i}"] if f"m{i}" in z.files else np.zeros(C.GRID, np.uint8))
                     for i, (k, m) in enumerate(zip(keys, z["mods"]))}
     t0 = time.time()
     data = {}
     for sk, entries in studies.items():
-        mod, vol, centre = study_volume(cache, entries)
-        mask = study_mask(archive, records[sk], centre) if archive and records and sk in records else np.zeros(GRID, np.uint8)
+        mod, vol, centre = C.study_volume(cache, entries)
+        mask = study_mask(archive, records[sk], centre) if archive and records and sk in records else np.zeros(C.GRID, np.uint8)
         data[sk] = (mod, vol, mask)
     print(f"  cnn inputs: {len(data)} studies in {time.time() - t0:.0f} s", file=sys.stderr)
     if cache_file:
@@ -295,19 +226,20 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
     """One small 3-D CNN per modality, trained on the train split's labels only (and, with
     ``aux_weight`` > 0, the train split's lesion masks as a second, voxel-level target); the epoch
     with the best validation macro AUROC is kept; the test split is scored once, at the end."""
-    import torch
-
-    torch.set_num_threads(threads or max(os.cpu_count() or 1, 1))
     data = build_cnn_data(cache, studies, inputs_file, archive, records)
-    age = {k: (float(studies[k][0].age_years or 60) - 60) / 20 for k in data}
+    cfg = C.CNNConfig(epochs=epochs, batch=batch, lr=lr, seed=seed, threads=threads, aux_weight=aux_weight)
+    age = {k: float(studies[k][0].age_years or 60) for k in data}
     scores, seg_scores, history, best = {}, {}, {}, {}
     for mod in ("CT", "MR"):
         keys = [k for k in data if data[k][0] == mod]
-        out = _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr, aux_weight)
-        scores.update(out["scores"])
-        seg_scores.update(out["seg_scores"])
-        history[mod] = out["history"]
-        best[mod] = {"val_macro_auroc": out["val_best"], "epoch": out["best_epoch"]}
+        split = lambda s: [k for k in keys if labels[k]["split"] == s]  # noqa: E731
+        out = C.train_cnn({k: data[k][1] for k in keys}, age, {k: labels[k]["y"] for k in keys}, split("train"),
+                          split("val"), keys, cfg, masks={k: data[k][2] for k in keys}, n_aux=len(AUX),
+                          log=lambda m, mod=mod: print(m.replace("cnn", f"cnn {mod}", 1), file=sys.stderr))
+        scores.update(out.logits)
+        seg_scores.update(out.voxel_max)
+        history[mod] = out.history
+        best[mod] = {"val_macro_auroc": out.val_macro_auroc, "epoch": out.best_epoch}
     res = evaluate(scores, labels)
     if aux_weight > 0:
         # diagnostic: the voxel head's maximum as the study score, for the labels it is trained on
@@ -316,153 +248,16 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
         res["voxel_head_max"] = {m: {"auroc": {h: seg[m]["auroc"][h] for h in AUX}} for m in ("CT", "MR")}
     res["val_best"] = best
     res["history"] = history
-    res["setup"] = {"grid": GRID, "grid_mm": GRID_MM, "ct_channels": CT_CHANNELS, "mr_channels": MR_CHANNELS,
+    res["setup"] = {"grid": C.GRID, "grid_mm": C.GRID_MM, "ct_channels": C.CT_CHANNELS, "mr_channels": C.MR_CHANNELS,
                     "batch": batch, "lr": lr, "epochs": epochs, "seed": seed, "aux_weight": aux_weight,
                     "aux_labels": AUX if aux_weight > 0 else [],
-                    "model": "per modality: conv(C->16, stride 1x2x2) + 3 x [maxpool, conv, conv] (32, 64, 128), "
-                             "BatchNorm, max + log-sum-exp + mean pooling, age, linear head; AdamW, warmup + cosine, "
-                             "class-balanced BCE, left-right flip / shift / intensity jitter, flip-averaged scores"
+                    "model": "neurovfm.probe.cnn3d.StudyCNN per modality: conv(C->16, stride 1x2x2) + 3 x [maxpool, "
+                             "conv, conv] (32, 64, 128), BatchNorm, max + log-sum-exp + mean pooling, age, linear head; "
+                             "AdamW, warmup + cosine, class-balanced BCE, left-right flip / shift / intensity jitter, "
+                             "flip-averaged scores"
                              + ("; voxel head (1x1x1 conv on the 64-channel, 12 x 12 x 16 mm level) trained "
                                 "on max-pooled lesion masks with class-balanced BCE" if aux_weight > 0 else "")}
     return res
-
-
-def _train_one(mod, keys, data, age, labels, epochs, seed, batch, lr, aux_weight: float = 0.0) -> dict:
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    torch.manual_seed(seed)
-    rs = np.random.default_rng(seed)
-    chans = len(CT_CHANNELS) if mod == "CT" else len(MR_CHANNELS)
-
-    def block(a, b, stride=1):
-        return nn.Sequential(nn.Conv3d(a, b, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(b),
-                             nn.ReLU(inplace=True))
-
-    class Net(nn.Module):
-        """3 mm input -> 6 mm in-plane at the stem; pooled features + age -> one logit per label.
-        Age goes in because atrophy is labelled 'advanced for age' (as a radiologist reads it);
-        the histogram baseline is also reported with age. ``seg`` is a voxel-level head on the
-        mid-level features, used only when lesion masks supervise it."""
-
-        def __init__(self):
-            super().__init__()
-            self.low = nn.Sequential(block(chans, 16, (1, 2, 2)), nn.MaxPool3d(2), block(16, 32), block(32, 32),
-                                     nn.MaxPool3d(2), block(32, 64), block(64, 64))
-            self.high = nn.Sequential(nn.MaxPool3d(2), block(64, 128))
-            self.seg = nn.Conv3d(64, len(AUX), 1)
-            self.drop = nn.Dropout(0.3)
-            self.head = nn.Linear(3 * 128 + 1, len(HEADLINE))
-
-        def forward(self, x, a):
-            mid = self.low(x)
-            f = self.high(mid).flatten(2)
-            lse = torch.logsumexp(f * 4, dim=2) / 4 - np.log(f.shape[2]) / 4  # soft maximum over space
-            pooled = torch.cat([f.amax(2), lse, f.mean(2)], 1)
-            return self.head(torch.cat([self.drop(pooled), a[:, None]], 1)), self.seg(mid)
-
-    net = Net()
-    train = [k for k in keys if labels[k]["split"] == "train"]
-    val = [k for k in keys if labels[k]["split"] == "val"]
-    ys = np.stack([labels[k]["y"] for k in train])
-    pos_w = torch.tensor((len(ys) - ys.sum(0)) / np.maximum(ys.sum(0), 1), dtype=torch.float32).clamp(0.5, 5)
-    steps = epochs * int(np.ceil(len(train) / batch))
-    warm = max(1, steps // 12)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.02)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + np.cos(np.pi * (t - warm) / max(steps - warm, 1))))
-    bitw = torch.tensor([1 << i for i in range(len(AUX))], dtype=torch.int32)
-
-    def batch_of(ks, augment: bool):
-        """Inputs and lesion targets [B, len(AUX), *GRID], augmented together."""
-        x = torch.from_numpy(np.stack([data[k][1] for k in ks]).astype(np.float32))
-        m = torch.from_numpy(np.stack([data[k][2] for k in ks]).astype(np.int32))
-        m = ((m[:, None] & bitw[None, :, None, None, None]) > 0).float()
-        if augment:
-            if rs.random() < 0.5:
-                x, m = x.flip(-1), m.flip(-1)  # left-right: the headline labels are side-free
-            sh = rs.integers(-3, 4, 3)
-            shifts = (int(sh[0]) // 2, int(sh[1]), int(sh[2]))
-            x, m = torch.roll(x, shifts=shifts, dims=(2, 3, 4)), torch.roll(m, shifts=shifts, dims=(2, 3, 4))
-            x = x * float(rs.uniform(0.92, 1.08)) + float(rs.normal(0, 0.02))
-        return x, m
-
-    def ages(ks):
-        return torch.tensor([age[k] for k in ks], dtype=torch.float32)
-
-    # voxel-level class balance: lesion voxels are rare at the mid level
-    if aux_weight > 0:
-        with torch.no_grad():
-            frac = torch.zeros(len(AUX))
-            for i in range(0, len(train), 16):
-                _, m = batch_of(train[i:i + 16], False)
-                frac += F.adaptive_max_pool3d(m, _mid_shape()).mean((0, 2, 3, 4)) * len(train[i:i + 16])
-            frac /= len(train)
-        seg_w = ((1 - frac) / frac.clamp_min(1e-4)).clamp(1, 50)
-
-    def predict(ks):
-        net.eval()
-        out, seg_out = {}, {}
-        with torch.no_grad():
-            for i in range(0, len(ks), 16):
-                part = ks[i:i + 16]
-                x, _ = batch_of(part, False)
-                a = ages(part)
-                (c1, s1), (c2, s2) = net(x, a), net(x.flip(-1), a)
-                out.update(zip(part, ((c1 + c2) / 2).numpy()))  # flip-averaged
-                seg_out.update(zip(part, ((s1.flatten(2).amax(2) + s2.flatten(2).amax(2)) / 2).numpy()))
-        return out, seg_out
-
-    best, best_state, history = -1.0, None, []
-    yv = np.stack([labels[k]["y"] for k in val])
-    for ep in range(epochs):
-        net.train()
-        t0 = time.time()
-        perm = rs.permutation(len(train))
-        losses, seg_losses = [], []
-        for i in range(0, len(train), batch):
-            ks = [train[j] for j in perm[i:i + batch]]
-            if len(ks) < 2:
-                continue  # BatchNorm needs two
-            y = torch.from_numpy(np.stack([labels[k]["y"] for k in ks]))
-            x, m = batch_of(ks, True)
-            logits, seg = net(x, ages(ks))
-            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_w)
-            if aux_weight > 0:
-                target = F.adaptive_max_pool3d(m, seg.shape[2:])
-                seg_loss = F.binary_cross_entropy_with_logits(seg, target, pos_weight=seg_w[None, :, None, None, None])
-                seg_losses.append(seg_loss.item())
-                loss = loss + aux_weight * seg_loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {ep}")
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        vs, _ = predict(val)
-        sv = np.stack([vs[k] for k in val])
-        vauc = float(np.nanmean([auroc(yv[:, i], sv[:, i]) for i in range(len(HEADLINE))]))
-        history.append({"epoch": ep, "train_loss": float(np.mean(losses)), "val_macro_auroc": vauc,
-                        "seconds": time.time() - t0, **({"seg_loss": float(np.mean(seg_losses))} if seg_losses else {})})
-        print(f"  cnn {mod} epoch {ep}: loss {np.mean(losses):.3f} val macro AUROC {vauc:.3f} ({time.time() - t0:.0f} s)",
-              file=sys.stderr)
-        if vauc > best:
-            best, best_ep = vauc, ep
-            best_state = {k: v.clone() for k, v in net.state_dict().items()}
-    net.load_state_dict(best_state)
-    sc, seg_sc = predict(keys)
-    return {"scores": sc, "seg_scores": seg_sc, "history": history, "val_best": best, "best_epoch": best_ep}
-
-
-def _mid_shape() -> tuple[int, int, int]:
-    """Spatial shape of the CNN's mid level (after the stride-2 stem and two 2x pools)."""
-    d, h, w = GRID[0], (GRID[1] + 1) // 2, (GRID[2] + 1) // 2
-    for _ in range(2):
-        d, h, w = d // 2, h // 2, w // 2
-    return d, h, w
 
 
 def lesion_cnr(archive: str, max_studies: int = 80) -> dict:

@@ -157,6 +157,7 @@ def cmd_import_reference(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from neurovfm.eval.data import read_label_names
     from neurovfm.eval.experiment import EvalConfig, evaluate
+    from neurovfm.probe.cnn3d import CNNConfig
     from neurovfm.probe.heads import HeadConfig
     from neurovfm.probe.train import HeadTrainConfig
 
@@ -177,7 +178,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                      calibration=a.calibration, target_sensitivity=a.target_sensitivity,
                      min_test_positives=a.min_test_positives, bootstrap=a.bootstrap, seed=a.seed,
                      modalities=a.modalities.split(","), comparator_flag_rate=a.comparator_flag_rate,
-                     **({"comparator_name": a.comparator_name} if a.comparator_name else {}))
+                     **({"comparator_name": a.comparator_name} if a.comparator_name else {}),
+                     cnn=CNNConfig(epochs=a.cnn_epochs, seed=a.seed) if a.cnn_baseline else None)
     summary = evaluate(feats, a.labels, a.out, cfg, cache_dir=a.cache, label_names=names or None,
                        save_model=a.save_model, progress=not a.quiet)
     brief = {n: {m: (e.get("macro_auroc") or {}).get("estimate") for m, e in per.items()}
@@ -380,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--comparator-name")
     s.add_argument("--modalities", default="CT,MR")
     s.add_argument("--save-model", help="model folder to save the first model's heads, calibration and thresholds into")
+    s.add_argument("--cnn-baseline", action="store_true",
+                   help="also train the end-to-end 3-D CNN baseline on the scans (needs --cache), reported as cnn3d")
+    s.add_argument("--cnn-epochs", type=int, default=30)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_evaluate)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from neurovfm.errors import NeuroVFMError
 from neurovfm.eval import calibrate as cal
 from neurovfm.eval import metrics as M
 from neurovfm.eval.data import StudyTable, add_series_meta, read_study_table
+from neurovfm.probe.cnn3d import CNNConfig
 from neurovfm.probe.embed import FeatureStore
 from neurovfm.probe.heads import HEADS, HeadConfig
 from neurovfm.probe.train import HeadTrainConfig, fit_head, predict, save_head
@@ -57,6 +59,7 @@ class EvalConfig:
     head_auto: bool = False  # fit every head kind, keep each model's best on validation
     ood_components: int = 16  # distance-to-training model saved with --save-model
     ood_quantile: float = 0.99
+    cnn: CNNConfig | None = None  # also fit the end-to-end 3-D CNN baseline (needs the cache)
 
     def __post_init__(self) -> None:
         if self.calibration not in ("temperature", "platt"):
@@ -110,19 +113,55 @@ def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalCon
             best, head_cfg, head, history = score, hc, h, hist
     lv, _ = predict(head, [bags[i] for i in va])
     lt, attn = predict(head, [bags[i] for i in te])
+    nonbrain = []
+    for a, i in zip(attn, te):
+        kinds = store.bag_kinds(table.study_keys[i], cfg.ct_windows)
+        a = np.asarray(a, np.float64)  # [n_tokens, C], sums to one per class
+        nonbrain.append(float(a[kinds != KIND_SOFT].sum(0).mean()))
+    return _calibrated_run(name, table, lv, lt, np.array(nonbrain), history, head, head_cfg, cfg)
+
+
+def _calibrated_run(name: str, table: StudyTable, lv, lt, nonbrain: np.ndarray, history: list, head, head_cfg,
+                    cfg: EvalConfig) -> ModalityRun:
+    """Validation and test logits -> calibration (fitted on validation), per-label operating points
+    (chosen on validation), calibrated test probabilities: the same for every model."""
+    va, te = table.index("val"), table.index("test")
     lv, lt = np.asarray(lv, np.float64), np.asarray(lt, np.float64)
     scaler = cal.TemperatureScaler() if cfg.calibration == "temperature" else cal.PlattScaler()
     scaler.fit(lv, table.y[va])
     pv, pt = scaler.transform(lv), scaler.transform(lt)
     thr = np.array([cal.threshold_for_sensitivity(table.y[va][:, j], pv[:, j], cfg.target_sensitivity)
                     for j in range(len(table.labels))])
-    nonbrain = []
-    for a, i in zip(attn, te):
-        kinds = store.bag_kinds(table.study_keys[i], cfg.ct_windows)
-        a = np.asarray(a, np.float64)  # [n_tokens, C], sums to one per class
-        nonbrain.append(float(a[kinds != KIND_SOFT].sum(0).mean()))
-    return ModalityRun(name, table, te, lt, pt, cal.sigmoid(lt), pv, thr, np.array(nonbrain), history, head, scaler,
-                       head_cfg)
+    return ModalityRun(name, table, te, lt, pt, cal.sigmoid(lt), pv, thr, nonbrain, history, head, scaler, head_cfg)
+
+
+CNN_NAME = "cnn3d"
+
+
+def fit_cnn_modality(table: StudyTable, cache_dir: str, cfg: EvalConfig, progress: bool = True) -> ModalityRun:
+    """The end-to-end 3-D CNN baseline on the same studies, splits and labels as the heads; scored
+    through the same calibration and operating points (``neurovfm.probe.cnn3d``)."""
+    from neurovfm.probe import cnn3d
+
+    assert cfg.cnn is not None
+    tr, va, te = (table.index(s) for s in ("train", "val", "test"))
+    cache = TokenCache(cache_dir)
+    try:
+        vols = cnn3d.study_volumes(cache, table.study_keys)
+    finally:
+        cache.close()
+    missing = [k for k in table.study_keys if k not in vols]
+    if missing:
+        raise EvaluationError(f"{cache_dir}: {len(missing)} {table.modality} studies of the features are not in "
+                              f"this cache (e.g. {missing[0][:12]}…): give the cache the features were embedded from")
+    keys = table.study_keys
+    res = cnn3d.train_cnn({k: vols[k][0] for k in keys}, {k: vols[k][1] for k in keys},
+                          {k: table.y[i] for i, k in enumerate(keys)}, [keys[i] for i in tr], [keys[i] for i in va],
+                          [keys[i] for i in np.concatenate([va, te])], cfg.cnn,
+                          log=(lambda m: print(f"{table.modality}{m}", file=sys.stderr)) if progress else None)
+    lv = np.stack([res.logits[keys[i]] for i in va])
+    lt = np.stack([res.logits[keys[i]] for i in te])
+    return _calibrated_run(CNN_NAME, table, lv, lt, np.full(len(te), np.nan), res.history, None, None, cfg)
 
 
 def save_distance_model(folder: str, mod: str, store: FeatureStore, table: StudyTable, cfg: EvalConfig) -> None:
@@ -245,6 +284,10 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
     cfg = cfg or EvalConfig()
     if not features:
         raise EvaluationError("no feature folders given")
+    if cfg.cnn is not None and not cache_dir:
+        raise EvaluationError("the 3-D CNN baseline trains on the scans: give --cache")
+    if CNN_NAME in features and cfg.cnn is not None:
+        raise EvaluationError(f"--features: {CNN_NAME!r} is the name of the CNN baseline; rename that feature set")
     stores = {n: FeatureStore(p) for n, p in features.items()}
     first = next(iter(stores))
     common = set.intersection(*(set(s.studies()) for s in stores.values()))
@@ -263,14 +306,17 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
         runs: dict[str, ModalityRun] = {}
         for name, store in tqdm(stores.items(), desc=f"heads {mod}", disable=not progress):
             runs[name] = fit_modality(name, store, table, cfg)
+        if cfg.cnn is not None:
+            runs[CNN_NAME] = fit_cnn_modality(table, cache_dir, cfg, progress)
         headline = headline_labels(runs[first], cfg.min_test_positives)
         for name, run in runs.items():
             lm = label_metrics(run)
             for r in lm:
                 rows_csv.append({"model": name, "modality": mod, "headline": r["label"] in headline, **r})
-            entry = {"labels": lm, "headline_labels": headline, "head": run.head_cfg.kind if run.head_cfg else cfg.head.kind,
+            kind = "3-D CNN, end to end" if name == CNN_NAME else (run.head_cfg.kind if run.head_cfg else cfg.head.kind)
+            entry = {"labels": lm, "headline_labels": headline, "head": kind,
                      "test_studies": int(len(run.test_idx)), "history": run.history,
-                     "attention_on_nonbrain_tokens": float(run.attn_nonbrain.mean()),
+                     "attention_on_nonbrain_tokens": _finite(float(np.mean(run.attn_nonbrain))),
                      "triage": triage_summary(run, cfg), "breakdowns": breakdowns(run, headline) if headline else {}}
             if headline:
                 boot = bootstrap_macro(run, headline, cfg)

@@ -1,0 +1,304 @@
+"""The end-to-end baseline: a small supervised 3-D CNN on the cached scans, no foundation model.
+
+What a frozen encoder plus a head must beat is not only a random-init encoder and intensity
+histograms but a plain network trained on the labels. Every series of a study is resampled from
+its canonical token grid onto one fixed RAS grid around the head (4 mm slices, 3 mm in-plane), so
+a study is one co-registered multi-channel volume (CT: brain, blood and bone windows of the soft-
+kernel series; MRI: one channel per sequence family, zeros where the exam has none), plus the
+patient's age. One network per modality: a strided stem, three [pool, conv, conv] stages,
+BatchNorm, global max + log-sum-exp + mean pooling (lesions are small), a linear head per label;
+class-balanced BCE, left-right flip / shift / intensity jitter, warmup + cosine, the epoch with
+the best *validation* macro AUROC kept, flip-averaged scores. Optionally a voxel-level head on
+the mid-level features learns from lesion masks (``aux``) — used by the archive-difficulty bench
+to tell "invisible lesions" from "too few labels".
+
+Used by ``neurovfm evaluate --cnn-baseline`` (scored with the same calibration, operating points
+and bootstrap as every head) and by ``bench/synth/difficulty.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from neurovfm.tokens.cache import TokenCache
+from neurovfm.tokens.patches import unpatchify
+
+GRID = (40, 72, 60)  # slices (S-I, 4 mm) x A-P x L-R (3 mm): 160 x 216 x 180 mm
+GRID_MM = (4.0, 3.0, 3.0)
+CT_CHANNELS = ("brain", "blood", "bone")
+MR_CHANNELS = ("T1", "T1C", "T2", "FLAIR", "DWI", "ADC", "SWI", "PD")
+MR_REFERENCE_ORDER = ("T2", "FLAIR", "T1", "PD", "DWI", "T1C", "ADC", "SWI")  # whose head centre the grid uses
+
+
+@dataclass
+class CNNConfig:
+    epochs: int = 30
+    batch: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.02
+    dropout: float = 0.3
+    seed: int = 0
+    threads: int | None = None
+    aux_weight: float = 0.0  # > 0: lesion masks supervise a voxel head (needs masks)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch < 2:
+            raise ValueError("CNN baseline: epochs must be >= 1 and batch >= 2 (BatchNorm)")
+        if self.lr <= 0 or self.aux_weight < 0:
+            raise ValueError("CNN baseline: lr must be > 0 and aux_weight >= 0")
+
+
+# -- study volumes on one grid ------------------------------------------------------------------------
+def _dense(cache: TokenCache, e, names=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One series as dense volumes [V, D, H, W] (float32 0..1; tokens not stored are 0), the
+    voxel -> RAS affine and the stored token coordinates."""
+    views, coords, _ = cache.views(e, names)
+    grid = tuple(json.loads(e.grid_shape))
+    patch = cache.policy.patch
+    full = np.zeros((views.shape[1], int(np.prod(grid)), views.shape[2]), np.float32)
+    flat = np.ravel_multi_index(coords.T.astype(int), grid)
+    full[:, flat] = np.transpose(views, (1, 0, 2)).astype(np.float32) / 255.0
+    vols = np.stack([unpatchify(full[v], grid, patch) for v in range(full.shape[0])])
+    s = np.eye(4)
+    for ax in range(3):
+        s[ax, ax] = patch[ax]
+        s[ax, 3] = (patch[ax] - 1) / 2.0
+    return vols, e.grid_affine_array @ np.linalg.inv(s), coords
+
+
+def grid_ras(centre: np.ndarray) -> np.ndarray:
+    """RAS mm of every voxel of the study grid around ``centre``: [*GRID, 3]."""
+    axes = [(np.arange(n) - (n - 1) / 2) * mm for n, mm in zip(GRID, GRID_MM)]
+    z, y, x = np.meshgrid(*axes, indexing="ij")
+    return np.stack([x, y, z], -1) + centre  # R, A, S
+
+
+def _resample(vols: np.ndarray, affine: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """[V, D, H, W] in its own voxel space -> [V, *GRID] on the RAS grid around ``centre``."""
+    inv = np.linalg.inv(affine)
+    ijk = grid_ras(centre) @ inv[:3, :3].T + inv[:3, 3]  # voxel (d, h, w) coordinates
+    shape = np.array(vols.shape[1:], float)
+    norm = 2 * ijk / np.maximum(shape - 1, 1) - 1  # grid_sample wants (x=w, y=h, z=d)
+    g = torch.from_numpy(norm[..., ::-1].copy()).float()[None]
+    out = F.grid_sample(torch.from_numpy(vols)[None], g, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out[0].numpy()
+
+
+def study_volume(cache: TokenCache, entries: list) -> tuple[str, np.ndarray, np.ndarray]:
+    """A study's co-registered channels on the grid (float16 [C, *GRID]) and the grid's RAS centre
+    (the mean of the reference series' foreground token centres)."""
+    mod = entries[0].modality
+    if mod == "CT":
+        soft = [e for e in entries if e.kernel == "soft"] or entries
+        vols, aff, coords = _dense(cache, soft[0], CT_CHANNELS)
+    else:
+        order = {k: i for i, k in enumerate(MR_REFERENCE_ORDER)}
+        ref = sorted(entries, key=lambda e: order.get(e.sequence, 9))[0]
+        vols, aff, coords = _dense(cache, ref)
+    patch = np.array(cache.policy.patch)
+    tok = coords.astype(float) * patch + (patch - 1) / 2
+    centre = (tok @ aff[:3, :3].T + aff[:3, 3]).mean(0)
+    if mod == "CT":
+        return mod, _resample(vols, aff, centre).astype(np.float16), centre
+    out = np.zeros((len(MR_CHANNELS),) + GRID, np.float16)
+    for e in entries:
+        if e.sequence in MR_CHANNELS:
+            v, a, _ = _dense(cache, e)
+            out[MR_CHANNELS.index(e.sequence)] = _resample(v, a, centre)[0]
+    return mod, out, centre
+
+
+def study_volumes(cache: TokenCache, study_keys: list[str]) -> dict[str, tuple[np.ndarray, float]]:
+    """study key -> (channels, age in years or NaN) for the studies in the cache."""
+    by: dict[str, list] = {}
+    for e in cache.series():
+        if e.study_key in study_keys:
+            by.setdefault(e.study_key, []).append(e)
+    out = {}
+    for k in study_keys:
+        if k in by:
+            age = by[k][0].age_years
+            out[k] = (study_volume(cache, by[k])[1], float(age) if age is not None else float("nan"))
+    return out
+
+
+# -- the network ---------------------------------------------------------------------------------------
+def _block(a: int, b: int, stride=1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(a, b, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(b), nn.ReLU(inplace=True))
+
+
+class StudyCNN(nn.Module):
+    """3 mm input -> 6 mm in-plane at the stem; pooled features + age -> one logit per label. Age
+    goes in because atrophy is labelled 'advanced for age', as a radiologist reads it. ``seg`` is
+    the voxel head on the mid-level features (trained only when lesion masks are given)."""
+
+    def __init__(self, channels: int, n_labels: int, n_aux: int = 0, dropout: float = 0.3):
+        super().__init__()
+        self.low = nn.Sequential(_block(channels, 16, (1, 2, 2)), nn.MaxPool3d(2), _block(16, 32), _block(32, 32),
+                                 nn.MaxPool3d(2), _block(32, 64), _block(64, 64))
+        self.high = nn.Sequential(nn.MaxPool3d(2), _block(64, 128))
+        self.seg = nn.Conv3d(64, max(n_aux, 1), 1)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(3 * 128 + 1, n_labels)
+
+    def forward(self, x: torch.Tensor, age: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mid = self.low(x)
+        f = self.high(mid).flatten(2)
+        lse = torch.logsumexp(f * 4, dim=2) / 4 - np.log(f.shape[2]) / 4  # a soft maximum over space
+        pooled = torch.cat([f.amax(2), lse, f.mean(2)], 1)
+        return self.head(torch.cat([self.drop(pooled), age[:, None]], 1)), self.seg(mid)
+
+
+def mid_shape() -> tuple[int, int, int]:
+    """Spatial shape of the mid level (after the stride-2 stem and two 2x pools)."""
+    d, h, w = GRID[0], (GRID[1] + 1) // 2, (GRID[2] + 1) // 2
+    for _ in range(2):
+        d, h, w = d // 2, h // 2, w // 2
+    return d, h, w
+
+
+def _macro_auroc(y: np.ndarray, s: np.ndarray) -> float:
+    from neurovfm.eval.metrics import auroc
+
+    vals = [auroc(y[:, j], s[:, j]) for j in range(y.shape[1])]
+    vals = [v for v in vals if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+@dataclass
+class CNNResult:
+    logits: dict[str, np.ndarray]  # study key -> flip-averaged logits [C]
+    voxel_max: dict[str, np.ndarray]  # study key -> max of the voxel head [n_aux] (aux only)
+    history: list[dict[str, Any]]
+    best_epoch: int
+    val_macro_auroc: float
+
+
+def train_cnn(volumes: dict[str, np.ndarray], age: dict[str, float], y: dict[str, np.ndarray], train: list[str],
+              val: list[str], score: list[str], cfg: CNNConfig, masks: dict[str, np.ndarray] | None = None,
+              n_aux: int = 0, log: Callable[[str], None] | None = None) -> CNNResult:
+    """Fit on ``train`` (labels [C], NaN = unknown, left out of the loss), keep the epoch with the
+    best macro AUROC on ``val``, and score ``score`` once with it. ``masks``: study key -> uint8
+    bit field [*GRID] (bit i = voxel head i) when ``cfg.aux_weight`` > 0."""
+    from neurovfm.probe.train import torch_threads
+
+    if len(train) < 2 or not val:
+        raise ValueError("CNN baseline: needs at least 2 train studies and 1 validation study")
+    import os
+
+    with torch_threads(cfg.threads or os.cpu_count() or 1):
+        return _train(volumes, age, y, train, val, score, cfg, masks, n_aux, log)
+
+
+def _train(volumes, age, y, train, val, score, cfg: CNNConfig, masks, n_aux, log) -> CNNResult:
+    torch.manual_seed(cfg.seed)
+    rs = np.random.default_rng(cfg.seed)
+    use_aux = cfg.aux_weight > 0 and masks is not None and n_aux > 0
+    first = next(iter(volumes.values()))
+    n_labels = len(next(iter(y.values())))
+    net = StudyCNN(first.shape[0], n_labels, n_aux if use_aux else 0, cfg.dropout)
+    ys = np.stack([y[k] for k in train])
+    pos = np.nansum(ys, 0)
+    known = np.sum(~np.isnan(ys), 0)
+    pos_w = torch.tensor((known - pos) / np.maximum(pos, 1), dtype=torch.float32).clamp(0.5, 5)
+    steps = cfg.epochs * int(np.ceil(len(train) / cfg.batch))
+    warm = max(1, steps // 12)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + np.cos(np.pi * (t - warm) / max(steps - warm, 1))))
+    bitw = torch.tensor([1 << i for i in range(max(n_aux, 1))], dtype=torch.int32)
+    mean_age = float(np.nanmean([age.get(k, np.nan) for k in train])) if any(np.isfinite(age.get(k, np.nan)) for k in train) else 60.0
+
+    def ages(ks):
+        return torch.tensor([((age.get(k, np.nan) if np.isfinite(age.get(k, np.nan)) else mean_age) - 60) / 20
+                             for k in ks], dtype=torch.float32)
+
+    def batch_of(ks, augment: bool):
+        x = torch.from_numpy(np.stack([volumes[k] for k in ks]).astype(np.float32))
+        m = None
+        if use_aux:
+            m = torch.from_numpy(np.stack([masks.get(k, np.zeros(GRID, np.uint8)) for k in ks]).astype(np.int32))
+            m = ((m[:, None] & bitw[None, :, None, None, None]) > 0).float()
+        if augment:
+            if rs.random() < 0.5:  # left-right: study-level labels are side-free
+                x = x.flip(-1)
+                m = m.flip(-1) if m is not None else None
+            sh = rs.integers(-3, 4, 3)
+            shifts = (int(sh[0]) // 2, int(sh[1]), int(sh[2]))
+            x = torch.roll(x, shifts=shifts, dims=(2, 3, 4))
+            m = torch.roll(m, shifts=shifts, dims=(2, 3, 4)) if m is not None else None
+            x = x * float(rs.uniform(0.92, 1.08)) + float(rs.normal(0, 0.02))
+        return x, m
+
+    if use_aux:  # voxel-level class balance: lesion voxels are rare at the mid level
+        with torch.no_grad():
+            frac = torch.zeros(n_aux)
+            for i in range(0, len(train), 16):
+                _, m = batch_of(train[i:i + 16], False)
+                frac += F.adaptive_max_pool3d(m, mid_shape()).mean((0, 2, 3, 4)) * len(train[i:i + 16])
+            frac /= len(train)
+        seg_w = ((1 - frac) / frac.clamp_min(1e-4)).clamp(1, 50)
+
+    def predict(ks):
+        net.eval()
+        out, vox = {}, {}
+        with torch.no_grad():
+            for i in range(0, len(ks), 16):
+                part = ks[i:i + 16]
+                x, _ = batch_of(part, False)
+                a = ages(part)
+                (c1, s1), (c2, s2) = net(x, a), net(x.flip(-1), a)
+                out.update(zip(part, ((c1 + c2) / 2).numpy()))
+                vox.update(zip(part, ((s1.flatten(2).amax(2) + s2.flatten(2).amax(2)) / 2).numpy()))
+        return out, vox
+
+    best, best_state, best_ep, history = -np.inf, None, 0, []
+    yv = np.stack([y[k] for k in val])
+    for ep in range(cfg.epochs):
+        net.train()
+        t0 = time.time()
+        perm = rs.permutation(len(train))
+        losses = []
+        for i in range(0, len(train), cfg.batch):
+            ks = [train[j] for j in perm[i:i + cfg.batch]]
+            if len(ks) < 2:
+                continue  # BatchNorm needs two
+            yt = torch.from_numpy(np.stack([y[k] for k in ks]).astype(np.float32))
+            known_t = ~torch.isnan(yt)
+            x, m = batch_of(ks, True)
+            logits, seg = net(x, ages(ks))
+            per = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(yt), pos_weight=pos_w, reduction="none")
+            loss = (per * known_t).sum() / known_t.sum().clamp_min(1)
+            if use_aux:
+                target = F.adaptive_max_pool3d(m, seg.shape[2:])
+                loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(
+                    seg, target, pos_weight=seg_w[None, :, None, None, None])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"CNN baseline: non-finite loss at epoch {ep}")
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        vs, _ = predict(val)
+        vauc = _macro_auroc(yv, np.stack([vs[k] for k in val]))
+        history.append({"epoch": ep, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                        "val_macro_auroc": vauc, "seconds": time.time() - t0})
+        if log:
+            log(f"  cnn epoch {ep}: loss {history[-1]['train_loss']:.3f} val macro AUROC {vauc:.3f} "
+                f"({time.time() - t0:.0f} s)")
+        if best_state is None or (np.isfinite(vauc) and vauc > best):
+            best, best_ep = vauc, ep
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(best_state)
+    logits, vox = predict(score)
+    return CNNResult(logits, vox if use_aux else {}, history, best_ep, float(best))
