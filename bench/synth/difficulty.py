@@ -318,6 +318,7 @@ def main() -> int:
                     help="also train the CNN with the lesion masks as a voxel-level target at this loss weight "
                          "(reported as cnn_mask_aux beside the labels-only cnn); 0 to skip")
     ap.add_argument("--only-cnn", action="store_true", help="skip the histogram baseline and the CNR survey")
+    ap.add_argument("--skip-cnr", action="store_true", help="skip the CNR survey (it reads DICOM of 80 studies)")
     a = ap.parse_args()
     keyer = Keyer.from_site()
     labels = load_labels(a.archive, keyer)
@@ -340,8 +341,9 @@ def main() -> int:
         t0 = time.time()
         res["histogram_lr_with_age"] = run_histogram(cache, studies, labels, with_age=True, feats=feats)
         res["histogram_lr_with_age"]["seconds"] = time.time() - t0
-        res["lesion_cnr"] = lesion_cnr(a.archive)
-        print("lesion CNR (all):", json.dumps(res["lesion_cnr"]["_all"]), file=sys.stderr)
+        if not a.skip_cnr:
+            res["lesion_cnr"] = lesion_cnr(a.archive)
+            print("lesion CNR (all):", json.dumps(res["lesion_cnr"]["_all"]), file=sys.stderr)
     if not a.skip_cnn:
         variants = [("cnn", 0.0)] + ([("cnn_mask_aux", a.aux_weight)] if a.aux_weight > 0 else [])
         for name, w in variants:
