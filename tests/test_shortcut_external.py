@@ -386,6 +386,8 @@ def test_anatomy_probe_finds_planted_anatomy_not_noise(sites, tmp_path):
         assert m["tokens"]["test"] > 50
     for f in ("anatomy.json", "anatomy.csv", "anatomy.png"):
         assert os.path.getsize(out / f) > 100
-    # the features must come from the cache the maps are looked up through
+    # the features must come from the cache the maps are looked up through, under its site secret
+    with pytest.raises(NeuroVFMError, match="not in the cache"):
+        anatomy_probe({"planted": good}, arch, str(root / "ext_cache"), None, cfg, keyer=keyer)
     with pytest.raises(NeuroVFMError, match="site secret"):
         anatomy_probe({"planted": good}, arch, cache_dir, None, cfg, keyer=Keyer(b"another-secret"))

@@ -18,9 +18,7 @@ beats that row.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 
 from neurovfm.errors import NeuroVFMError
-from neurovfm.eval.metrics import patient_weights
+from neurovfm.eval.metrics import _interval, patient_weights
 from neurovfm.explain.maps import token_centres_ras
 from neurovfm.privacy.keys import Keyer
 from neurovfm.probe.embed import FeatureStore
@@ -151,7 +149,12 @@ def sample_tokens(store: FeatureStore, cache: TokenCache, truth: dict[str, Study
         for v in store.by_study[sk]:
             if v.modality == "CT" and v.view not in cfg.ct_views:
                 continue
-            ras, code = token_codes(cache.get(v.series_key).grid_affine_array, v.coords, img)
+            try:
+                entry = cache.get(v.series_key)
+            except KeyError:
+                raise AnatomyProbeError(f"{store.root}: series {v.series_key[:12]}… is not in the cache "
+                                        f"{cache.root}; give the cache these features were embedded from") from None
+            ras, code = token_codes(entry.grid_affine_array, v.coords, img)
             cls = np.where(code > 0, code_to_class[np.clip(code, 0, len(code_to_class) - 1)], -1)
             inside = np.flatnonzero(cls >= 0)
             if not len(inside):
@@ -236,11 +239,6 @@ def _bootstrap(total: np.ndarray, correct: np.ndarray, w: np.ndarray) -> dict[st
     return {"accuracy": acc, "balanced_accuracy": np.nanmean(rec, axis=1)}
 
 
-def _ci(est: float, samples: np.ndarray) -> dict[str, float]:
-    lo, hi = np.nanquantile(samples, [0.025, 0.975])
-    return {"estimate": float(est), "low": float(lo), "high": float(hi)}
-
-
 def probe_one(x: np.ndarray, ts: TokenSet, keep: np.ndarray, n_classes: int, cfg: AnatomyProbeConfig
               ) -> dict[str, Any]:
     tr, va, te = (keep & (ts.split == s) for s in ("train", "val", "test"))
@@ -300,8 +298,8 @@ def anatomy_probe(features: dict[str, str], archive: str, cache_dir: str, out_di
                 preds[name] = r.pop("pred")
                 _, total, correct = _per_study_counts(ts.y[te], preds[name], ts.study[te], n_cls)
                 boot = _bootstrap(total, correct, w)
-                r["accuracy"] = _ci(r["accuracy"], boot["accuracy"])
-                r["balanced_accuracy"] = _ci(r["balanced_accuracy"], boot["balanced_accuracy"])
+                r["accuracy"] = _interval(r["accuracy"], boot["accuracy"], 0.05)
+                r["balanced_accuracy"] = _interval(r["balanced_accuracy"], boot["balanced_accuracy"], 0.05)
                 r["recall"] = {classes[kept[c]]: v for c, v in r["recall"].items()}
                 r["_boot"] = boot
                 rows[name] = r
@@ -311,7 +309,7 @@ def anatomy_probe(features: dict[str, str], archive: str, cache_dir: str, out_di
                     continue
                 d = rows[ref]["_boot"]["balanced_accuracy"] - r["_boot"]["balanced_accuracy"]
                 est = rows[ref]["balanced_accuracy"]["estimate"] - r["balanced_accuracy"]["estimate"]
-                r[f"{ref}_minus_this_balanced_accuracy"] = _ci(est, d)
+                r[f"{ref}_minus_this_balanced_accuracy"] = _interval(est, d, 0.05)
             for r in rows.values():
                 r.pop("_boot")
             summary["modalities"][mod] = {
@@ -343,15 +341,12 @@ def csv_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_outputs(out_dir: str, summary: dict[str, Any]) -> list[str]:
+    from neurovfm.eval.experiment import _default, _write_csv
+
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "anatomy.json"), os.path.join(out_dir, "anatomy.csv")]
-    atomic_write_text(paths[0], json.dumps(summary, indent=1))
-    buf = io.StringIO()
-    rows = csv_rows(summary)
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(paths[1], buf.getvalue())
+    atomic_write_text(paths[0], json.dumps(summary, indent=1, default=_default))
+    _write_csv(paths[1], csv_rows(summary))
     paths.append(plot(summary, os.path.join(out_dir, "anatomy.png")))
     return paths
 

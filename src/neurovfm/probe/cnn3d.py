@@ -19,6 +19,7 @@ and bootstrap as every head) and by ``bench/synth/difficulty.py``.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from neurovfm.probe.train import torch_threads, val_macro_auroc
 from neurovfm.tokens.cache import TokenCache
 from neurovfm.tokens.patches import unpatchify
 
@@ -165,14 +167,6 @@ def mid_shape() -> tuple[int, int, int]:
     return d, h, w
 
 
-def _macro_auroc(y: np.ndarray, s: np.ndarray) -> float:
-    from neurovfm.eval.metrics import auroc
-
-    vals = [auroc(y[:, j], s[:, j]) for j in range(y.shape[1])]
-    vals = [v for v in vals if v is not None and np.isfinite(v)]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
 @dataclass
 class CNNResult:
     logits: dict[str, np.ndarray]  # study key -> flip-averaged logits [C]
@@ -188,12 +182,8 @@ def train_cnn(volumes: dict[str, np.ndarray], age: dict[str, float], y: dict[str
     """Fit on ``train`` (labels [C], NaN = unknown, left out of the loss), keep the epoch with the
     best macro AUROC on ``val``, and score ``score`` once with it. ``masks``: study key -> uint8
     bit field [*GRID] (bit i = voxel head i) when ``cfg.aux_weight`` > 0."""
-    from neurovfm.probe.train import torch_threads
-
     if len(train) < 2 or not val:
         raise ValueError("CNN baseline: needs at least 2 train studies and 1 validation study")
-    import os
-
     with torch_threads(cfg.threads or os.cpu_count() or 1):
         return _train(volumes, age, y, train, val, score, cfg, masks, n_aux, log)
 
@@ -290,7 +280,7 @@ def _train(volumes, age, y, train, val, score, cfg: CNNConfig, masks, n_aux, log
             sched.step()
             losses.append(loss.item())
         vs, _ = predict(val)
-        vauc = _macro_auroc(yv, np.stack([vs[k] for k in val]))
+        vauc = val_macro_auroc(yv, np.stack([vs[k] for k in val]))
         history.append({"epoch": ep, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                         "val_macro_auroc": vauc, "seconds": time.time() - t0})
         if log:
