@@ -460,3 +460,34 @@ def test_each_dicom_file_is_decoded_once(archive, model, tmp_path, monkeypatch):
     Analyzer(model).run(archive["ct"], str(tmp_path / "out"))
     n_files = sum(len(files) for _, _, files in os.walk(archive["ct"]))
     assert len(calls) == n_files and set(calls.values()) == {1}, sorted(set(calls.values()))
+
+
+def test_contribution_maps_share_one_encoding_and_decompose_the_logit(archive, model):
+    """``--map-source contribution``: the same probabilities as the attention maps from the same
+    encoder features, and per class the positive part of each token's exact share of the logit,
+    normalised over the study (summed over a series' CT windows)."""
+    import torch
+
+    from neurovfm.analyze.pipeline import Analyzer, read_study
+    from neurovfm.ingest.policy import DEFAULT_POLICY
+    from neurovfm.probe.heads import token_contributions
+    from neurovfm.tokens.cache import as_views
+
+    an = Analyzer(model)
+    group, _ = read_study(archive["ct"], an.cfg)
+    att = an.score("CT", group)
+    con = an.score("CT", group, view_features=att.view_features, map_source="contribution")
+    np.testing.assert_allclose(con.p_cal, att.p_cal, atol=1e-9)
+    bag = torch.from_numpy(np.concatenate(att.view_features).astype(np.float32))
+    c = np.clip(token_contributions(an.heads["CT"][0], bag, torch.tensor([0, len(bag)])).double().numpy(), 0, None)
+    c = c / np.where(c.sum(0) > 0, c.sum(0), 1)
+    start = 0
+    for s, w_att, w_con in zip(group, att.per_series_w, con.per_series_w):
+        n_views = as_views(s.ts.tokens, s.ts.storage, s.ts.views, DEFAULT_POLICY)[0].shape[1]
+        expect = sum(c[start + v * s.ts.n_tokens: start + (v + 1) * s.ts.n_tokens] for v in range(n_views))
+        start += n_views * s.ts.n_tokens
+        np.testing.assert_allclose(w_con, expect, atol=1e-6)
+        assert not np.allclose(w_con, w_att)  # a different map, not attention renamed
+    assert start == len(bag)
+    total = sum(w.sum(0) for w in con.per_series_w)
+    assert np.all((np.abs(total - 1) < 1e-6) | (total == 0))  # a distribution, or nothing pushed the logit up

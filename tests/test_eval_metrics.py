@@ -129,3 +129,39 @@ def test_operating_points_and_triage():
     thr = {"hem": 0.5, "atrophy": 0.5, "normal_variant": 0.5}
     assert cal.triage_levels(probs, labels, thr, acuity) == ["Urgent", "Routine", "Normal", "Normal"]
     np.testing.assert_allclose(cal.urgent_score(probs, labels, acuity), probs[:, 0])
+
+
+def test_ece_floor_is_what_a_perfectly_calibrated_model_scores():
+    """On labels drawn from the predictions themselves, the plug-in ECE averages the null floor,
+    the debiased squared error averages ~0 and the calibration test rejects ~5 % of the time;
+    labels drawn from shifted probabilities are flagged."""
+    rng = np.random.default_rng(3)
+    n = 80
+    p = rng.uniform(0.15, 0.65, n)
+    eces, sq, rejected = [], [], []
+    for s in range(150):
+        y = (rng.random(n) < p).astype(float)
+        c = M.calibration_check(y, p, n=400, seed=s)
+        eces.append(c["ece"])
+        sq.append(c["squared_ce_debiased"])
+        rejected.append(c["p_value"] < 0.05)
+    floor = M.ece_null(p, n=4000, seed=0).mean()
+    assert 0.10 < floor < 0.18  # ~sqrt(10 p(1-p) / 80): far above a 0.05 target
+    assert abs(np.mean(eces) - floor) < 0.01
+    sq += [M.debiased_squared_ce((rng.random(n) < p).astype(float), p) for _ in range(1000)]
+    assert abs(np.mean(sq)) < 0.0015  # unbiased (SE ~0.0004); the plug-in square is ~floor^2 ~ 0.02
+    assert np.mean(rejected) < 0.12
+    shifted = [M.calibration_check((rng.random(n) < np.clip(p + 0.25, 0, 1)).astype(float), p, n=400, seed=s)
+               for s in range(30)]
+    assert np.mean([c["p_value"] < 0.05 for c in shifted]) > 0.8
+    assert np.mean([c["rmsce_debiased"] for c in shifted]) == pytest.approx(0.25, abs=0.06)
+
+
+def test_test_size_needed_for_an_ece_floor_shrinks_like_one_over_root_n():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.2, 0.6, 200)
+    n05 = M.studies_for_ece_floor(p, 0.05, seed=0)
+    n10 = M.studies_for_ece_floor(p, 0.10, seed=0)
+    assert 300 < n05 < 1200
+    assert 2.8 < n05 / n10 < 5.5  # a floor twice as low needs about four times the studies
+    assert M.ece_null(rng.choice(p, n05), n=2000, seed=1).mean() == pytest.approx(0.05, abs=0.008)

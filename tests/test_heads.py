@@ -10,7 +10,7 @@ import torch
 
 from neurovfm.eval.metrics import auroc
 from neurovfm.models.folder import ModelFolderError
-from neurovfm.probe.heads import HeadConfig, build_head
+from neurovfm.probe.heads import HeadConfig, build_head, contribution_bias, token_contributions
 from neurovfm.probe.train import HeadTrainConfig, fit_head, load_head, predict, save_head
 
 KINDS = ["gated", "abmil", "mean"]
@@ -59,6 +59,24 @@ def test_a_studys_output_does_not_depend_on_its_batch(kind):
     torch.testing.assert_close(a1, attn[30:35], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_token_contributions_add_up_to_the_logit(kind):
+    """bias + the study's tokens' contributions == the head's logit, for every head kind (so a
+    contribution map is an exact decomposition, not a heuristic)."""
+    rng = np.random.default_rng(5)
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(kind=kind), 20, 4).eval()
+    with torch.no_grad():  # non-trivial norm and bias parameters
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    feats, cu = _batch(rng, [17, 40, 3], 20)
+    logits, _ = head(feats, cu)
+    contrib = token_contributions(head, feats, cu)
+    assert contrib.shape == (60, 4)
+    summed = torch.stack([contrib[cu[b]:cu[b + 1]].sum(0) for b in range(3)]) + contribution_bias(head)
+    torch.testing.assert_close(summed, logits, atol=1e-4, rtol=1e-4)
+
+
 def _signal_bags(rng, n, dim, direction):
     """Bags of 40-120 noise tokens; in positive studies 3 tokens carry ``direction``."""
     bags, y, where = [], [], []
@@ -90,6 +108,12 @@ def test_learns_a_few_token_signal_and_attends_to_it(kind):
     assert auroc(yte[:, 0], logits[:, 0]) > 0.9
     share = [a[w, 0].sum() for a, w, t in zip(attn, where, yte[:, 0]) if t == 1]
     assert np.median(share) > 0.5  # 3 of ~80 tokens hold most of the attention
+    hits = []  # the most positive contribution points at a signal token
+    for x, w, t in zip(te, where, yte[:, 0]):
+        if t == 1:
+            c = token_contributions(head, torch.from_numpy(x), torch.tensor([0, len(x)]))[:, 0]
+            hits.append(int(c.argmax()) in set(w.tolist()))
+    assert np.mean(hits) > 0.9
 
 
 def test_selection_uses_validation_and_is_deterministic():

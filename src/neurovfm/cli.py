@@ -9,6 +9,7 @@ import sys
 
 from neurovfm import __version__
 from neurovfm.errors import NeuroVFMError
+from neurovfm.explain import MAP_SOURCES
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -462,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (nothing is written elsewhere)")
     s.add_argument("--maps", default="top-k", choices=["top-k", "all", "none"])
     s.add_argument("--top-k", type=int, default=3, help="maps for the k most probable labels")
-    s.add_argument("--map-source", default="head", choices=["head", "rollout"],
-                   help="head attention, or attention rollout through the encoder back to input tokens")
+    s.add_argument("--map-source", default="head", choices=list(MAP_SOURCES),
+                   help="head attention, each token's positive share of the logit (contribution), or "
+                        "attention rollout through the encoder back to input tokens")
     s.add_argument("--modality", choices=["ct", "mr"], help="modality of NIfTI files without a sidecar")
     s.add_argument("--attention", default="auto", help="encoder attention backend")
     s.add_argument("--show-paths", action="store_true", help="print refused files' paths (terminal only)")
@@ -519,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test")
     s.add_argument("--min-size-mm", type=float, default=10.0)
     s.add_argument("--max-studies", type=int)
+    s.add_argument("--map-sources", default="head,contribution",
+                   help="comma-separated map kinds scored side by side from one encoding (head, contribution, rollout)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_pointing)
 
@@ -696,16 +700,20 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 def cmd_pointing(a: argparse.Namespace) -> int:
     from neurovfm.explain.pointing import PointingConfig, run_pointing
 
-    cfg = PointingConfig(split=a.split, min_size_mm=a.min_size_mm, max_studies=a.max_studies)
+    sources = tuple(x.strip() for x in a.map_sources.split(",") if x.strip())
+    bad = [x for x in sources if x not in MAP_SOURCES]
+    if bad or not sources:
+        raise SystemExit(f"neurovfm pointing: --map-sources takes {', '.join(MAP_SOURCES)}, not {a.map_sources!r}")
+    cfg = PointingConfig(split=a.split, min_size_mm=a.min_size_mm, max_studies=a.max_studies, map_sources=sources)
     res = run_pointing(a.archive, a.model, a.out, cfg, progress=not a.quiet)
-    sm = res["summary"]
-    if not sm.get("n_findings"):
+    if not res["summary"].get("n_findings"):
         print("no findings to point at in this split")
         return 0
-    print(f"{sm['n_findings']} findings >= {cfg.min_size_mm:g} mm in {sm['n_patients']} patients ({cfg.split}): "
-          f"hit rate {sm['hit_rate']:.3f} vs uniform {sm['uniform_hit_rate']:.3f} "
-          f"(difference 95% CI {sm['hit_minus_uniform_ci95'][0]:+.3f} to {sm['hit_minus_uniform_ci95'][1]:+.3f}); "
-          f"map mass inside lesion {sm['mass_inside_lesion']:.3f} vs uniform {sm['uniform_mass_inside_lesion']:.3f}")
+    for src, sm in res["by_map_source"].items():
+        print(f"{src} maps: {sm['n_findings']} findings >= {cfg.min_size_mm:g} mm in {sm['n_patients']} patients "
+              f"({cfg.split}): hit rate {sm['hit_rate']:.3f} vs uniform {sm['uniform_hit_rate']:.3f} (difference 95% CI "
+              f"{sm['hit_minus_uniform_ci95'][0]:+.3f} to {sm['hit_minus_uniform_ci95'][1]:+.3f}); map mass inside "
+              f"lesion {sm['mass_inside_lesion']:.3f} vs uniform {sm['uniform_mass_inside_lesion']:.3f}")
     print(f"details: {os.path.join(a.out, 'pointing.json')}")
     return 0
 

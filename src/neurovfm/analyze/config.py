@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from neurovfm.explain import MAP_SOURCES
 from neurovfm.explain.maps import SideRule
 
 HEAD_BODY_PARTS = ("", "HEAD", "BRAIN", "SKULL", "HEADNECK", "HEAD_NECK", "CEREBRUM", "NEURO", "CRANIUM")
@@ -13,7 +14,7 @@ HEAD_BODY_PARTS = ("", "HEAD", "BRAIN", "SKULL", "HEADNECK", "HEAD_NECK", "CEREB
 class AnalyzeConfig:
     maps: str = "top-k"  # top-k | all | none
     top_k: int = 3
-    map_source: str = "head"  # head: the head's per-class attention; rollout: carried back through the encoder
+    map_source: str = "head"  # one of MAP_SOURCES
     modality: str | None = None  # for NIfTI without a sidecar
     attention: str = "auto"
     tokens_per_batch: int = 16384
@@ -29,8 +30,8 @@ class AnalyzeConfig:
     def __post_init__(self) -> None:
         if self.maps not in ("top-k", "all", "none"):
             raise ValueError(f"--maps must be top-k, all or none, not {self.maps!r}")
-        if self.map_source not in ("head", "rollout"):
-            raise ValueError(f"--map-source must be head or rollout, not {self.map_source!r}")
+        if self.map_source not in MAP_SOURCES:
+            raise ValueError(f"--map-source must be one of {', '.join(MAP_SOURCES)}, not {self.map_source!r}")
         if self.top_k < 1:
             raise ValueError("--top-k must be >= 1")
 

@@ -168,7 +168,7 @@ class ExamScores:
     level: str
     decided: list[str]
     drivers: list[str]
-    per_series_w: list[np.ndarray]  # per series [n_tokens, C]: head attention summed over its views
+    per_series_w: list[np.ndarray]  # per series [n_tokens, C]: map weights (see map_source) summed over its views
     n_tokens: int  # foreground tokens of the series (each counted once, not once per CT window)
     ood: dict[str, Any] | None
     view_features: list = field(default_factory=list)  # encoder tokens per series view (the report's input)
@@ -245,11 +245,15 @@ class Analyzer:
         write_summary(out, result)
         return result
 
-    def score(self, mod: str, group: list[SeriesInput], timings: dict[str, float] | None = None) -> "ExamScores":
+    def score(self, mod: str, group: list[SeriesInput], timings: dict[str, float] | None = None,
+              view_features: list | None = None, map_source: str | None = None) -> "ExamScores":
         """Encoder -> head -> calibration -> decisions -> triage for one modality's series, and each
-        series' per-token attention (summed over its views): everything but files."""
+        series' per-token map weights (summed over its views): everything but files.
+        ``view_features`` (a previous call's) skips the encoder; ``map_source`` overrides the
+        config's, so several kinds of map can come from one encoding."""
         timings = timings if timings is not None else {}
         cfg = self.cfg
+        map_source = map_source or cfg.map_source
         head, hmeta = self.heads[mod]
         labels: list[str] = hmeta["labels"]
         t = time.perf_counter()
@@ -259,8 +263,11 @@ class Analyzer:
             for vi, vname in enumerate(names):
                 views.append((u8[:, vi], s.ts.coords, vname if mod == "CT" else "mr"))
                 owner.append(si)
-        with torch.inference_mode():
-            feats = encode_views(self.encoder, views, cfg.tokens_per_batch, cfg.device)
+        if view_features is not None:
+            feats = list(view_features)
+        else:
+            with torch.inference_mode():
+                feats = encode_views(self.encoder, views, cfg.tokens_per_batch, cfg.device)
         timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         bag = torch.from_numpy(np.concatenate(feats).astype(np.float32))
@@ -269,7 +276,13 @@ class Analyzer:
             logits, attn = head(bag, torch.tensor([0, n_tok]))
         logit = logits[0].double().numpy()
         attn = attn.double().numpy()  # [T, C], sums to one per class
-        if cfg.map_source == "rollout":  # the head's weights on outputs, carried back to input tokens
+        if map_source == "contribution":  # tokens that pushed each logit up, as a distribution
+            from neurovfm.probe.heads import token_contributions
+
+            contrib = np.clip(token_contributions(head, bag, torch.tensor([0, n_tok])).double().numpy(), 0, None)
+            tot = contrib.sum(0, keepdims=True)
+            attn = np.divide(contrib, tot, out=np.zeros_like(contrib), where=tot > 0)
+        if map_source == "rollout":  # the head's weights on outputs, carried back to input tokens
             from neurovfm.explain.rollout import rollout_attention
 
             attn = rollout_attention(self.encoder, views, attn)

@@ -178,7 +178,9 @@ def _finite(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def label_metrics(run: ModalityRun) -> list[dict[str, Any]]:
+def label_metrics(run: ModalityRun, cfg_seed: int = 0) -> list[dict[str, Any]]:
+    """Per-label test metrics; the calibration columns come with the plug-in ECE's floor at
+    this test size (what a perfectly calibrated model would score) and a test against it."""
     t = run.table
     y = t.y[run.test_idx]
     out = []
@@ -194,10 +196,57 @@ def label_metrics(run: ModalityRun) -> list[dict[str, Any]]:
                        prevalence=pos / len(yj),
                        ece_before=_finite(M.ece(yj, rj)), ece_after=_finite(M.ece(yj, pj)),
                        brier_before=_finite(M.brier(yj, rj)), brier_after=_finite(M.brier(yj, pj)))
+            chk = M.calibration_check(yj, pj, seed=cfg_seed)
+            row.update(ece_after_floor=_finite(chk["ece_floor"]), ece_after_null_q95=_finite(chk["ece_null_q95"]),
+                       ece_after_p=_finite(chk["p_value"]), rmsce_after_debiased=_finite(chk["rmsce_debiased"]))
             st = cal.operating_stats(yj, pj, run.thresholds[j])
             row.update({f"op_{k}": _finite(v) if isinstance(v, float) else v for k, v in st.items()})
             row["threshold"] = _finite(run.thresholds[j])
         out.append(row)
+    return out
+
+
+def calibration_resolution(run: ModalityRun, headline: list[str], rows: list[dict[str, Any]],
+                           seed: int) -> dict[str, Any]:
+    """Can this test split show ECE <= 0.05 at all? The headline labels' mean plug-in ECE beside
+    its floor (perfect calibration, same predictions), the debiased RMS error, labels whose
+    miscalibration exceeds sampling noise (p < 0.05), the pooled ECE over every headline
+    (study, label) probability with its own floor, and the test size at which a perfectly
+    calibrated model's per-label ECE would fall to 0.05."""
+    c = _cols(run, headline)
+    y = run.table.y[run.test_idx][:, c]
+    p = run.probs_test[:, c]
+    m = ~np.isnan(y)
+    pooled = M.calibration_check(y[m], p[m], seed=seed)
+    need = [M.studies_for_ece_floor(p[m[:, k], k], 0.05, seed=seed) for k in range(len(c))]
+    return {"ece_after_mean": float(np.mean([r["ece_after"] for r in rows])),
+            "ece_floor_mean": float(np.mean([r["ece_after_floor"] for r in rows])),
+            "rmsce_debiased_mean": float(np.mean([r["rmsce_after_debiased"] for r in rows])),
+            "miscalibrated_labels": [r["label"] for r in rows if (r.get("ece_after_p") or 1) < 0.05],
+            "pooled_ece": _finite(pooled["ece"]), "pooled_ece_floor": _finite(pooled["ece_floor"]),
+            "pooled_ece_p": _finite(pooled["p_value"]), "pooled_rmsce_debiased": _finite(pooled["rmsce_debiased"]),
+            "pooled_n": int(m.sum()),
+            "test_studies_for_floor_0_05_median": int(np.median(need)) if need else None,
+            "note": "plug-in ECE with 10 equal-mass bins is biased upward by about "
+                    "sqrt(10 p(1-p)/N); ece_floor is that bias for these predictions"}
+
+
+def prediction_rows(run: ModalityRun) -> list[dict[str, Any]]:
+    """Every test probability, long format, so a reviewer can recompute any number: keyed study
+    and patient hashes only (the same keys as the cache), truth, raw and calibrated probability,
+    and the decision at the label's validation threshold."""
+    t = run.table
+    y = t.y[run.test_idx]
+    out = []
+    for r, i in enumerate(run.test_idx):
+        for j, lab in enumerate(t.labels):
+            if np.isnan(y[r, j]):
+                continue
+            out.append({"model": run.name, "modality": t.modality, "study": t.study_keys[i],
+                        "patient": str(t.patients[i]), "label": lab, "truth": int(y[r, j]),
+                        "prob_raw": round(float(run.probs_test_raw[r, j]), 6),
+                        "prob_calibrated": round(float(run.probs_test[r, j]), 6),
+                        "decision": int(run.probs_test[r, j] >= run.thresholds[j])})
     return out
 
 
@@ -296,6 +345,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
                                "features": {n: {"encoder_id": s.meta["encoder_id"], "path": features[n]}
                                             for n, s in stores.items()}}
     rows_csv = []
+    pred_rows: list[dict[str, Any]] = []
     for mod in cfg.modalities:
         studies = {k for k in common if stores[first].modality(k) == mod}
         if not studies:
@@ -310,7 +360,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
             runs[CNN_NAME] = fit_cnn_modality(table, cache_dir, cfg, progress)
         headline = headline_labels(runs[first], cfg.min_test_positives)
         for name, run in runs.items():
-            lm = label_metrics(run)
+            lm = label_metrics(run, cfg.seed)
             for r in lm:
                 rows_csv.append({"model": name, "modality": mod, "headline": r["label"] in headline, **r})
             kind = "3-D CNN, end to end" if name == CNN_NAME else (run.head_cfg.kind if run.head_cfg else cfg.head.kind)
@@ -326,6 +376,8 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
                 entry["headline_ece_after"] = float(np.mean([r["ece_after"] for r in hl]))
                 entry["headline_ece_before"] = float(np.mean([r["ece_before"] for r in hl]))
                 entry["headline_ece_after_max"] = float(np.max([r["ece_after"] for r in hl]))
+                entry["calibration_resolution"] = calibration_resolution(run, headline, hl, cfg.seed)
+            pred_rows += prediction_rows(run)
             all_scored = [r["auroc"] for r in lm if r.get("auroc") is not None]
             entry["macro_auroc_all_scored_labels"] = float(np.mean(all_scored)) if all_scored else None
             summary["models"].setdefault(name, {})[mod] = entry
@@ -358,6 +410,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
         json.dump(summary, fh, indent=1, default=_default)
     os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))
     _write_csv(os.path.join(out_dir, "metrics.csv"), rows_csv)
+    _write_csv(os.path.join(out_dir, "predictions.csv"), pred_rows)
     plots.write_html(out_dir, summary)
     return summary
 

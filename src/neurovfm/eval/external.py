@@ -146,6 +146,11 @@ def evaluate_modality(model: str, mod: str, store: FeatureStore, labels_csv: str
                        ece_uncalibrated=_finite(M.ece(yj, p_raw[m, j])),
                        ece_home_calibration=_finite(M.ece(yj, ph)), ece_recalibrated=_finite(M.ece(yj, pr)),
                        brier_home_calibration=_finite(M.brier(yj, ph)), brier_recalibrated=_finite(M.brier(yj, pr)))
+            for tag, pp in (("home_calibration", ph), ("recalibrated", pr)):  # what perfect calibration would score
+                chk = M.calibration_check(yj, pp, seed=cfg.seed)
+                row[f"ece_floor_{tag}"] = _finite(chk["ece_floor"])
+                row[f"ece_p_{tag}"] = _finite(chk["p_value"])
+                row[f"rmsce_debiased_{tag}"] = _finite(chk["rmsce_debiased"])
             st = cal.operating_stats(yj, ph, thr[j])
             row.update({f"op_{k}": (_finite(v) if isinstance(v, float) else v) for k, v in st.items()})
         elif len(yj):  # one class only: the flag rate at the stored threshold still means something
@@ -169,8 +174,12 @@ def evaluate_modality(model: str, mod: str, store: FeatureStore, labels_csv: str
         entry["macro_auroc"] = boot["macro"]
         hl = [r for r in rows if r["headline"]]
         for key in ("ece_uncalibrated", "ece_home_calibration", "ece_recalibrated", "brier_home_calibration",
-                    "brier_recalibrated", "op_flag_rate", "op_sensitivity", "op_specificity"):
+                    "brier_recalibrated", "op_flag_rate", "op_sensitivity", "op_specificity",
+                    "ece_floor_home_calibration", "ece_floor_recalibrated", "rmsce_debiased_home_calibration",
+                    "rmsce_debiased_recalibrated"):
             entry[f"headline_{key}"] = _mean([r.get(key) for r in hl])
+        for tag in ("home_calibration", "recalibrated"):
+            entry[f"headline_miscalibrated_{tag}"] = [r["label"] for r in hl if (r.get(f"ece_p_{tag}") or 1) < 0.05]
     flagged = (p_home >= thr[None, :])
     entry["flag_rate_any_label"] = float(flagged.any(1).mean())
     preds = {"study_keys": np.array([table.study_keys[i] for i in te]), "labels": np.array(labels),
@@ -298,6 +307,13 @@ def format_table(summary: dict[str, Any]) -> str:
                 ("ECE, home calibration (headline)", f(e.get("headline_ece_home_calibration")),
                  f(h.get("headline_ece_after"))),
                 ("ECE, recalibrated on external val", f(e.get("headline_ece_recalibrated")), ""),
+                ("ECE floor if perfect: home / recal.",
+                 f"{f(e.get('headline_ece_floor_home_calibration'))} / {f(e.get('headline_ece_floor_recalibrated'))}",
+                 f((h.get("calibration_resolution") or {}).get("ece_floor_mean"))),
+                ("debiased RMS CE: home / recal.",
+                 f"{f(e.get('headline_rmsce_debiased_home_calibration'))} / "
+                 f"{f(e.get('headline_rmsce_debiased_recalibrated'))}",
+                 f((h.get("calibration_resolution") or {}).get("rmsce_debiased_mean"))),
                 ("Brier home cal. / recalibrated", f"{f(e.get('headline_brier_home_calibration'))} / "
                  f"{f(e.get('headline_brier_recalibrated'))}", ""),
                 ("ECE all scored: home cal. / recal.", f"{f(e.get('scored_ece_home_calibration'))} / "

@@ -175,3 +175,90 @@ def paired_bootstrap(y, s_a, s_b, groups, metric: Callable = auroc, n: int = 100
         res["p_value"] = float("nan")
     res["a"], res["b"] = float(ea), float(eb)
     return res
+
+
+# -- how far a measured ECE can be trusted ---------------------------------------------------------
+# Plug-in ECE is biased upward: even a perfectly calibrated model scores about
+# sqrt(bins * p(1 - p) / N) because each bin's observed rate is a small-sample estimate. With the
+# ~80 test studies of a 500-study archive and 10 bins that floor is ~0.13, so "ECE <= 0.05" cannot
+# be shown by the plug-in number alone. These functions say what a perfectly calibrated model with
+# the same predictions would score, test calibration against that, and give the debiased
+# squared-error estimator of Kumar, Liang and Ma (NeurIPS 2019, "Verified uncertainty calibration").
+def ece_null(p, bins: int = 10, n: int = 2000, seed: int = 0) -> np.ndarray:
+    """[n] plug-in ECEs of a perfectly calibrated model with predictions ``p``: labels drawn as
+    Bernoulli(p), the same equal-mass bins (they depend on ``p`` only)."""
+    p = np.asarray(p, np.float64).ravel()
+    p = p[np.isfinite(p)]
+    if not len(p):
+        return np.full(n, np.nan)
+    rng = np.random.default_rng(seed)
+    draws = rng.random((n, len(p))) < p  # [n, N] simulated labels
+    out = np.zeros(n)
+    for b in _equal_mass_bins(p, bins):
+        out += len(b) / len(p) * np.abs(p[b].mean() - draws[:, b].mean(1))
+    return out
+
+
+def debiased_squared_ce(y, p, bins: int = 10) -> float:
+    """Unbiased estimate of the binned squared calibration error sum_b w_b (mean_p_b - rate_b)^2:
+    each bin's plug-in square minus its sampling variance rate(1 - rate) / (n_b - 1). May be
+    negative when the data are consistent with perfect calibration."""
+    y, p = _clean(y, p)
+    if not len(y):
+        return float("nan")
+    total = 0.0
+    for b in _equal_mass_bins(p, bins):
+        nb = len(b)
+        rate = y[b].mean()
+        sq = (p[b].mean() - rate) ** 2
+        if nb > 1:
+            sq -= rate * (1 - rate) / (nb - 1)
+        total += nb / len(y) * sq
+    return float(total)
+
+
+def calibration_check(y, p, bins: int = 10, n: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Plug-in ECE beside what perfect calibration would score on the same predictions.
+
+    ``ece_floor`` is the null mean (the estimator's bias at this sample size), ``ece_null_q95``
+    its 95th percentile, ``p_value`` the share of null draws at least as large as the observed
+    ECE (small: miscalibration beyond sampling noise), ``rmsce_debiased`` the square root of the
+    debiased squared error (0 when it is negative). RMS >= mean absolute error, so an RMS bound
+    is a conservative bound on ECE."""
+    y, p = _clean(y, p)
+    e = ece(y, p, bins)
+    null = ece_null(p, bins, n, seed)
+    sq = debiased_squared_ce(y, p, bins)
+    ok = null[np.isfinite(null)]
+    return {"ece": e, "ece_floor": float(ok.mean()) if len(ok) else float("nan"),
+            "ece_null_q95": float(np.quantile(ok, 0.95)) if len(ok) else float("nan"),
+            "p_value": float((1 + (ok >= e - 1e-12).sum()) / (1 + len(ok))) if len(ok) else float("nan"),
+            "squared_ce_debiased": sq, "rmsce_debiased": float(np.sqrt(max(sq, 0.0))) if np.isfinite(sq) else sq}
+
+
+def studies_for_ece_floor(p, target: float = 0.05, bins: int = 10, sims: int = 200, seed: int = 0,
+                          max_n: int = 100_000) -> int:
+    """Smallest test-set size (doubling, then bisection) at which a perfectly calibrated model
+    whose predictions look like ``p`` has a mean plug-in ECE <= ``target``: how big a test split
+    must be before the ECE target is measurable at all."""
+    p = np.asarray(p, np.float64).ravel()
+    p = p[np.isfinite(p)]
+    if not len(p):
+        return -1
+    rng = np.random.default_rng(seed)
+
+    def floor(n: int) -> float:
+        return float(ece_null(rng.choice(p, size=n, replace=True), bins, sims, seed).mean())
+
+    lo, hi = bins, bins
+    while floor(hi) > target:
+        lo, hi = hi, hi * 2
+        if hi > max_n:
+            return -1
+    while hi - lo > max(1, lo // 20):  # 5 % resolution is plenty for a sample-size statement
+        mid = (lo + hi) // 2
+        if floor(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return int(hi)

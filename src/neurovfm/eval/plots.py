@@ -83,6 +83,13 @@ def write_modality_plots(out_dir: str, modality: str, runs: dict[str, Any], head
         j = first.table.labels.index(lab)
         y = first.table.y[first.test_idx][:, j]
         m = ~np.isnan(y)
+        band = M.reliability_curve(y[m], first.probs_test[m, j], bins=10)
+        if len(band["counts"]):  # where a perfectly calibrated model's observed rate falls (95 %)
+            rng = np.random.default_rng(0)
+            sims = rng.binomial(band["counts"][None, :], np.clip(band["mean_predicted"], 0, 1)[None, :],
+                                size=(2000, len(band["counts"]))) / band["counts"][None, :]
+            lo, hi = np.quantile(sims, [0.025, 0.975], axis=0)
+            ax.fill_between(band["mean_predicted"], lo, hi, color="0.85", lw=0, label="calibrated, 95 %")
         for probs, name in ((first.probs_test_raw, "before"), (first.probs_test, "after")):
             curve = M.reliability_curve(y[m], probs[m, j], bins=10)
             ece = M.ece(y[m], probs[m, j])
@@ -158,6 +165,17 @@ def write_html(out_dir: str, summary: dict[str, Any]) -> str:
                          f"ECE headline mean before {_fmt(e.get('headline_ece_before'))}, after "
                          f"{_fmt(e.get('headline_ece_after'))}; attention on air/bone tokens "
                          f"{_fmt(e.get('attention_on_nonbrain_tokens'))}</p>")
+            cr = e.get("calibration_resolution")
+            if cr:
+                parts.append(f"<p>Calibration resolution: a perfectly calibrated model with these predictions "
+                             f"would score ECE {_fmt(cr.get('ece_floor_mean'))} at this test size (the plug-in "
+                             f"estimator's bias); debiased RMS calibration error "
+                             f"{_fmt(cr.get('rmsce_debiased_mean'))}; labels miscalibrated beyond sampling noise "
+                             f"(p &lt; 0.05): {html.escape(', '.join(cr.get('miscalibrated_labels') or []) or 'none')}; "
+                             f"pooled over {cr.get('pooled_n')} headline probabilities ECE "
+                             f"{_fmt(cr.get('pooled_ece'))} (floor {_fmt(cr.get('pooled_ece_floor'))}, "
+                             f"p {_fmt(cr.get('pooled_ece_p'))}); test studies needed for a 0.05 floor per "
+                             f"label: about {cr.get('test_studies_for_floor_0_05_median')}</p>")
             if tri:
                 mt = tri.get("at_matched_flag_rate") or {}
                 parts.append(f"<p>Triage: urgent AUROC {_fmt(tri.get('urgent_auroc'))}; at the flag rate of "

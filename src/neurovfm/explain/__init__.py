@@ -1,1 +1,6 @@
 """Explanations: where the model saw a finding (grounding maps on the original series)."""
+
+# What a map shows. head: the head's per-class attention (where it looked); contribution: each
+# token's positive share of the logit (what pushed the finding up; an exact decomposition for every
+# head kind); rollout: the head's attention carried back through the encoder's layers.
+MAP_SOURCES = ("head", "contribution", "rollout")

@@ -35,6 +35,7 @@ class PointingConfig:
     samples_per_axis: tuple[int, int, int] = (2, 4, 4)  # voxels sampled per token to test overlap
     bootstrap: int = 1000
     seed: int = 0
+    map_sources: tuple[str, ...] = ("head", "contribution")  # scored side by side from one encoding
 
 
 def token_lesion_overlap(ts: Any, mask_img: nib.Nifti1Image, patch: tuple[int, int, int] = (4, 16, 16),
@@ -87,26 +88,36 @@ def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None 
             continue
         for i, s in enumerate(group):
             s.name = f"s{i:02d}"
-        sc = an.score(r["modality"], group)
+        scores = {}
+        for src in cfg.map_sources:
+            first = next(iter(scores.values()), None)
+            scores[src] = an.score(r["modality"], group, map_source=src,
+                                   view_features=first.view_features if first else None)
         n_lab = max(o.shape[1] for o in overlaps)
         ov = np.concatenate([np.pad(o, ((0, 0), (0, n_lab - o.shape[1]))) for o in overlaps])
         for f in r["findings"]:
+            sc = scores[cfg.map_sources[0]]
             if f["size_mm"] < cfg.min_size_mm or f["label"] not in sc.labels or f["mask_index"] >= n_lab:
                 continue
             hit_tokens = ov[:, f["mask_index"]]
             if not hit_tokens.any():
                 continue  # lesion outside every series' foreground tokens (e.g. in the scalp)
             j = sc.labels.index(f["label"])
-            w = np.concatenate([pw[:, j] for pw in sc.per_series_w])
-            rows.append({"patient": r["patient"], "modality": r["modality"], "label": f["label"],
-                         "size_mm": f["size_mm"], "side": f["side"],
-                         "hit": bool(hit_tokens[int(np.argmax(w))]),
-                         "uniform_hit": float(hit_tokens.mean()),
-                         "mass_inside": float(w[hit_tokens].sum() / max(w.sum(), 1e-12)),
-                         "calibrated_probability": float(sc.p_cal[j])})
-    summary = summarize(rows, cfg)
+            row = {"patient": r["patient"], "modality": r["modality"], "label": f["label"],
+                   "size_mm": f["size_mm"], "side": f["side"], "uniform_hit": float(hit_tokens.mean()),
+                   "calibrated_probability": float(sc.p_cal[j])}
+            for src, scs in scores.items():
+                w = np.concatenate([pw[:, j] for pw in scs.per_series_w])
+                # no positive evidence anywhere (an all-zero contribution map) points at nothing
+                row[f"hit_{src}"] = bool(w.max() > 0 and hit_tokens[int(np.argmax(w))])
+                row[f"mass_inside_{src}"] = float(w[hit_tokens].sum() / w.sum()) if w.sum() > 0 else 0.0
+            rows.append(row)
+    per_source = {src: summarize([{**r, "hit": r[f"hit_{src}"], "mass_inside": r[f"mass_inside_{src}"]}
+                                  for r in rows], cfg) for src in cfg.map_sources}
+    summary = per_source[cfg.map_sources[0]]
     os.makedirs(out, exist_ok=True)
-    res = {"config": asdict(cfg), "model": an.model_info, "summary": summary, "findings": rows}
+    res = {"config": asdict(cfg), "model": an.model_info, "summary": summary, "by_map_source": per_source,
+           "findings": rows}
     atomic_write_text(os.path.join(out, "pointing.json"), json.dumps(res, indent=1))
     return res
 

@@ -132,3 +132,40 @@ HEADS = {"gated": GatedAttentionHead, "abmil": ABMILHead, "mean": MeanPoolHead}
 
 def build_head(cfg: HeadConfig, dim: int, n_classes: int) -> nn.Module:
     return HEADS[cfg.kind](dim, n_classes, cfg)
+
+
+@torch.no_grad()
+def token_contributions(head: nn.Module, feats: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """[T, C] each token's additive share of its study's logit: logit = bias + sum of its tokens'
+    contributions, exactly, for every head kind (the head in eval mode).
+
+    Attention says where a head looked; this says which tokens pushed the logit up, which is
+    what a map of a finding should show. gated: scale * a * token logit; abmil: a * (w . x);
+    mean: the LayerNorm of the mean is affine once its mean and spread are fixed, so each token
+    carries (1/n) W (gamma * (x - mu) / sigma)."""
+    if isinstance(head, GatedAttentionHead):
+        x = head.norm(feats)
+        seg = study_index(cu, len(x))
+        a = segment_softmax(head.attn(x), seg, len(cu) - 1)
+        return a * head.mlp(x) * head.scale
+    if isinstance(head, ABMILHead):
+        x = head.norm(feats)
+        seg = study_index(cu, len(x))
+        a = segment_softmax(head.attn(x), seg, len(cu) - 1)
+        return a * (x @ head.weight.T)
+    if isinstance(head, MeanPoolHead):
+        seg = study_index(cu, len(feats))
+        n = (cu[1:] - cu[:-1]).clamp(min=1).to(feats.dtype)
+        mean = torch.zeros((len(cu) - 1, feats.shape[1]), dtype=feats.dtype).index_add(0, seg, feats) / n[:, None]
+        mu = mean.mean(-1, keepdim=True)
+        sd = torch.sqrt(mean.var(-1, unbiased=False, keepdim=True) + head.norm.eps)
+        z = (feats - mu[seg]) / sd[seg] * head.norm.weight / n[seg][:, None]
+        return z @ head.fc.weight.T
+    raise TypeError(f"no token decomposition for {type(head).__name__}")
+
+
+def contribution_bias(head: nn.Module) -> torch.Tensor:
+    """[C] the part of every logit no token carries (see ``token_contributions``)."""
+    if isinstance(head, MeanPoolHead):
+        return head.fc.weight @ head.norm.bias + head.fc.bias
+    return head.bias
