@@ -165,3 +165,36 @@ def test_test_size_needed_for_an_ece_floor_shrinks_like_one_over_root_n():
     assert 300 < n05 < 1200
     assert 2.8 < n05 / n10 < 5.5  # a floor twice as low needs about four times the studies
     assert M.ece_null(rng.choice(p, n05), n=2000, seed=1).mean() == pytest.approx(0.05, abs=0.008)
+
+
+def test_shrunk_platt_falls_back_to_the_base_rate_only_when_validation_says_so():
+    """A label whose logits carry nothing is pulled to its validation base rate (flat
+    predictions, lower test ECE than plain Platt across repeats); a label the logits rank well
+    keeps an almost unshrunk Platt fit; the saved map is an ordinary Platt map."""
+    rng = np.random.default_rng(4)
+    flat_ece, platt_ece, shrinks = [], [], []
+    for rep in range(25):
+        y_val = (rng.random(40) < 0.3).astype(float)
+        y_te = (rng.random(3000) < 0.3).astype(float)
+        l_val, l_te = rng.normal(1.0, 1.0, 40), rng.normal(1.0, 1.0, 3000)  # uninformative, shifted
+        s = cal.ShrunkPlattScaler(seed=rep).fit(l_val[:, None], y_val[:, None])
+        shrinks.append(s.shrink[0])
+        flat_ece.append(M.ece(y_te, s.transform(l_te[:, None])[:, 0]))
+        platt_ece.append(M.ece(y_te, cal.PlattScaler().fit(l_val[:, None], y_val[:, None]).transform(l_te[:, None])[:, 0]))
+    assert np.median(shrinks) >= 0.3
+    assert np.mean(flat_ece) < np.mean(platt_ece)
+    y_val, l_val = _miscalibrated(400, rng)
+    y_te, l_te = _miscalibrated(3000, rng)
+    s = cal.ShrunkPlattScaler().fit(l_val[:, None], y_val[:, None])
+    assert s.shrink[0] <= 0.1  # next to a Hessian of ~5 per unit slope: a negligible pull
+    assert s.a[0] == pytest.approx(1 / 3, rel=0.25)
+    p = s.transform(l_te[:, None])[:, 0]
+    assert M.ece(y_te, p) < 0.04
+    d = s.to_dict()
+    assert d["kind"] == "platt" and d["shrink"] == [s.shrink[0]]
+    np.testing.assert_allclose(cal.scaler_from_dict(d).transform(l_te[:, None])[:, 0], p)
+    # reproducible (seeded folds), and labels without both classes stay the identity
+    again = cal.ShrunkPlattScaler().fit(l_val[:, None], y_val[:, None])
+    assert again.a[0] == s.a[0] and again.b[0] == s.b[0]
+    one = cal.ShrunkPlattScaler().fit(np.array([[0.5], [1.0]]), np.array([[1.0], [1.0]]))
+    assert one.a[0] == 1.0 and one.b[0] == 0.0

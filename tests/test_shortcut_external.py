@@ -391,3 +391,48 @@ def test_anatomy_probe_finds_planted_anatomy_not_noise(sites, tmp_path):
         anatomy_probe({"planted": good}, arch, str(root / "ext_cache"), None, cfg, keyer=keyer)
     with pytest.raises(NeuroVFMError, match="site secret"):
         anatomy_probe({"planted": good}, arch, cache_dir, None, cfg, keyer=Keyer(b"another-secret"))
+
+
+# -- the lesion probe on the home archive's lesion masks -------------------------------------------------
+def test_lesion_probe_finds_planted_lesion_tokens_not_noise(sites, tmp_path):
+    """Features with a lesion flag planted in one dimension: token AUROC ~1 and the top token of
+    every test study with a big finding in a lesion; pure noise: AUROC near 0.5 and far below."""
+    import nibabel as nib
+
+    from neurovfm.eval.anatomy import token_codes
+    from neurovfm.eval.lesion_probe import LesionProbeConfig, lesion_probe, read_lesion_truth
+    from neurovfm.tokens.cache import TokenCache
+
+    root = sites["root"]
+    arch, cache_dir = str(root / "home_archive"), str(root / "home_cache")
+    keyer = Keyer(b"home-secret")
+    truth = read_lesion_truth(arch, keyer, 10.0)
+    cache = TokenCache(cache_dir)
+    dim = FeatureStore(sites["home_feats"]).dim
+    rng = np.random.default_rng(0)
+
+    def planted(v):
+        _, code = token_codes(cache.get(v.series_key).grid_affine_array, v.coords, nib.load(truth[v.series_key].mask))
+        x = rng.normal(0, 0.3, (len(code), dim))
+        x[code > 0, 0] += 3.0
+        return x
+
+    good = _overwrite_features(sites["home_feats"], str(tmp_path / "planted"), planted)
+    noise = _overwrite_features(sites["home_feats"], str(tmp_path / "noise"), lambda v: rng.normal(0, 1, (len(v.coords), dim)))
+    cache.close()
+    cfg = LesionProbeConfig(negatives_per_series=40, bootstrap=200, l2_grid=[1e-1], min_size_mm=0.0)
+    s = lesion_probe({"planted": good, "noise": noise}, arch, cache_dir, str(tmp_path / "out"), cfg, keyer=keyer)
+    assert s["modalities"], "no modality probed"
+    for mod, m in s["modalities"].items():
+        r = m["results"]
+        assert set(r) == {"position", "planted", "noise"}
+        assert m["test_lesion_tokens"] > 0
+        assert r["planted"]["token_auroc"]["estimate"] > 0.97, (mod, r["planted"])
+        assert abs(r["noise"]["token_auroc"]["estimate"] - 0.5) < 0.25, (mod, r["noise"])
+        assert r["noise"]["planted_minus_this_token_auroc"]["estimate"] > 0.25
+        if r["planted"]["pointing_studies"]:
+            assert r["planted"]["pointing_hit_rate"]["estimate"] == 1.0
+            assert r["planted"]["pointing_uniform"] < 0.5
+    assert os.path.getsize(tmp_path / "out" / "lesion_probe.json") > 100
+    with pytest.raises(NeuroVFMError, match="site secret"):
+        lesion_probe({"planted": good}, arch, cache_dir, None, cfg, keyer=Keyer(b"another-secret"))

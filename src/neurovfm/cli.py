@@ -249,6 +249,18 @@ def cmd_shortcut(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lesion_probe(a: argparse.Namespace) -> int:
+    """Lesion probe: can a linear readout of the token features find lesion tokens at all?"""
+    from neurovfm.eval.lesion_probe import LesionProbeConfig, format_table, lesion_probe
+
+    cfg = LesionProbeConfig(negatives_per_series=a.negatives_per_series, min_size_mm=a.min_size_mm,
+                            ct_views=a.ct_views.split(","), bootstrap=a.bootstrap, seed=a.seed)
+    summary = lesion_probe(_named_features(a.features), a.archive, a.cache, a.out, cfg)
+    print(format_table(summary))
+    print(f"details: {os.path.join(a.out, 'lesion_probe.json')}")
+    return 0
+
+
 def cmd_anatomy(a: argparse.Namespace) -> int:
     """Anatomy probe: a linear probe from token features to the structure each token covers."""
     from neurovfm.eval.anatomy import AnatomyProbeConfig, anatomy_probe, format_table
@@ -374,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--head", choices=["gated", "abmil", "mean", "auto"], default="gated",
                    help="head kind; auto: each model's best kind on validation")
     s.add_argument("--epochs", type=int, default=40)
-    s.add_argument("--calibration", choices=["platt", "temperature"], default="platt")
+    s.add_argument("--calibration", choices=["platt", "temperature", "shrunk-platt"], default="platt",
+                   help="fitted on validation; shrunk-platt pulls each label toward its base rate by as much as "
+                        "cross-validation within validation asks (for small validation splits)")
     s.add_argument("--target-sensitivity", type=float, default=0.9)
     s.add_argument("--min-test-positives", type=int, default=20, help="headline labels have at least this many")
     s.add_argument("--bootstrap", type=int, default=1000)
@@ -437,6 +451,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bootstrap", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_anatomy)
+
+    s = sub.add_parser("lesion-probe", help="lesion probe: token features -> lesion or not (lesion masks of a "
+                       "synthetic archive), token AUROC and probe pointing, vs token position")
+    s.add_argument("--features", nargs="+", required=True, help="NAME=FEATURE_DIR ... (the first is the reference "
+                   "of the paired differences); all embedded from --cache")
+    s.add_argument("--archive", required=True, help="the `neurovfm synth` archive (records.jsonl + lesion masks)")
+    s.add_argument("--cache", required=True, help="the token cache the features were embedded from")
+    s.add_argument("--out", required=True, help="output folder (lesion_probe.json)")
+    s.add_argument("--negatives-per-series", type=int, default=64)
+    s.add_argument("--min-size-mm", type=float, default=10.0)
+    s.add_argument("--ct-views", default="brain,blood,bone", help="comma-separated CT windows, side by side per token")
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_lesion_probe)
 
     s = sub.add_parser("evaluate-external", help="a saved model's heads, calibration and thresholds on another "
                        "site's features (no refit), and ECE after recalibrating on that site's validation split")

@@ -46,7 +46,7 @@ class EvalConfig:
 
     head: HeadConfig = field(default_factory=HeadConfig)
     train: HeadTrainConfig = field(default_factory=HeadTrainConfig)
-    calibration: str = "platt"  # platt | temperature
+    calibration: str = "platt"  # platt | temperature | shrunk-platt
     target_sensitivity: float = 0.90  # per-label operating point chosen on validation
     min_test_positives: int = 20  # headline labels
     bootstrap: int = 1000
@@ -62,8 +62,8 @@ class EvalConfig:
     cnn: CNNConfig | None = None  # also fit the end-to-end 3-D CNN baseline (needs the cache)
 
     def __post_init__(self) -> None:
-        if self.calibration not in ("temperature", "platt"):
-            raise ValueError(f"calibration must be temperature or platt, not {self.calibration!r}")
+        if self.calibration not in cal.CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(cal.CALIBRATIONS)}, not {self.calibration!r}")
         if not 0 < self.target_sensitivity < 1:
             raise ValueError("target_sensitivity must be in (0, 1)")
         if self.bootstrap < 100:
@@ -127,7 +127,7 @@ def _calibrated_run(name: str, table: StudyTable, lv, lt, nonbrain: np.ndarray, 
     (chosen on validation), calibrated test probabilities: the same for every model."""
     va, te = table.index("val"), table.index("test")
     lv, lt = np.asarray(lv, np.float64), np.asarray(lt, np.float64)
-    scaler = cal.TemperatureScaler() if cfg.calibration == "temperature" else cal.PlattScaler()
+    scaler = cal.make_scaler(cfg.calibration, cfg.seed)
     scaler.fit(lv, table.y[va])
     pv, pt = scaler.transform(lv), scaler.transform(lt)
     thr = np.array([cal.threshold_for_sensitivity(table.y[va][:, j], pv[:, j], cfg.target_sensitivity)
@@ -198,7 +198,8 @@ def label_metrics(run: ModalityRun, cfg_seed: int = 0) -> list[dict[str, Any]]:
                        brier_before=_finite(M.brier(yj, rj)), brier_after=_finite(M.brier(yj, pj)))
             chk = M.calibration_check(yj, pj, seed=cfg_seed)
             row.update(ece_after_floor=_finite(chk["ece_floor"]), ece_after_null_q95=_finite(chk["ece_null_q95"]),
-                       ece_after_p=_finite(chk["p_value"]), rmsce_after_debiased=_finite(chk["rmsce_debiased"]))
+                       ece_after_p=_finite(chk["p_value"]), rmsce_after_debiased=_finite(chk["rmsce_debiased"]),
+                       squared_ce_after_debiased=_finite(chk["squared_ce_debiased"]))
             st = cal.operating_stats(yj, pj, run.thresholds[j])
             row.update({f"op_{k}": _finite(v) if isinstance(v, float) else v for k, v in st.items()})
             row["threshold"] = _finite(run.thresholds[j])
@@ -221,7 +222,9 @@ def calibration_resolution(run: ModalityRun, headline: list[str], rows: list[dic
     need = [M.studies_for_ece_floor(p[m[:, k], k], 0.05, seed=seed) for k in range(len(c))]
     return {"ece_after_mean": float(np.mean([r["ece_after"] for r in rows])),
             "ece_floor_mean": float(np.mean([r["ece_after_floor"] for r in rows])),
-            "rmsce_debiased_mean": float(np.mean([r["rmsce_after_debiased"] for r in rows])),
+            # root of the mean debiased square (unbiased before the root; a mean of per-label roots
+            # clipped at zero would be biased upward by the noise of small bins)
+            "rmsce_debiased_mean": float(np.sqrt(max(0.0, np.mean([r["squared_ce_after_debiased"] for r in rows])))),
             "miscalibrated_labels": [r["label"] for r in rows if (r.get("ece_after_p") or 1) < 0.05],
             "pooled_ece": _finite(pooled["ece"]), "pooled_ece_floor": _finite(pooled["ece_floor"]),
             "pooled_ece_p": _finite(pooled["p_value"]), "pooled_rmsce_debiased": _finite(pooled["rmsce_debiased"]),

@@ -60,7 +60,8 @@ def refit_calibration(stored: dict[str, Any], logits_val: np.ndarray, y_val: np.
     """A calibrator of the stored kind fitted on (external) validation logits; labels without
     both classes there keep the stored parameters. Returns it and which labels were refitted."""
     home = cal.scaler_from_dict(stored)
-    new = type(home)().fit(logits_val, y_val)
+    shrunk = str(stored.get("fitted_with", "")).startswith("shrunk-platt")  # refit the way it was fitted
+    new = (cal.ShrunkPlattScaler() if shrunk else type(home)()).fit(logits_val, y_val)
     refit = np.array([_usable(y_val[:, j]) for j in range(y_val.shape[1])], bool)
     if isinstance(new, cal.PlattScaler):
         new.a = np.where(refit, new.a, home.a)
@@ -150,7 +151,7 @@ def evaluate_modality(model: str, mod: str, store: FeatureStore, labels_csv: str
                 chk = M.calibration_check(yj, pp, seed=cfg.seed)
                 row[f"ece_floor_{tag}"] = _finite(chk["ece_floor"])
                 row[f"ece_p_{tag}"] = _finite(chk["p_value"])
-                row[f"rmsce_debiased_{tag}"] = _finite(chk["rmsce_debiased"])
+                row[f"squared_ce_debiased_{tag}"] = _finite(chk["squared_ce_debiased"])
             st = cal.operating_stats(yj, ph, thr[j])
             row.update({f"op_{k}": (_finite(v) if isinstance(v, float) else v) for k, v in st.items()})
         elif len(yj):  # one class only: the flag rate at the stored threshold still means something
@@ -175,10 +176,11 @@ def evaluate_modality(model: str, mod: str, store: FeatureStore, labels_csv: str
         hl = [r for r in rows if r["headline"]]
         for key in ("ece_uncalibrated", "ece_home_calibration", "ece_recalibrated", "brier_home_calibration",
                     "brier_recalibrated", "op_flag_rate", "op_sensitivity", "op_specificity",
-                    "ece_floor_home_calibration", "ece_floor_recalibrated", "rmsce_debiased_home_calibration",
-                    "rmsce_debiased_recalibrated"):
+                    "ece_floor_home_calibration", "ece_floor_recalibrated"):
             entry[f"headline_{key}"] = _mean([r.get(key) for r in hl])
-        for tag in ("home_calibration", "recalibrated"):
+        for tag in ("home_calibration", "recalibrated"):  # root of the mean debiased square
+            sq = _mean([r.get(f"squared_ce_debiased_{tag}") for r in hl])
+            entry[f"headline_rmsce_debiased_{tag}"] = None if sq is None else float(np.sqrt(max(sq, 0.0)))
             entry[f"headline_miscalibrated_{tag}"] = [r["label"] for r in hl if (r.get(f"ece_p_{tag}") or 1) < 0.05]
     flagged = (p_home >= thr[None, :])
     entry["flag_rate_any_label"] = float(flagged.any(1).mean())
