@@ -198,3 +198,17 @@ def test_shrunk_platt_falls_back_to_the_base_rate_only_when_validation_says_so()
     assert again.a[0] == s.a[0] and again.b[0] == s.b[0]
     one = cal.ShrunkPlattScaler().fit(np.array([[0.5], [1.0]]), np.array([[1.0], [1.0]]))
     assert one.a[0] == 1.0 and one.b[0] == 0.0
+
+
+def test_platt_never_reverses_the_heads_ranking():
+    """Validation scores anti-correlated with the labels (noise on a few dozen studies) must not
+    flip the ranking: the slope stops at 0 and the probability is the base rate."""
+    rng = np.random.default_rng(7)
+    y = (rng.random(40) < 0.3).astype(float)
+    z = -2.0 * y + rng.normal(0, 0.5, 40)  # anti-correlated
+    for s in (cal.PlattScaler().fit(z[:, None], y[:, None]), cal.ShrunkPlattScaler().fit(z[:, None], y[:, None])):
+        assert s.a[0] == 0.0
+        p = s.transform(np.linspace(-3, 3, 7)[:, None])[:, 0]
+        assert np.ptp(p) == 0 and abs(p[0] - y.mean()) < 0.05
+    ok = cal.PlattScaler().fit(-z[:, None], y[:, None])  # the same data the right way round
+    assert ok.a[0] > 0

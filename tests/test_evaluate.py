@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from neurovfm.cli import main as cli_main
+from neurovfm.eval import metrics as M
 from neurovfm.eval.data import LabelTableError, read_study_table
 from neurovfm.eval.experiment import EvalConfig, EvaluationError, evaluate, fit_modality
 from neurovfm.ingest.pipeline import IngestOptions, run_ingest
@@ -82,6 +83,30 @@ def test_evaluate_cli_end_to_end(world):
     with open(os.path.join(out, "metrics.csv"), newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["model"] for r in rows} == {"a", "b", "hist"}
+    # predictions.csv recomputes the reported numbers: AUROC from the head's raw scores (calibration
+    # never changes discrimination), ECE from the calibrated probabilities, decisions at the thresholds
+    with open(os.path.join(out, "predictions.csv"), newline="") as fh:
+        preds = list(csv.DictReader(fh))
+    assert not any(k in preds[0] for k in ("study_uid", "patient_id", "name"))
+    checked = 0
+    for name, per in m["models"].items():
+        for mod, e in per.items():
+            for r in e["labels"]:
+                if r.get("auroc") is None:
+                    continue
+                sel = [p for p in preds if p["model"] == name and p["modality"] == mod and p["label"] == r["label"]]
+                y = np.array([float(p["truth"]) for p in sel])
+                assert len(sel) == r["test_n"]
+                assert M.auroc(y, np.array([float(p["prob_raw"]) for p in sel])) == pytest.approx(r["auroc"], abs=1e-4)
+                q = np.array([float(p["prob_calibrated"]) for p in sel])
+                assert M.ece(y, q) == pytest.approx(r["ece_after"], abs=1e-4)
+                assert r["threshold"] is None or \
+                    [int(p["decision"]) for p in sel] == [int(v >= r["threshold"] - 1e-6) for v in q]
+                assert r["ece_after_floor"] > 0 and 0 < r["ece_after_p"] <= 1
+                checked += 1
+    assert checked > 10
+    cr = m["models"]["a"]["CT"].get("calibration_resolution") or m["models"]["a"]["MR"]["calibration_resolution"]
+    assert cr["pooled_n"] > 0 and cr["ece_floor_mean"] > 0 and cr["test_studies_for_floor_0_05_median"] > 0
     page = open(os.path.join(out, "index.html")).read()
     assert "Macro AUROC" in page and "roc_ct.png" in page
     for fig in ("roc_ct.png", "pr_mr.png", "reliability_ct.png"):

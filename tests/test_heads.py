@@ -13,7 +13,7 @@ from neurovfm.models.folder import ModelFolderError
 from neurovfm.probe.heads import HeadConfig, build_head, contribution_bias, token_contributions
 from neurovfm.probe.train import HeadTrainConfig, fit_head, load_head, predict, save_head
 
-KINDS = ["gated", "abmil", "mean"]
+KINDS = ["gated", "abmil", "mean", "topk"]
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +92,7 @@ def _signal_bags(rng, n, dim, direction):
     return bags, np.array(y, np.float32), where
 
 
-@pytest.mark.parametrize("kind", ["gated", "abmil"])
+@pytest.mark.parametrize("kind", ["gated", "abmil", "topk"])
 def test_learns_a_few_token_signal_and_attends_to_it(kind):
     rng = np.random.default_rng(2)
     dim = 16

@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", help="token cache, for breakdowns by kernel, thickness and plane")
     s.add_argument("--ct-labels", help="CT label list (default: every CT label column)")
     s.add_argument("--mr-labels", help="MRI label list (default: every MRI label column)")
-    s.add_argument("--head", choices=["gated", "abmil", "mean", "auto"], default="gated",
+    s.add_argument("--head", choices=["gated", "abmil", "mean", "topk", "auto"], default="gated",
                    help="head kind; auto: each model's best kind on validation")
     s.add_argument("--epochs", type=int, default=40)
     s.add_argument("--calibration", choices=["platt", "temperature", "shrunk-platt"], default="platt",
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("transfer", help="cross-modal zero-shot transfer: CT-trained heads on MRI test studies "
                        "and the reverse, through the CT <-> MRI label table")
     _feature_set_args(s, "output folder (transfer.json/csv/png)")
-    s.add_argument("--head", choices=["gated", "abmil", "mean"], default="gated")
+    s.add_argument("--head", choices=["gated", "abmil", "mean", "topk"], default="gated")
     s.add_argument("--epochs", type=int, default=40)
     s.add_argument("--min-test-positives", type=int, default=20, help="label pairs in the macro mean have at "
                    "least this many target test positives")
@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     _feature_set_args(s, "output folder (label_efficiency.json/csv/png)")
     s.add_argument("--positives", default="1,2,4,8,16,32,all", help="positive training studies kept per label")
     s.add_argument("--repeats", type=int, default=3, help="subsamples (and head seeds) per budget")
-    s.add_argument("--head", choices=["gated", "abmil", "mean"], default="gated")
+    s.add_argument("--head", choices=["gated", "abmil", "mean", "topk"], default="gated")
     s.add_argument("--epochs", type=int, default=40)
     s.add_argument("--min-test-positives", type=int, default=20, help="labels scored have at least this many "
                    "test positives")

@@ -103,6 +103,16 @@ class TemperatureScaler:
         return cls(np.array(d["temperature"]))
 
 
+def _monotone(w: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """A calibration map may not reverse the head's ranking: a negative fitted slope (validation
+    scores anti-correlated with the labels, on a few dozen studies: noise, not signal) becomes
+    slope 0 with the intercept at the (smoothed) base rate."""
+    if w[0] >= 0:
+        return w
+    rate = float(np.clip(np.mean(t), 1e-6, 1 - 1e-6))
+    return np.array([0.0, math.log(rate / (1 - rate))])
+
+
 class PlattScaler:
     """p = sigmoid(a z + b) per label, fitted by Newton's method on validation with Platt's
     smoothed targets and a small ridge. Without both classes: a = 1, b = 0 (identity)."""
@@ -125,7 +135,7 @@ class PlattScaler:
             x = np.stack([zj, np.ones_like(zj)], 1)
             prior = np.array([1.0, 0.0])
 
-            w = fit_logistic(x, t, PLATT_RIDGE * np.ones(2), prior)
+            w = _monotone(fit_logistic(x, t, PLATT_RIDGE * np.ones(2), prior), t)
             self.a[j], self.b[j] = w
         return self
 
@@ -166,7 +176,7 @@ class ShrunkPlattScaler(PlattScaler):
         t = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
         base = (n_pos + 1) / (len(y) + 2)
         prior = np.array([0.0, math.log(base / (1 - base))])
-        return fit_logistic(np.stack([z, np.ones_like(z)], 1), t, (lam + PLATT_RIDGE) * np.ones(2), prior)
+        return _monotone(fit_logistic(np.stack([z, np.ones_like(z)], 1), t, (lam + PLATT_RIDGE) * np.ones(2), prior), t)
 
     def _cv_loss(self, z: np.ndarray, y: np.ndarray, lam: float, fold: np.ndarray) -> float:
         loss = 0.0

@@ -37,7 +37,7 @@ class EvaluationError(NeuroVFMError):
     """Features and labels do not fit together, or a split is empty."""
 
 
-HEAD_KINDS = tuple(HEADS)  # gated, abmil, mean
+HEAD_KINDS = tuple(HEADS)  # gated, abmil, mean, topk
 
 
 @dataclass
@@ -78,7 +78,7 @@ class ModalityRun:
     table: StudyTable
     test_idx: np.ndarray
     logits_test: np.ndarray
-    probs_test: np.ndarray  # calibrated
+    probs_test: np.ndarray  # calibrated: calibration metrics, thresholds, triage
     probs_test_raw: np.ndarray  # sigmoid of the uncalibrated logits
     probs_val: np.ndarray
     thresholds: np.ndarray
@@ -87,6 +87,12 @@ class ModalityRun:
     head: Any
     calibrator: Any
     head_cfg: HeadConfig | None = None  # the head kind used (chosen on validation with --head auto)
+
+    @property
+    def scores_test(self) -> np.ndarray:
+        """The head's own ranking (sigmoid of its logits): discrimination metrics (AUROC, AUPRC,
+        paired comparisons) use this, so they describe the head whatever calibration follows."""
+        return self.probs_test_raw
 
 
 def _bags(store: FeatureStore, keys: list[str], windows: list[str] | None) -> list[np.ndarray]:
@@ -192,7 +198,7 @@ def label_metrics(run: ModalityRun, cfg_seed: int = 0) -> list[dict[str, Any]]:
                                "val_positives": int(np.nansum(t.y[t.index('val'), j])),
                                "train_positives": int(np.nansum(t.y[t.index('train'), j]))}
         if 0 < pos < len(yj):
-            row.update(auroc=_finite(M.auroc(yj, pj)), auprc=_finite(M.auprc(yj, pj)),
+            row.update(auroc=_finite(M.auroc(yj, rj)), auprc=_finite(M.auprc(yj, rj)),
                        prevalence=pos / len(yj),
                        ece_before=_finite(M.ece(yj, rj)), ece_after=_finite(M.ece(yj, pj)),
                        brier_before=_finite(M.brier(yj, rj)), brier_after=_finite(M.brier(yj, pj)))
@@ -267,7 +273,7 @@ def _cols(run: ModalityRun, labels: list[str]) -> np.ndarray:
 def bootstrap_macro(run: ModalityRun, labels: list[str], cfg: EvalConfig) -> dict[str, Any]:
     c = _cols(run, labels)
     y = run.table.y[run.test_idx][:, c]
-    p = run.probs_test[:, c]
+    p = run.scores_test[:, c]
     groups = run.table.patients[run.test_idx]
     res = M.bootstrap_ci_multilabel(y, p, groups, M.auroc, n=cfg.bootstrap, seed=cfg.seed)
     return res
@@ -309,7 +315,7 @@ def breakdowns(run: ModalityRun, labels: list[str]) -> dict[str, list[dict[str, 
     """Macro AUROC over the headline labels within each group (labels with both classes there)."""
     c = _cols(run, labels)
     y = run.table.y[run.test_idx][:, c]
-    p = run.probs_test[:, c]
+    p = run.scores_test[:, c]
     out: dict[str, list[dict[str, Any]]] = {}
     for key in BREAKDOWNS:
         if key not in run.table.meta:
@@ -392,7 +398,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
             for name, run in runs.items():
                 if name == first:
                     continue
-                d = M.paired_bootstrap(y, base.probs_test[:, c], run.probs_test[:, c], groups, M.auroc,
+                d = M.paired_bootstrap(y, base.scores_test[:, c], run.scores_test[:, c], groups, M.auroc,
                                        n=cfg.bootstrap, seed=cfg.seed)
                 summary["comparisons"].setdefault(f"{first} - {name}", {})[mod] = d
         plots.write_modality_plots(out_dir, mod, runs, headline, cfg)

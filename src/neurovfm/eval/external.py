@@ -143,7 +143,8 @@ def evaluate_modality(model: str, mod: str, store: FeatureStore, labels_csv: str
                                "threshold": _finite(thr[j])}
         if 0 < pos < len(yj):
             ph, pr = p_home[m, j], p_recal[m, j]
-            row.update(auroc=_finite(M.auroc(yj, ph)), auprc=_finite(M.auprc(yj, ph)), prevalence=pos / len(yj),
+            rj = p_raw[m, j]  # discrimination on the head's own scores (calibration may be flat)
+            row.update(auroc=_finite(M.auroc(yj, rj)), auprc=_finite(M.auprc(yj, rj)), prevalence=pos / len(yj),
                        ece_uncalibrated=_finite(M.ece(yj, p_raw[m, j])),
                        ece_home_calibration=_finite(M.ece(yj, ph)), ece_recalibrated=_finite(M.ece(yj, pr)),
                        brier_home_calibration=_finite(M.brier(yj, ph)), brier_recalibrated=_finite(M.brier(yj, pr)))
@@ -170,7 +171,7 @@ def evaluate_modality(model: str, mod: str, store: FeatureStore, labels_csv: str
         entry[f"scored_{key}"] = _mean([r.get(key) for r in scored])
     if headline:
         c = np.array([labels.index(lab) for lab in headline])
-        boot = M.bootstrap_ci_multilabel(y_te[:, c], p_home[:, c], table.patients[te], M.auroc,
+        boot = M.bootstrap_ci_multilabel(y_te[:, c], p_raw[:, c], table.patients[te], M.auroc,
                                          n=cfg.bootstrap, seed=cfg.seed)
         entry["macro_auroc"] = boot["macro"]
         hl = [r for r in rows if r["headline"]]
@@ -255,6 +256,7 @@ def _home_side(e: dict[str, Any], ext_rows: list[dict[str, Any]]) -> dict[str, A
             "macro_auroc_all_scored_labels": e.get("macro_auroc_all_scored_labels"),
             "headline_ece_after": e.get("headline_ece_after"), "headline_ece_before": e.get("headline_ece_before"),
             "headline_op_flag_rate": _mean([r.get("op_flag_rate") for r in home_rows]),
+            "calibration_resolution": e.get("calibration_resolution"),
             "external_macro_auroc_on_home_headline": _mean(on_home), "external_labels_scored_on_home_headline":
             len(on_home)}
 

@@ -61,8 +61,8 @@ def write_modality_plots(out_dir: str, modality: str, runs: dict[str, Any], head
                 j = run.table.labels.index(lab)
                 y = run.table.y[run.test_idx][:, j]
                 m = ~np.isnan(y)
-                x1, x2 = (_roc if kind == "roc" else _pr)(y[m], run.probs_test[m, j])
-                score = M.auroc(y[m], run.probs_test[m, j]) if kind == "roc" else M.auprc(y[m], run.probs_test[m, j])
+                x1, x2 = (_roc if kind == "roc" else _pr)(y[m], run.scores_test[m, j])
+                score = M.auroc(y[m], run.scores_test[m, j]) if kind == "roc" else M.auprc(y[m], run.scores_test[m, j])
                 ax.plot(x1, x2, lw=1.2, label=f"{name} {score:.2f}")
             if kind == "roc":
                 ax.plot([0, 1], [0, 1], "k:", lw=0.6)

@@ -10,6 +10,10 @@ within each study, so it is directly a map of where each finding was seen.
 * ``abmil``: aggregate-then-classify: the same gated attention pools the token features per
   class, and a per-class linear classifier reads the pooled vector.
 * ``mean``: mean of the tokens -> linear (uniform attention): the simplest baseline.
+* ``topk``: instance-level MIL: the same token MLP scores every token per class, and the study
+  logit is the mean of each class's ``top_k`` highest token scores plus a bias (attention = 1/k
+  on those tokens). Its inductive bias is "a finding is present when a few tokens look like it",
+  which ties the map to the decision: the tokens that made the logit are the map.
 """
 
 from __future__ import annotations
@@ -22,16 +26,19 @@ import torch.nn as nn
 
 @dataclass
 class HeadConfig:
-    kind: str = "gated"  # gated | abmil | mean
+    kind: str = "gated"  # gated | abmil | mean | topk
     hidden: int | None = None  # token MLP width (default dim // 2, the reference's 768 -> 384)
     attn_dim: int = 128  # gated attention width
     dropout: float = 0.1
+    top_k: int = 4  # topk head: tokens averaged per class (fewer when a study has fewer tokens)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("gated", "abmil", "mean"):
-            raise ValueError(f"head kind must be gated, abmil or mean, not {self.kind!r}")
+        if self.kind not in ("gated", "abmil", "mean", "topk"):
+            raise ValueError(f"head kind must be gated, abmil, mean or topk, not {self.kind!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
+        if self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,7 +134,32 @@ class MeanPoolHead(nn.Module):
         return self.fc(self.drop(self.norm(mean))), a
 
 
-HEADS = {"gated": GatedAttentionHead, "abmil": ABMILHead, "mean": MeanPoolHead}
+class TopKHead(nn.Module):
+    def __init__(self, dim: int, n_classes: int, cfg: HeadConfig):
+        super().__init__()
+        hidden = cfg.hidden or max(1, dim // 2)
+        self.k = cfg.top_k
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, n_classes))
+        self.bias = nn.Parameter(torch.zeros(n_classes))
+
+    def forward(self, feats: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.mlp(self.norm(feats))  # [T, C] per-token logits
+        a = torch.zeros_like(tok)
+        out = []
+        for b in range(len(cu) - 1):
+            s, e = int(cu[b]), int(cu[b + 1])
+            k = min(self.k, e - s)
+            if k == 0:  # an empty study: bias-only logits
+                out.append(tok.new_zeros(tok.shape[1]))
+                continue
+            top, idx = tok[s:e].topk(k, dim=0)  # [k, C]
+            out.append(top.mean(0))
+            a[s:e] = a[s:e].scatter(0, idx, 1.0 / k)
+        return torch.stack(out) + self.bias, a
+
+
+HEADS = {"gated": GatedAttentionHead, "abmil": ABMILHead, "mean": MeanPoolHead, "topk": TopKHead}
 
 
 def build_head(cfg: HeadConfig, dim: int, n_classes: int) -> nn.Module:
@@ -141,6 +173,7 @@ def token_contributions(head: nn.Module, feats: torch.Tensor, cu: torch.Tensor) 
 
     Attention says where a head looked; this says which tokens pushed the logit up, which is
     what a map of a finding should show. gated: scale * a * token logit; abmil: a * (w . x);
+    topk: the token logit / k on each class's top-k tokens;
     mean: the LayerNorm of the mean is affine once its mean and spread are fixed, so each token
     carries (1/n) W (gamma * (x - mu) / sigma)."""
     if isinstance(head, GatedAttentionHead):
@@ -153,6 +186,9 @@ def token_contributions(head: nn.Module, feats: torch.Tensor, cu: torch.Tensor) 
         seg = study_index(cu, len(x))
         a = segment_softmax(head.attn(x), seg, len(cu) - 1)
         return a * (x @ head.weight.T)
+    if isinstance(head, TopKHead):
+        _, a = head(feats, cu)
+        return a * head.mlp(head.norm(feats))
     if isinstance(head, MeanPoolHead):
         seg = study_index(cu, len(feats))
         n = (cu[1:] - cu[:-1]).clamp(min=1).to(feats.dtype)
