@@ -53,6 +53,9 @@ def main() -> int:
     prov["demo_model"] = {"built_by": a.command, "data": "neurovfm synth --studies 300 --seed 0 (synthetic)",
                           "test_performance_synthetic": perf}
     write_json(os.path.join(tmp, "provenance.json"), prov)
+    report = os.path.join(a.dest, "report")  # shipped separately (scripts/ship_report_model.py): keep it
+    if os.path.isdir(report):
+        shutil.copytree(report, os.path.join(tmp, "report"))
     shutil.rmtree(a.dest, ignore_errors=True)
     os.replace(tmp, a.dest)
     size = sum(os.path.getsize(os.path.join(a.dest, f)) for f in os.listdir(a.dest))

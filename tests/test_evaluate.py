@@ -16,7 +16,7 @@ import pytest
 from neurovfm.cli import main as cli_main
 from neurovfm.eval import metrics as M
 from neurovfm.eval.data import LabelTableError, read_study_table
-from neurovfm.eval.experiment import EvalConfig, EvaluationError, evaluate, fit_modality
+from neurovfm.eval.experiment import HEAD_KINDS, EvalConfig, EvaluationError, evaluate, fit_modality
 from neurovfm.ingest.pipeline import IngestOptions, run_ingest
 from neurovfm.models.folder import read_config
 from neurovfm.privacy.keys import Keyer
@@ -156,10 +156,11 @@ def test_auto_head_is_chosen_on_validation(world):
     t1 = read_study_table(world["labels"], "MR", studies=set(fs.studies()))
     r1 = fit_modality("a", fs, t1, cfg)
     best = {}
-    for kind in ("gated", "abmil", "mean"):
+    for kind in HEAD_KINDS:
         one = EvalConfig(train=cfg.train, bootstrap=100, min_test_positives=1, head=HeadConfig(kind=kind))
         best[kind] = max(h["val_macro_auroc"] for h in fit_modality("a", fs, t1, one).history)
-    assert r1.head_cfg.kind == max(best, key=lambda k: (best[k], -("gated", "abmil", "mean").index(k)))
+    assert set(best) == {"gated", "abmil", "mean", "topk"}
+    assert r1.head_cfg.kind == max(best, key=lambda k: (best[k], -HEAD_KINDS.index(k)))
     t2 = read_study_table(world["labels"], "MR", studies=set(fs.studies()))
     te = t2.index("test")
     t2.y[te] = np.where(np.isnan(t2.y[te]), np.nan, 1 - t2.y[te])
