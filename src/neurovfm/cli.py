@@ -103,6 +103,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     try:
         res = pretrain(cfg, resume=a.resume, max_steps=a.max_steps, progress=not a.quiet,
                        command=["neurovfm", "pretrain"] + sys.argv[2:])
+        if dist.is_initialized():  # every rank done before any tears down: under load a peer that
+            dist.barrier()  # closes first made gloo abort the other ("terminate called ...", seen once)
     finally:  # a clean shutdown: gloo's threads otherwise can abort the process at exit
         if dist.is_initialized():
             dist.destroy_process_group()
