@@ -38,6 +38,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from neurovfm.eval.metrics import auroc
 from neurovfm.privacy.keys import Keyer
 from neurovfm.probe import cnn3d as C
 from neurovfm.synth.archive import HEADLINE
@@ -77,26 +78,6 @@ def histogram_features(cache: TokenCache, studies: dict[str, list]) -> dict[str,
     return feats
 
 
-def auroc(y: np.ndarray, s: np.ndarray) -> float:
-    pos, neg = s[y == 1], s[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order))
-    allv = np.concatenate([pos, neg])[order]
-    # average ranks for ties
-    i = 0
-    r = np.arange(1, len(order) + 1, dtype=float)
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and allv[j + 1] == allv[i]:
-            j += 1
-        r[i:j + 1] = (i + j + 2) / 2
-        i = j + 1
-    ranks[order] = r
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
 def evaluate(scores: dict[str, np.ndarray], labels: dict[str, dict]) -> dict:
     res = {}
     for mod in ("CT", "MR"):
@@ -106,7 +87,7 @@ def evaluate(scores: dict[str, np.ndarray], labels: dict[str, dict]) -> dict:
             continue
         y = np.stack([labels[k]["y"] for k in keys])
         s = np.stack([scores[k] for k in keys])
-        per = {h: auroc(y[:, i], s[:, i]) for i, h in enumerate(HEADLINE)}
+        per = {h: auroc(y[:, i], s[:, i]) for i, h in enumerate(HEADLINE)}  # eval.metrics: scikit-learn's definition
         res[mod] = {"n_test": len(keys), "positives": {h: int(y[:, i].sum()) for i, h in enumerate(HEADLINE)},
                     "auroc": per, "macro": float(np.nanmean(list(per.values())))}
     res["macro"] = float(np.nanmean([res["CT"]["macro"], res["MR"]["macro"]]))

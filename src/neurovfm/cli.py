@@ -733,7 +733,7 @@ def cmd_pointing(a: argparse.Namespace) -> int:
     sources = tuple(x.strip() for x in a.map_sources.split(",") if x.strip())
     bad = [x for x in sources if x not in MAP_SOURCES]
     if bad or not sources:
-        raise SystemExit(f"neurovfm pointing: --map-sources takes {', '.join(MAP_SOURCES)}, not {a.map_sources!r}")
+        raise ValueError(f"--map-sources takes {', '.join(MAP_SOURCES)}, not {a.map_sources!r}")
     cfg = PointingConfig(split=a.split, min_size_mm=a.min_size_mm, max_studies=a.max_studies, map_sources=sources)
     res = run_pointing(a.archive, a.model, a.out, cfg, progress=not a.quiet)
     if not res["summary"].get("n_findings"):
