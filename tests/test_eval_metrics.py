@@ -192,7 +192,10 @@ def test_shrunk_platt_falls_back_to_the_base_rate_only_when_validation_says_so()
     assert M.ece(y_te, p) < 0.04
     d = s.to_dict()
     assert d["kind"] == "platt" and d["shrink"] == [s.shrink[0]]
-    np.testing.assert_allclose(cal.scaler_from_dict(d).transform(l_te[:, None])[:, 0], p)
+    back = cal.scaler_from_dict(d)
+    assert isinstance(back, cal.ShrunkPlattScaler)  # a refit (external site) is done the same way
+    np.testing.assert_allclose(back.transform(l_te[:, None])[:, 0], p)
+    assert type(cal.scaler_from_dict(cal.PlattScaler().fit(l_val[:, None], y_val[:, None]).to_dict())) is cal.PlattScaler
     # reproducible (seeded folds), and labels without both classes stay the identity
     again = cal.ShrunkPlattScaler().fit(l_val[:, None], y_val[:, None])
     assert again.a[0] == s.a[0] and again.b[0] == s.b[0]

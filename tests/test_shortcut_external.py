@@ -423,6 +423,7 @@ def test_lesion_probe_finds_planted_lesion_tokens_not_noise(sites, tmp_path):
     cfg = LesionProbeConfig(negatives_per_series=40, bootstrap=200, l2_grid=[1e-1], min_size_mm=0.0)
     s = lesion_probe({"planted": good, "noise": noise}, arch, cache_dir, str(tmp_path / "out"), cfg, keyer=keyer)
     assert s["modalities"], "no modality probed"
+    assert sum(m["results"]["planted"]["pointing_studies"] for m in s["modalities"].values()) > 0
     for mod, m in s["modalities"].items():
         r = m["results"]
         assert set(r) == {"position", "planted", "noise"}

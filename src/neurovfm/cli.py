@@ -297,6 +297,18 @@ def _feature_set_args(s: argparse.ArgumentParser, out_help: str) -> None:
     s.add_argument("--out", required=True, help=out_help)
 
 
+def _token_probe_args(s: argparse.ArgumentParser, archive_help: str, out_help: str) -> None:
+    """--features / --archive / --cache / --out / --bootstrap / --seed, shared by the token probes
+    (anatomy, lesion) that look ground truth up through the cache's token grid."""
+    s.add_argument("--features", nargs="+", required=True, help="NAME=FEATURE_DIR ... (the first is the reference "
+                   "of the paired differences); all embedded from --cache")
+    s.add_argument("--archive", required=True, help=archive_help)
+    s.add_argument("--cache", required=True, help="the token cache the features were embedded from")
+    s.add_argument("--out", required=True, help=out_help)
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neurovfm", description=__doc__)
     p.add_argument("--version", action="version", version=f"neurovfm {__version__}")
@@ -443,29 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("anatomy", help="anatomy probe: token features -> the structure each token covers "
                        "(per-subject anatomy maps of a synthetic archive), vs token position and chance")
-    s.add_argument("--features", nargs="+", required=True, help="NAME=FEATURE_DIR ... (the first is the reference "
-                   "of the paired differences); all embedded from --cache")
-    s.add_argument("--archive", required=True, help="the `neurovfm synth` archive with anatomy maps")
-    s.add_argument("--cache", required=True, help="the token cache the features were embedded from")
-    s.add_argument("--out", required=True, help="output folder (anatomy.json/csv/png)")
+    _token_probe_args(s, "the `neurovfm synth` archive with anatomy maps", "output folder (anatomy.json/csv/png)")
     s.add_argument("--tokens-per-view", type=int, default=48)
     s.add_argument("--ct-views", default="brain", help="comma-separated CT windows whose tokens are probed")
-    s.add_argument("--bootstrap", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_anatomy)
 
     s = sub.add_parser("lesion-probe", help="lesion probe: token features -> lesion or not (lesion masks of a "
                        "synthetic archive), token AUROC and probe pointing, vs token position")
-    s.add_argument("--features", nargs="+", required=True, help="NAME=FEATURE_DIR ... (the first is the reference "
-                   "of the paired differences); all embedded from --cache")
-    s.add_argument("--archive", required=True, help="the `neurovfm synth` archive (records.jsonl + lesion masks)")
-    s.add_argument("--cache", required=True, help="the token cache the features were embedded from")
-    s.add_argument("--out", required=True, help="output folder (lesion_probe.json)")
+    _token_probe_args(s, "the `neurovfm synth` archive (records.jsonl + lesion masks)", "output folder (lesion_probe.json)")
     s.add_argument("--negatives-per-series", type=int, default=64)
     s.add_argument("--min-size-mm", type=float, default=10.0)
     s.add_argument("--ct-views", default="brain,blood,bone", help="comma-separated CT windows, side by side per token")
-    s.add_argument("--bootstrap", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_lesion_probe)
 
     s = sub.add_parser("evaluate-external", help="a saved model's heads, calibration and thresholds on another "

@@ -116,6 +116,13 @@ class TokenSet:
     where: list[tuple[str, str, np.ndarray]]  # (series key, view, rows) in sampling order
 
 
+def position_features(ras: np.ndarray) -> np.ndarray:
+    """[n, 9] a token's position relative to its series' foreground centre (mean of ``ras``) with
+    quadratic and cross terms: the ``position`` reference of the token probes."""
+    rel = ras - ras.mean(0)
+    return np.hstack([rel, rel ** 2 / 100.0, rel[:, [0, 0, 1]] * rel[:, [1, 2, 2]] / 100.0])
+
+
 def class_lookup(legend: dict[int, tuple[str, str]], classes: list[str]) -> np.ndarray:
     """code -> class index (-1 for codes without a class, e.g. 0 = outside)."""
     cls_index = {c: i for i, c in enumerate(classes)}
@@ -160,8 +167,7 @@ def sample_tokens(store: FeatureStore, cache: TokenCache, truth: dict[str, Study
             if not len(inside):
                 continue
             rows = inside[_token_sample(v.series_key, v.view, len(inside), cfg.tokens_per_view, cfg.seed)]
-            rel = ras[rows] - ras.mean(0)  # relative to the series' foreground centre
-            pos.append(np.hstack([rel, rel ** 2 / 100.0, rel[:, [0, 0, 1]] * rel[:, [1, 2, 2]] / 100.0]))
+            pos.append(position_features(ras)[rows])
             ys.append(cls[rows])
             studies += [sk] * len(rows)
             patients += [t.patient_key] * len(rows)

@@ -230,6 +230,10 @@ def make_scaler(kind: str, seed: int = 0):
 
 
 def scaler_from_dict(d: dict[str, Any]):
+    """The saved map, as the class that fitted it (so a refit, e.g. on another site's validation
+    split, is done the same way; a shrunk-Platt map applies exactly like a Platt map)."""
+    if d["kind"] == "platt" and str(d.get("fitted_with", "")).startswith("shrunk-platt"):
+        return ShrunkPlattScaler.from_dict(d)
     return {"temperature": TemperatureScaler, "platt": PlattScaler}[d["kind"]].from_dict(d)
 
 

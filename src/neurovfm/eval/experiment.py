@@ -213,33 +213,6 @@ def label_metrics(run: ModalityRun, cfg_seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def calibration_resolution(run: ModalityRun, headline: list[str], rows: list[dict[str, Any]],
-                           seed: int) -> dict[str, Any]:
-    """Can this test split show ECE <= 0.05 at all? The headline labels' mean plug-in ECE beside
-    its floor (perfect calibration, same predictions), the debiased RMS error, labels whose
-    miscalibration exceeds sampling noise (p < 0.05), the pooled ECE over every headline
-    (study, label) probability with its own floor, and the test size at which a perfectly
-    calibrated model's per-label ECE would fall to 0.05."""
-    c = _cols(run, headline)
-    y = run.table.y[run.test_idx][:, c]
-    p = run.probs_test[:, c]
-    m = ~np.isnan(y)
-    pooled = M.calibration_check(y[m], p[m], seed=seed)
-    need = [M.studies_for_ece_floor(p[m[:, k], k], 0.05, seed=seed) for k in range(len(c))]
-    return {"ece_after_mean": float(np.mean([r["ece_after"] for r in rows])),
-            "ece_floor_mean": float(np.mean([r["ece_after_floor"] for r in rows])),
-            # root of the mean debiased square (unbiased before the root; a mean of per-label roots
-            # clipped at zero would be biased upward by the noise of small bins)
-            "rmsce_debiased_mean": float(np.sqrt(max(0.0, np.mean([r["squared_ce_after_debiased"] for r in rows])))),
-            "miscalibrated_labels": [r["label"] for r in rows if (r.get("ece_after_p") or 1) < 0.05],
-            "pooled_ece": _finite(pooled["ece"]), "pooled_ece_floor": _finite(pooled["ece_floor"]),
-            "pooled_ece_p": _finite(pooled["p_value"]), "pooled_rmsce_debiased": _finite(pooled["rmsce_debiased"]),
-            "pooled_n": int(m.sum()),
-            "test_studies_for_floor_0_05_median": int(np.median(need)) if need else None,
-            "note": "plug-in ECE with 10 equal-mass bins is biased upward by about "
-                    "sqrt(10 p(1-p)/N); ece_floor is that bias for these predictions"}
-
-
 def prediction_rows(run: ModalityRun) -> list[dict[str, Any]]:
     """Every test probability, long format, so a reviewer can recompute any number: keyed study
     and patient hashes only (the same keys as the cache), truth, raw and calibrated probability,
@@ -385,7 +358,9 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
                 entry["headline_ece_after"] = float(np.mean([r["ece_after"] for r in hl]))
                 entry["headline_ece_before"] = float(np.mean([r["ece_before"] for r in hl]))
                 entry["headline_ece_after_max"] = float(np.max([r["ece_after"] for r in hl]))
-                entry["calibration_resolution"] = calibration_resolution(run, headline, hl, cfg.seed)
+                c = _cols(run, headline)
+                res = M.calibration_resolution(run.table.y[run.test_idx][:, c], run.probs_test[:, c], headline, cfg.seed)
+                entry["calibration_resolution"] = {k: _finite(v) if isinstance(v, float) else v for k, v in res.items()}
             pred_rows += prediction_rows(run)
             all_scored = [r["auroc"] for r in lm if r.get("auroc") is not None]
             entry["macro_auroc_all_scored_labels"] = float(np.mean(all_scored)) if all_scored else None

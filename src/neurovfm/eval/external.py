@@ -60,8 +60,7 @@ def refit_calibration(stored: dict[str, Any], logits_val: np.ndarray, y_val: np.
     """A calibrator of the stored kind fitted on (external) validation logits; labels without
     both classes there keep the stored parameters. Returns it and which labels were refitted."""
     home = cal.scaler_from_dict(stored)
-    shrunk = str(stored.get("fitted_with", "")).startswith("shrunk-platt")  # refit the way it was fitted
-    new = (cal.ShrunkPlattScaler() if shrunk else type(home)()).fit(logits_val, y_val)
+    new = type(home)().fit(logits_val, y_val)  # the class that fitted the stored map: refit the same way
     refit = np.array([_usable(y_val[:, j]) for j in range(y_val.shape[1])], bool)
     if isinstance(new, cal.PlattScaler):
         new.a = np.where(refit, new.a, home.a)

@@ -25,7 +25,6 @@ centre) says how much a location prior alone explains.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import defaultdict
@@ -37,7 +36,7 @@ import numpy as np
 
 from neurovfm.errors import NeuroVFMError
 from neurovfm.eval import metrics as M
-from neurovfm.eval.anatomy import token_codes
+from neurovfm.eval.anatomy import _token_sample, position_features, token_codes
 from neurovfm.eval.shortcut import L2_GRID, LogisticProbe
 from neurovfm.privacy.keys import Keyer
 from neurovfm.probe.embed import FeatureStore
@@ -101,12 +100,6 @@ def read_lesion_truth(archive: str, keyer: Keyer, min_size_mm: float) -> dict[st
     return out
 
 
-def _sample(series_key: str, idx: np.ndarray, k: int, seed: int) -> np.ndarray:
-    h = int.from_bytes(hashlib.sha256(series_key.encode()).digest()[:8], "little")
-    rng = np.random.default_rng([seed, h])
-    return np.sort(rng.choice(idx, size=min(k, len(idx)), replace=False)) if len(idx) else idx
-
-
 @dataclass
 class SeriesTokens:
     """One series of the probe: where its tokens are in each feature store, their lesion flag,
@@ -140,11 +133,10 @@ def plan_series(store: FeatureStore, cache: TokenCache, truth: dict[str, SeriesT
                                    "cache these features were embedded from") from None
         ras, code = token_codes(entry.grid_affine_array, v0.coords, nib.load(truth[sk].mask))
         lesion = code > 0
-        rel = ras - ras.mean(0)
-        pos = np.hstack([rel, rel ** 2 / 100.0, rel[:, [0, 0, 1]] * rel[:, [1, 2, 2]] / 100.0])
-        rows = np.union1d(np.flatnonzero(lesion),
-                          _sample(sk, np.flatnonzero(~lesion), cfg.negatives_per_series, cfg.seed))
-        out.append(SeriesTokens(sk, truth[sk], names, lesion, pos.astype(np.float32), rows))
+        others = np.flatnonzero(~lesion)
+        sampled = others[_token_sample(sk, "negatives", len(others), cfg.negatives_per_series, cfg.seed)]
+        rows = np.union1d(np.flatnonzero(lesion), sampled)
+        out.append(SeriesTokens(sk, truth[sk], names, lesion, position_features(ras).astype(np.float32), rows))
     return out
 
 

@@ -262,3 +262,27 @@ def studies_for_ece_floor(p, target: float = 0.05, bins: int = 10, sims: int = 2
         else:
             hi = mid
     return int(hi)
+
+
+def calibration_resolution(y, p, labels: list[str], seed: int = 0) -> dict[str, Any]:
+    """Can this test split show ECE <= 0.05 at all? For labels' truths ``y`` [N, L] (NaN =
+    unknown) and calibrated probabilities ``p`` [N, L]: the mean plug-in ECE beside its floor,
+    the debiased RMS error (root of the mean debiased square: unbiased before the root, where a
+    mean of per-label roots clipped at zero would be biased up by small bins' noise), labels
+    miscalibrated beyond sampling noise (p < 0.05), the ECE pooled over every probability with
+    its floor, and the median test size at which a perfectly calibrated model's floor is 0.05."""
+    y = np.asarray(y, np.float64).reshape(len(y), -1)
+    p = np.asarray(p, np.float64).reshape(y.shape)
+    m = ~np.isnan(y)
+    checks = [calibration_check(y[m[:, k], k], p[m[:, k], k], seed=seed) for k in range(y.shape[1])]
+    need = [studies_for_ece_floor(p[m[:, k], k], 0.05, seed=seed) for k in range(y.shape[1])]
+    pooled = calibration_check(y[m], p[m], seed=seed)
+    return {"ece_after_mean": float(np.mean([c["ece"] for c in checks])),
+            "ece_floor_mean": float(np.mean([c["ece_floor"] for c in checks])),
+            "rmsce_debiased_mean": float(np.sqrt(max(0.0, np.mean([c["squared_ce_debiased"] for c in checks])))),
+            "miscalibrated_labels": [lab for lab, c in zip(labels, checks) if c["p_value"] < 0.05],
+            "pooled_ece": pooled["ece"], "pooled_ece_floor": pooled["ece_floor"], "pooled_ece_p": pooled["p_value"],
+            "pooled_rmsce_debiased": pooled["rmsce_debiased"], "pooled_n": int(m.sum()),
+            "test_studies_for_floor_0_05_median": int(np.median(need)) if need else None,
+            "note": "plug-in ECE with 10 equal-mass bins is biased upward by about "
+                    "sqrt(10 p(1-p)/N); ece_floor is that bias for these predictions"}
