@@ -7,8 +7,8 @@ rank gets half of the series); the test compares the two. Usage: ddp_step.py CON
 import sys
 
 import torch
-import torch.distributed as dist
 
+from neurovfm.distributed import exit_worker, joined_process_group, shutdown_distributed
 from neurovfm.models.folder import save_tensors
 from neurovfm.pretrain.config import load_config
 from neurovfm.pretrain.data import BatchLoader, select_studies
@@ -26,6 +26,7 @@ grads = {f"grad.{k}": p.grad for k, p in tr.model.named_parameters() if p.grad i
 if tr.rank == 0:
     save_tensors(out, {**grads, **{f"w.{k}": v for k, v in tr.model.state_dict().items()},
                        "loss": torch.tensor([rec["loss"]], dtype=torch.float64)})
-if dist.is_initialized():
-    dist.barrier()
-    dist.destroy_process_group()
+del tr, batch, grads  # the wrapped model goes before its process group
+shutdown_distributed()
+if joined_process_group():
+    exit_worker(0)

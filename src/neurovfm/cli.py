@@ -94,20 +94,16 @@ def cmd_rekey(a: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
+    from neurovfm.distributed import shutdown_distributed
     from neurovfm.pretrain.config import load_config
     from neurovfm.pretrain.loop import pretrain
 
     cfg = load_config(a.config, a.set)
-    import torch.distributed as dist
-
     try:
         res = pretrain(cfg, resume=a.resume, max_steps=a.max_steps, progress=not a.quiet,
                        command=["neurovfm", "pretrain"] + sys.argv[2:])
-        if dist.is_initialized():  # every rank done before any tears down: under load a peer that
-            dist.barrier()  # closes first made gloo abort the other ("terminate called ...", seen once)
-    finally:  # a clean shutdown: gloo's threads otherwise can abort the process at exit
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    finally:  # every rank done before any tears down (a peer closing first made gloo abort the other)
+        shutdown_distributed()
     if res.get("checkpoint") and int(os.environ.get("RANK", "0")) == 0:
         last = res["last"]
         print(json.dumps({"step": res["step"], "total_steps": res["total"], "loss": last.get("loss"),
@@ -761,8 +757,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from neurovfm.distributed import exit_worker, joined_process_group
+
     parser = build_parser()
     a = parser.parse_args(argv)
+    code = _run(a)
+    if joined_process_group():  # a torchrun worker: results are written; skip finalisation
+        exit_worker(code)
+    return code
+
+
+def _run(a: argparse.Namespace) -> int:
     try:
         return int(a.func(a))
     except NeuroVFMError as e:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..distributed import init_distributed
+from ..distributed import init_distributed, shutdown_distributed
 from ..errors import NeuroVFMError
 from ..models.folder import make_provenance
 from ..pretrain.checkpoint import (latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors,
@@ -235,9 +235,8 @@ def train_reports(cfg: ReportTrainConfig, max_steps: int | None = None,
                           store_meta.get("encoder_id"),
                           make_provenance({"train_studies": len(examples), "steps": cfg.total_steps,
                                            "config": _cfg_json(cfg)}))
-    if world > 1:
-        dist.barrier()                    # rank 0 has written everything before anyone returns
-        dist.destroy_process_group()
+    if world > 1:  # rank 0 has written everything before anyone returns
+        shutdown_distributed()
     return {"step": step, "total_steps": cfg.total_steps, "done": done, "seconds": round(time.time() - t0, 1),
             "last_losses": [r["loss"] for r in log[-10:]], "n_train": len(examples),
             "model": os.path.join(cfg.out, "model") if done else None, "world_size": world, "rank": rank}
