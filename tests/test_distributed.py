@@ -12,8 +12,9 @@ def test_exit_worker_flushes_and_keeps_the_code():
     code = ("from neurovfm.distributed import exit_worker\n"
             "print('result written', end='')\n"
             "import sys; sys.stderr.write('progress'); exit_worker(3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))
+                       env=dict(env, PYTHONPATH=os.path.join(ROOT, "src")))
     assert r.returncode == 3
     assert r.stdout == "result written"
     assert r.stderr.endswith("progress")
