@@ -99,11 +99,13 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     from neurovfm.pretrain.loop import pretrain
 
     cfg = load_config(a.config, a.set)
+    done = False
     try:
         res = pretrain(cfg, resume=a.resume, max_steps=a.max_steps, progress=not a.quiet,
                        command=["neurovfm", "pretrain"] + sys.argv[2:])
+        done = True
     finally:  # every rank done before any tears down (a peer closing first made gloo abort the other)
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=done)
     if res.get("checkpoint") and int(os.environ.get("RANK", "0")) == 0:
         last = res["last"]
         print(json.dumps({"step": res["step"], "total_steps": res["total"], "loss": last.get("loss"),

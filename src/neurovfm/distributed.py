@@ -32,12 +32,15 @@ def init_distributed(want: str = "auto") -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_peers: bool = True) -> None:
     """Every rank done before any tears down, then the process group goes. Wrapped models still
-    alive hold gloo work objects; they are collected first so none outlives its group."""
+    alive hold gloo work objects; they are collected first so none outlives its group. After a
+    failure pass ``wait_for_peers=False``: a barrier the other ranks never reach would hang, while
+    leaving at once lets torchrun stop them."""
     if dist.is_initialized():
         gc.collect()
-        dist.barrier()
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -412,8 +412,7 @@ class _Log:
 def pretrain(cfg: PretrainConfig, resume: bool = False, max_steps: int | None = None, progress: bool = True,
              command: list[str] | None = None) -> dict[str, Any]:
     trainer = Pretrainer(cfg, resume=resume, progress=progress, command=command)
-    try:
-        return trainer.run(max_steps)
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
+    res = trainer.run(max_steps)
+    if dist.is_initialized():  # no barrier after a failure: peers would wait for this rank forever
+        dist.barrier()
+    return res
