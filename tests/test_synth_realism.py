@@ -125,3 +125,56 @@ def test_subjects_differ_and_are_deterministic(template):
     np.testing.assert_array_equal(a.tissues["gm"], b.tissues["gm"])
     assert not np.allclose(a.world_from_template, c.world_from_template)
     assert not np.allclose(a.warp, c.warp)
+
+
+@pytest.fixture(scope="module")
+def svd_by_grade(template):
+    """The same 75-year-old head with small vessel disease of each grade."""
+    out = {}
+    for grade in (1, 2, 3):
+        rng = np.random.default_rng(11)
+        s = make_subject(template, rng, age=75)
+        p = Painter(s, rng)
+        p.small_vessel(grade=grade)
+        out[grade] = (s, p.lesions[0])
+    return out
+
+
+def test_small_vessel_disease_grows_with_grade_and_hugs_the_ventricles(svd_by_grade):
+    vols = {}
+    for grade, (s, les) in svd_by_grade.items():
+        m = s.lesion_labels == les.index
+        vols[grade] = m.sum() / 1000.0  # mL (1 mm template voxels)
+        wall = s.template.vent_dist - s.ventricle_mm
+        near = m & (wall > 0) & (wall < 8)
+        assert near.sum() > 0.35 * m.sum(), grade  # periventricular caps / rim, not only scattered foci
+        assert les.extra["fazekas"] == grade and les.side == "bilateral"
+    # Fazekas-like volumes: grade 1 a few mL, grade 3 tens of mL
+    assert 1.5 < vols[1] < 15 and vols[1] < vols[2] < vols[3] and 30 < vols[3] < 150, vols
+    assert [svd_by_grade[g][1].extra["degree"] for g in (1, 2, 3)] == ["mild", "moderate", "extensive"]
+
+
+def test_small_vessel_disease_visible_on_ct_and_flair(svd_by_grade):
+    s, les = svd_by_grade[3]
+    centre = tuple(s.world_from_template[:3, 3] * [-1, -1, 1])
+    prot = Protocol("CT", "soft", n_slices=20, step=5.0, thickness=5.0, pixel=0.5, rows=448, cols=448, centre=centre)
+    hu, pos, row, col, labels = ct_series(s, prot, Site(), np.random.default_rng(0))
+    lesion = ndimage.binary_erosion(labels == les.index, iterations=1)
+    wm = ndimage.binary_erosion(_frac(s, "wm", prot) > 0.95, iterations=2) & ~ndimage.binary_dilation(
+        labels == les.index, iterations=3)
+    assert lesion.sum() > 100 and wm.sum() > 100
+    drop = float(np.median(hu[wm]) - np.median(hu[lesion]))
+    assert 3.0 < drop < 12.0, drop  # hypodense white matter, darker than white matter, not CSF-dark
+    pr = Protocol("MR", "FLAIR", n_slices=24, step=6.0, thickness=5.0, pixel=0.9, rows=256, cols=256, centre=centre)
+    img, pos, row, col, labels = mr_series(s, pr, Site(), np.random.default_rng(3))
+    lesion = ndimage.binary_erosion(labels == les.index, iterations=1)
+    wm = ndimage.binary_erosion(_frac(s, "wm", pr) > 0.95, iterations=2) & ~ndimage.binary_dilation(
+        labels == les.index, iterations=2)
+    assert np.median(img[lesion]) > 1.3 * np.median(img[wm])  # bright on FLAIR
+
+
+def test_small_vessel_grade_is_checked(template):
+    rng = np.random.default_rng(0)
+    p = Painter(make_subject(template, rng, age=70), rng)
+    with pytest.raises(ValueError, match="grade"):
+        p.small_vessel(grade=4)

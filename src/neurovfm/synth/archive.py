@@ -382,6 +382,8 @@ def _centre_of(subject, index: int) -> np.ndarray:
     m = subject.lesion_labels == index
     return np.array(ndimage.center_of_mass(m)) if m.any() else np.array([90.0, 126.0, 100.0])
 
+_REPORTED_EXTRA = ("shift_mm", "degree", "fazekas")  # finding details that reach findings.jsonl and the report
+
 
 def _ground_truth(plan: StudyPlan, painter: Painter, ident: Identity, series: list[dict], seed: int) -> dict:
     mod = plan.modality
@@ -393,11 +395,11 @@ def _ground_truth(plan: StudyPlan, painter: Painter, ident: Identity, series: li
             labels.add(name)
             findings.append(dict(label=name, side=les.side, size_mm=les.size_mm,
                                  acuity=tables.acuity(mod, name), location=les.location, mask_index=les.index,
-                                 family=les.family, **({"shift_mm": les.extra["shift_mm"]} if "shift_mm" in les.extra else {})))
+                                 family=les.family, **{k: les.extra[k] for k in _REPORTED_EXTRA if k in les.extra}))
     closed = tables.close_labels(mod, labels)
     rng = np.random.default_rng([plan.study_seed, 21])
     rf = [reports.Finding(label=f["label"], side=f["side"], size_mm=f["size_mm"], acuity=f["acuity"],
-                          location=f["location"], extra={k: f[k] for k in ("shift_mm",) if k in f}) for f in findings]
+                          location=f["location"], extra={k: f[k] for k in _REPORTED_EXTRA if k in f}) for f in findings]
     report = reports.write_report(mod, rf, rng)
     return dict(
         study_uid=ident.study_uid, patient_id=ident.patient_id, patient=plan.patient, split=plan.split, site=plan.site,

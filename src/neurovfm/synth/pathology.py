@@ -346,31 +346,79 @@ class Painter:
         les = self._new("lacune", [], ["lacunar_stroke"], side, size, c)
         _mark(self.s, m, les.index)
 
-    def small_vessel(self, ms: bool = False):
-        vd = self.s.template.vent_dist
-        zone = (vd > 1) & (vd < (10 if ms else 16)) & self._wm()
-        n = int(self.rng.integers(6, 20) if not ms else self.rng.integers(5, 14))
-        total = np.zeros(GRID_SHAPE, np.float32)
-        for _ in range(n):
+    # Fazekas-style grades of chronic small vessel disease: periventricular rim thickness (mm) and
+    # deep white-matter foci (count range, radius range mm). 1: pencil-thin lining and punctate
+    # foci; 2: a smooth halo and foci beginning to merge; 3: an irregular band reaching into the deep
+    # white matter and confluent foci.
+    # rim: (thickness mm, (offset, gain, lowest, highest) of the smooth field that makes it patchy)
+    SVD_GRADES = {1: ((2.0, (0.5, 0.8, 0.0, 1.5)), (4, 10), (1.5, 3.0)),
+                  2: ((4.0, (0.6, 0.6, 0.2, 1.6)), (8, 16), (2.0, 4.5)),
+                  3: ((5.5, (0.8, 0.7, 0.4, 1.8)), (12, 24), (3.0, 6.5))}
+    SVD_DEGREE = {1: "mild", 2: "moderate", 3: "extensive"}
+
+    def _svd_grade(self) -> int:
+        """Grade rises with age: most 50-year-olds with the finding are grade 1, most 85-year-olds 2-3."""
+        p3 = float(np.clip((self.s.age - 50) / 90, 0.05, 0.4))
+        p2 = 0.35
+        return int(self.rng.choice(3, p=[1 - p2 - p3, p2, p3])) + 1
+
+    def _smooth_field(self, sigma_mm: float) -> np.ndarray:
+        """Smooth random field in [-1, 1] on the template grid (drawn coarse, then upsampled)."""
+        step = 4
+        coarse = ndimage.gaussian_filter(self.rng.normal(0, 1, tuple(-(-n // step) for n in GRID_SHAPE)),
+                                         sigma_mm / step)
+        coarse /= max(float(np.abs(coarse).max()), 1e-6)
+        up = ndimage.zoom(coarse.astype(np.float32), step, order=1)
+        return up[tuple(slice(0, n) for n in GRID_SHAPE)]
+
+    def small_vessel(self, ms: bool = False, grade: int | None = None):
+        if ms:
+            return self._demyelination()
+        grade = grade or self._svd_grade()
+        if grade not in self.SVD_GRADES:
+            raise ValueError(f"small vessel disease grade must be one of {sorted(self.SVD_GRADES)}, not {grade}")
+        (rim_mm, (off, gain, lo, hi)), (n_lo, n_hi), (r_lo, r_hi) = self.SVD_GRADES[grade]
+        vd = self.s.template.vent_dist - self.s.ventricle_mm  # mm from the (possibly enlarged) ventricle wall
+        wm = self.s.tissues["wm"]
+        # periventricular: caps and rim, irregular in thickness along the ventricle
+        thick = rim_mm * np.clip(off + gain * self._smooth_field(8.0), lo, hi)
+        rim = 1.0 / (1.0 + np.exp(-np.clip((thick - vd) / 0.8, -40, 40)))
+        rim = (rim * (vd > 0.5) * np.clip((wm - 0.3) / 0.4, 0, 1)).astype(np.float32)
+        # deep white-matter foci, larger and more numerous with grade
+        zone = (vd > 3) & (vd < 25) & self._wm()
+        total = rim
+        for _ in range(int(self.rng.integers(n_lo, n_hi + 1))):
             c = _random_point(zone, self.rng)
             if c is None:
                 break
-            if ms:  # ovoid, perpendicular to the ventricles
-                radii = np.array([2.0, 2.0, 5.0]) * self.rng.uniform(0.7, 1.6)
-            else:
-                radii = np.array([1.0, 1.0, 1.0]) * self.rng.uniform(1.5, 5.0)
+            radii = np.array([1.0, 1.0, 1.0]) * self.rng.uniform(r_lo, r_hi) * self.rng.uniform(0.8, 1.25, 3)
+            sl, part = _blob(c, radii, self.rng, 0.3)
+            total[sl] = np.maximum(total[sl], part)
+        if total.sum() < 50:
+            return
+        add_tissue(self.s.tissues, "wm_lesion", total * 0.9, from_=("wm", "gm"))
+        les = self._new("svd", ["small_vessel_ischemic_disease"], ["small_vessel_ischemic_disease"], "bilateral",
+                        2 * max(rim_mm, r_hi), None, {"degree": self.SVD_DEGREE[grade], "fazekas": grade})
+        les.location = "periventricular and deep white matter"
+        _mark(self.s, total, les.index)
+
+    def _demyelination(self):
+        """Ovoid lesions perpendicular to the ventricles (Dawson's fingers), periventricular."""
+        vd = self.s.template.vent_dist
+        zone = (vd > 1) & (vd < 10) & self._wm()
+        total = np.zeros(GRID_SHAPE, np.float32)
+        for _ in range(int(self.rng.integers(5, 14))):
+            c = _random_point(zone, self.rng)
+            if c is None:
+                break
+            radii = np.array([2.0, 2.0, 5.0]) * self.rng.uniform(0.7, 1.6)
             sl, part = _blob(c, radii, self.rng, 0.3)
             total = np.maximum(total, _full(sl, part))
         if total.sum() < 50:
             return
         add_tissue(self.s.tissues, "wm_lesion", total * 0.9, from_=("wm", "gm"))
-        if ms:
-            les = self._new("ms", [], ["multiple_sclerosis"], "bilateral", 8.0, None)
-            les.location = "periventricular white matter"
-        else:
-            les = self._new("svd", ["small_vessel_ischemic_disease"], ["small_vessel_ischemic_disease"], "bilateral",
-                            6.0, None)
-            les.location = "periventricular and deep white matter"
+        les = self._new("ms", [], ["multiple_sclerosis"], "bilateral", 8.0, None)
+        les.location = "periventricular white matter"
         _mark(self.s, total, les.index)
 
     # -- tumours ----------------------------------------------------------------------------------
