@@ -20,7 +20,7 @@
 Both are evaluated on the test split, CT and MR separately, per headline label and macro.
 Also reports the per-lesion contrast-to-noise distribution from the archive's masks.
 
-    python bench/synth/difficulty.py ARCHIVE CACHE [--epochs 40] [--inputs FILE.npz] [--aux-weight 1] [--only-cnn]
+    python bench/synth/difficulty.py ARCHIVE CACHE [--epochs 100] [--inputs FILE.npz] [--aux-weight 1] [--only-cnn]
         [--out bench/results/synth_difficulty.json]
 
 CACHE must be `neurovfm ingest ARCHIVE/dicom CACHE` with the same site secret as this run.
@@ -290,7 +290,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("archive")
     ap.add_argument("cache")
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--out", default="bench/results/synth_difficulty.json")
     ap.add_argument("--skip-cnn", action="store_true")
     ap.add_argument("--inputs", help="npz file caching the CNN's resampled study volumes (made if missing)")
