@@ -1,0 +1,59 @@
+"""Why is CT small vessel disease invisible to the CNN? Density of the periventricular band on the
+CNN's own inputs (3 x 3 x 4 mm, brain window), inside vs outside the lesion masks and across heads.
+
+    python bench/synth/periventricular.py ARCHIVE INPUTS.npz   (NEUROVFM_SITE_SECRET as for the cache)
+
+INPUTS.npz is difficulty.py's ``--inputs`` file. Prints (1) within positive heads, lesion voxels minus
+the rest of the band (0-12 mm from CSF), in HU; (2) across heads, the AUROC of the band's mean density
+(0-6 mm) minus deeper white matter (9-20 mm) for the label.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+import numpy as np
+from scipy import ndimage
+
+from neurovfm.eval.metrics import auroc
+from neurovfm.privacy.keys import Keyer
+from neurovfm.probe.cnn3d import GRID_MM
+
+LABEL, BIT = "small_vessel_ischemic_disease", 3  # difficulty.AUX index of the label
+WINDOW_HU = 80.0  # brain window width: 1.0 on the input = 80 HU
+CSF_LEVEL = 0.16  # below this (about 13 HU) after light smoothing: CSF
+
+
+def main() -> int:
+    archive, inputs = sys.argv[1], sys.argv[2]
+    keyer = Keyer.from_site()
+    with open(os.path.join(archive, "labels.csv"), newline="") as fh:
+        pos = {keyer.study(r["study_uid"]): r.get(LABEL) == "1" for r in csv.DictReader(fh)}
+    z = np.load(inputs, allow_pickle=False)
+    inside, y, shift = [], [], []
+    for i, (key, mod) in enumerate(zip(z["keys"], z["mods"])):
+        if mod != "CT" or str(key) not in pos:
+            continue
+        v = z[f"v{i}"][0].astype(np.float32)
+        inner = ndimage.binary_erosion(v > 0, iterations=4)
+        csf = ndimage.gaussian_filter(v, 0.7) < CSF_LEVEL
+        d = ndimage.distance_transform_edt(~csf, sampling=GRID_MM)
+        soft = inner & (v < 0.8)
+        y.append(pos[str(key)])
+        shift.append(v[soft & (d > 0) & (d <= 6)].mean() - v[soft & (d > 9) & (d <= 20)].mean())
+        if pos[str(key)]:
+            m = ((z[f"m{i}"] >> BIT) & 1).astype(bool)
+            band = soft & (d > 0) & (d <= 12)
+            a, b = v[m & band], v[band & ~ndimage.binary_dilation(m)]
+            if a.size > 10 and b.size > 10:
+                inside.append((a.mean() - b.mean()) * WINDOW_HU)
+    print(f"CT heads: {len(y)} ({int(np.sum(y))} with {LABEL})")
+    print(f"lesion voxels minus the rest of the band, median over positive heads: {np.median(inside):+.1f} HU")
+    print(f"band density minus deeper white matter as a study score: AUROC {auroc(np.array(y, float), -np.array(shift)):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
