@@ -70,6 +70,7 @@ def test_ground_truth_files(archive):
     with open(os.path.join(out, "labels.csv"), newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == N_STUDIES
+    n_svd = 0
     for r, rec in zip(rows, recs):
         own = set(label_names(rec["modality"]))
         for lab in rec["labels"]:
@@ -77,8 +78,14 @@ def test_ground_truth_files(archive):
         assert rec["indication"] and rec["report"]["findings"] and rec["triage"] in ("Urgent", "Routine", "Normal")
         for f in rec["findings"]:
             assert f["side"] in ("left", "right", "bilateral", "midline")
+            if f["family"] == "svd":  # the drawn grade reaches the ground truth and the report's wording
+                n_svd += 1
+                assert f["degree"] == {1: "mild", 2: "moderate", 3: "extensive"}[f["fazekas"]]
+                report = " ".join(rec["report"].values()).lower()
+                assert f["degree"] in report
         for s in rec["series"]:
             assert os.path.exists(os.path.join(out, s["mask"]))
+    assert n_svd > 0  # the seed plans small vessel disease in 4 of the 8 studies
     mods = {rec["modality"] for rec in recs}
     assert mods == {"CT", "MR"}
     for f in ("label_acuity.csv", "ct_mri_labels.csv", "headline_labels.txt"):

@@ -176,5 +176,6 @@ def test_small_vessel_disease_visible_on_ct_and_flair(svd_by_grade):
 def test_small_vessel_grade_is_checked(template):
     rng = np.random.default_rng(0)
     p = Painter(make_subject(template, rng, age=70), rng)
-    with pytest.raises(ValueError, match="grade"):
-        p.small_vessel(grade=4)
+    for bad in (0, 4):  # 0 is not "no grade given"
+        with pytest.raises(ValueError, match="grade"):
+            p.small_vessel(grade=bad)

@@ -10,6 +10,7 @@ the rest of the band (0-12 mm from CSF), in HU; (2) across heads, the AUROC of t
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import sys
@@ -17,17 +18,28 @@ import sys
 import numpy as np
 from scipy import ndimage
 
-from neurovfm.eval.metrics import auroc
-from neurovfm.privacy.keys import Keyer
-from neurovfm.probe.cnn3d import GRID_MM
+from difficulty import AUX  # the voxel-target bits of the inputs file (this folder)
 
-LABEL, BIT = "small_vessel_ischemic_disease", 3  # difficulty.AUX index of the label
-WINDOW_HU = 80.0  # brain window width: 1.0 on the input = 80 HU
-CSF_LEVEL = 0.16  # below this (about 13 HU) after light smoothing: CSF
+from neurovfm.eval.metrics import auroc
+from neurovfm.ingest.policy import PreprocessPolicy
+from neurovfm.privacy.keys import Keyer
+from neurovfm.probe.cnn3d import CT_CHANNELS, GRID_MM
+
+LABEL = "small_vessel_ischemic_disease"
+BIT = AUX.index(LABEL)
+WINDOW_HU = {w.name: w.width for w in PreprocessPolicy().ct_windows}[CT_CHANNELS[0]]  # input 1.0 = this many HU
+CSF_LEVEL = 0.16  # below this (about 13 HU in the brain window) after light smoothing: CSF
 
 
 def main() -> int:
-    archive, inputs = sys.argv[1], sys.argv[2]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("archive", help="the `neurovfm synth` archive (labels.csv)")
+    ap.add_argument("inputs", help="difficulty.py's --inputs file (npz) made from that archive's cache")
+    a = ap.parse_args()
+    for path in (os.path.join(a.archive, "labels.csv"), a.inputs):
+        if not os.path.isfile(path):
+            ap.error(f"{path}: not found")
+    archive, inputs = a.archive, a.inputs
     keyer = Keyer.from_site()
     with open(os.path.join(archive, "labels.csv"), newline="") as fh:
         pos = {keyer.study(r["study_uid"]): r.get(LABEL) == "1" for r in csv.DictReader(fh)}
@@ -49,6 +61,10 @@ def main() -> int:
             a, b = v[m & band], v[band & ~ndimage.binary_dilation(m)]
             if a.size > 10 and b.size > 10:
                 inside.append((a.mean() - b.mean()) * WINDOW_HU)
+    if not y or not inside:
+        print(f"{inputs}: no CT head of {archive} under this NEUROVFM_SITE_SECRET (or none with {LABEL})",
+              file=sys.stderr)
+        return 2
     print(f"CT heads: {len(y)} ({int(np.sum(y))} with {LABEL})")
     print(f"lesion voxels minus the rest of the band, median over positive heads: {np.median(inside):+.1f} HU")
     print(f"band density minus deeper white matter as a study score: AUROC {auroc(np.array(y, float), -np.array(shift)):.3f}")

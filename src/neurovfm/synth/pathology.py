@@ -371,10 +371,8 @@ class Painter:
         up = ndimage.zoom(coarse.astype(np.float32), step, order=1)
         return up[tuple(slice(0, n) for n in GRID_SHAPE)]
 
-    def small_vessel(self, ms: bool = False, grade: int | None = None):
-        if ms:
-            return self._demyelination()
-        grade = grade or self._svd_grade()
+    def small_vessel(self, grade: int | None = None):
+        grade = self._svd_grade() if grade is None else grade
         if grade not in self.SVD_GRADES:
             raise ValueError(f"small vessel disease grade must be one of {sorted(self.SVD_GRADES)}, not {grade}")
         (rim_mm, (off, gain, lo, hi)), (n_lo, n_hi), (r_lo, r_hi) = self.SVD_GRADES[grade]
@@ -402,7 +400,7 @@ class Painter:
         les.location = "periventricular and deep white matter"
         _mark(self.s, total, les.index)
 
-    def _demyelination(self):
+    def demyelination(self):
         """Ovoid lesions perpendicular to the ventricles (Dawson's fingers), periventricular."""
         vd = self.s.template.vent_dist
         zone = (vd > 1) & (vd < 10) & self._wm()
@@ -744,8 +742,8 @@ FAMILIES: dict[str, Callable[[Painter], None]] = {
     "infarct_acute": lambda p: p.infarct(False),
     "infarct_chronic": lambda p: p.infarct(True),
     "lacune": Painter.lacune,
-    "svd": lambda p: p.small_vessel(False),
-    "ms": lambda p: p.small_vessel(True),
+    "svd": lambda p: p.small_vessel(),
+    "ms": lambda p: p.demyelination(),
     "glioma": Painter.glioma,
     "metastases": Painter.metastases,
     "meningioma": Painter.meningioma,
