@@ -21,7 +21,7 @@ from neurovfm.synth.anatomy import Subject, upsample_linear
 CT_HU = {
     "gm": 38.0, "wm": 27.0, "csf": 7.0, "bone": 1450.0, "soft": 32.0, "air": -1000.0,
     "blood_acute": 68.0, "blood_chronic": 20.0, "edema": 18.0, "infarct_acute": 21.0, "infarct_chronic": 9.0,
-    "gliosis": 17.0, "tumour": 41.0, "necrosis": 14.0, "enhancing": 46.0, "wm_lesion": 20.0,
+    "gliosis": 17.0, "tumour": 41.0, "necrosis": 14.0, "enhancing": 46.0, "wm_lesion": 16.0,
     "calcification": 380.0, "meningioma": 55.0, "gas": -1000.0, "fat": -90.0, "iron": 41.0,
 }
 CT_CONTRAST_HU = {"enhancing": 95.0, "meningioma": 110.0, "tumour": 55.0}
