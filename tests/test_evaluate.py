@@ -342,3 +342,12 @@ def test_cnn_baseline_through_evaluate(world, tmp_path):
     np.testing.assert_array_equal(r1.thresholds, r2.thresholds)
     with pytest.raises(EvaluationError, match="--cache"):
         evaluate({"a": f["a"]}, world["labels"], str(tmp_path / "x"), cfg)
+
+
+def test_cli_cnn_epochs_default_is_the_configs():
+    """The CLI cannot import torch to read the default, so it repeats it: keep the two equal."""
+    from neurovfm.cli import build_parser
+    from neurovfm.probe.cnn3d import CNNConfig
+
+    a = build_parser().parse_args(["evaluate", "--features", "x=y", "--labels", "l.csv", "--out", "o"])
+    assert a.cnn_epochs == CNNConfig().epochs == 100

@@ -411,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-model", help="model folder to save the first model's heads, calibration and thresholds into")
     s.add_argument("--cnn-baseline", action="store_true",
                    help="also train the end-to-end 3-D CNN baseline on the scans (needs --cache), reported as cnn3d")
-    s.add_argument("--cnn-epochs", type=int, default=30)
+    s.add_argument("--cnn-epochs", type=int, default=100,  # = probe.cnn3d.CNNConfig.epochs (no torch import here)
+                   help="CNN training epochs (the epoch with the best validation macro AUROC is kept); "
+                        "30 was too few on the 500-study archive")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_evaluate)

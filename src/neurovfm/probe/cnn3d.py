@@ -42,7 +42,7 @@ MR_REFERENCE_ORDER = ("T2", "FLAIR", "T1", "PD", "DWI", "T1C", "ADC", "SWI")  # 
 
 @dataclass
 class CNNConfig:
-    epochs: int = 30
+    epochs: int = 100  # validation picks the epoch; 30 under-trained the 500-study archive's CNN
     batch: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.02
