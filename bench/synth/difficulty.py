@@ -21,7 +21,10 @@ Both are evaluated on the test split, CT and MR separately, per headline label a
 Also reports the per-lesion contrast-to-noise distribution from the archive's masks.
 
     python bench/synth/difficulty.py ARCHIVE CACHE [--epochs 100] [--inputs FILE.npz] [--aux-weight 1] [--only-cnn]
-        [--out bench/results/synth_difficulty.json]
+        [--train-fraction 1] [--out bench/results/synth_difficulty.json]
+
+A learning curve (is the labels-only CNN still data-limited at this archive size?): rerun with
+``--only-cnn --aux-weight 0 --train-fraction 0.5`` (and 0.25) on the same ``--inputs``.
 
 CACHE must be `neurovfm ingest ARCHIVE/dicom CACHE` with the same site secret as this run.
 """
@@ -52,7 +55,7 @@ def load_labels(archive: str, keyer: Keyer) -> dict[str, dict]:
     with open(os.path.join(archive, "labels.csv"), newline="") as fh:
         for r in csv.DictReader(fh):
             out[keyer.study(r["study_uid"])] = {
-                "split": r["split"], "modality": r["modality"],
+                "split": r["split"], "modality": r["modality"], "patient": keyer.patient(r["patient_id"]),
                 "y": np.array([1.0 if r.get(h) == "1" else 0.0 for h in HEADLINE], np.float32),
             }
     return out
@@ -201,20 +204,39 @@ def build_cnn_data(cache, studies, cache_file: str | None = None, archive: str |
     return data
 
 
+def train_subset(labels: dict, keys: list[str], fraction: float, seed: int = 0) -> list[str]:
+    """The train split's studies of ``keys``, or a seeded share of its *patients* (all of a kept
+    patient's studies stay together) for a learning curve."""
+    train = [k for k in keys if labels[k]["split"] == "train"]
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train fraction must be in (0, 1], not {fraction}")
+    if fraction == 1:
+        return train
+    patients = sorted({labels[k]["patient"] for k in train})
+    rng = np.random.default_rng([seed, 7])
+    keep = set(rng.choice(patients, size=max(2, int(round(fraction * len(patients)))), replace=False))
+    return [k for k in train if labels[k]["patient"] in keep]
+
+
 def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, lr: float = 1e-3,
             inputs_file: str | None = None, threads: int | None = None, aux_weight: float = 0.0,
-            archive: str | None = None, records: dict | None = None) -> dict:
+            archive: str | None = None, records: dict | None = None, train_fraction: float = 1.0) -> dict:
     """One small 3-D CNN per modality, trained on the train split's labels only (and, with
     ``aux_weight`` > 0, the train split's lesion masks as a second, voxel-level target); the epoch
-    with the best validation macro AUROC is kept; the test split is scored once, at the end."""
+    with the best validation macro AUROC is kept; the test split is scored once, at the end.
+    ``train_fraction`` < 1 trains on that share of the train split's patients for ``epochs /
+    train_fraction`` epochs, so every point of a learning curve gets the same number of steps."""
     data = build_cnn_data(cache, studies, inputs_file, archive, records)
-    cfg = C.CNNConfig(epochs=epochs, batch=batch, lr=lr, seed=seed, threads=threads, aux_weight=aux_weight)
+    run_epochs = max(1, int(round(epochs / train_fraction))) if 0 < train_fraction <= 1 else epochs
+    cfg = C.CNNConfig(epochs=run_epochs, batch=batch, lr=lr, seed=seed, threads=threads, aux_weight=aux_weight)
     age = {k: float(studies[k][0].age_years or 60) for k in data}
-    scores, seg_scores, history, best = {}, {}, {}, {}
+    scores, seg_scores, history, best, n_train = {}, {}, {}, {}, {}
     for mod in ("CT", "MR"):
         keys = [k for k in data if data[k][0] == mod]
         split = lambda s: [k for k in keys if labels[k]["split"] == s]  # noqa: E731
-        out = C.train_cnn({k: data[k][1] for k in keys}, age, {k: labels[k]["y"] for k in keys}, split("train"),
+        train = train_subset(labels, keys, train_fraction, seed)
+        n_train[mod] = len(train)
+        out = C.train_cnn({k: data[k][1] for k in keys}, age, {k: labels[k]["y"] for k in keys}, train,
                           split("val"), keys, cfg, masks={k: data[k][2] for k in keys}, n_aux=len(AUX),
                           log=lambda m, mod=mod: print(m.replace("cnn", f"cnn {mod}", 1), file=sys.stderr))
         scores.update(out.logits)
@@ -230,7 +252,8 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
     res["val_best"] = best
     res["history"] = history
     res["setup"] = {"grid": C.GRID, "grid_mm": C.GRID_MM, "ct_channels": C.CT_CHANNELS, "mr_channels": C.MR_CHANNELS,
-                    "batch": batch, "lr": lr, "epochs": epochs, "seed": seed, "aux_weight": aux_weight,
+                    "batch": batch, "lr": lr, "epochs": run_epochs, "seed": seed, "aux_weight": aux_weight,
+                    "train_fraction": train_fraction, "n_train_studies": n_train,
                     "aux_labels": AUX if aux_weight > 0 else [],
                     "model": "neurovfm.probe.cnn3d.StudyCNN per modality: conv(C->16, stride 1x2x2) + 3 x [maxpool, "
                              "conv, conv] (32, 64, 128), BatchNorm, max + log-sum-exp + mean pooling, age, linear head; "
@@ -300,7 +323,12 @@ def main() -> int:
                          "(reported as cnn_mask_aux beside the labels-only cnn); 0 to skip")
     ap.add_argument("--only-cnn", action="store_true", help="skip the histogram baseline and the CNR survey")
     ap.add_argument("--skip-cnr", action="store_true", help="skip the CNR survey (it reads DICOM of 80 studies)")
+    ap.add_argument("--train-fraction", type=float, default=1.0,
+                    help="learning curve: train the CNNs on this share of the train split's patients, for "
+                         "epochs / fraction epochs (same number of steps); validation and test unchanged")
     a = ap.parse_args()
+    if not 0 < a.train_fraction <= 1:
+        ap.error(f"--train-fraction must be in (0, 1], not {a.train_fraction}")
     keyer = Keyer.from_site()
     labels = load_labels(a.archive, keyer)
     with open(os.path.join(a.archive, "findings.jsonl")) as fh:
@@ -330,7 +358,7 @@ def main() -> int:
         for name, w in variants:
             t0 = time.time()
             res[name] = run_cnn(cache, studies, labels, a.epochs, inputs_file=a.inputs, threads=a.threads,
-                                aux_weight=w, archive=a.archive, records=records)
+                                aux_weight=w, archive=a.archive, records=records, train_fraction=a.train_fraction)
             res[name]["seconds"] = time.time() - t0
     for name in ("histogram_lr", "histogram_lr_with_age", "cnn", "cnn_mask_aux"):
         if name not in res:
