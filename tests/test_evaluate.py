@@ -350,4 +350,4 @@ def test_cli_cnn_epochs_default_is_the_configs():
     from neurovfm.probe.cnn3d import CNNConfig
 
     a = build_parser().parse_args(["evaluate", "--features", "x=y", "--labels", "l.csv", "--out", "o"])
-    assert a.cnn_epochs == CNNConfig().epochs == 100
+    assert a.cnn_epochs == CNNConfig().epochs

@@ -226,8 +226,10 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
     with the best validation macro AUROC is kept; the test split is scored once, at the end.
     ``train_fraction`` < 1 trains on that share of the train split's patients for ``epochs /
     train_fraction`` epochs, so every point of a learning curve gets the same number of steps."""
+    if not 0 < train_fraction <= 1:
+        raise ValueError(f"train fraction must be in (0, 1], not {train_fraction}")
+    run_epochs = max(1, int(round(epochs / train_fraction)))
     data = build_cnn_data(cache, studies, inputs_file, archive, records)
-    run_epochs = max(1, int(round(epochs / train_fraction))) if 0 < train_fraction <= 1 else epochs
     cfg = C.CNNConfig(epochs=run_epochs, batch=batch, lr=lr, seed=seed, threads=threads, aux_weight=aux_weight)
     age = {k: float(studies[k][0].age_years or 60) for k in data}
     scores, seg_scores, history, best, n_train = {}, {}, {}, {}, {}

@@ -19,19 +19,32 @@ import sys
 import numpy as np
 
 
+class CurveInputError(ValueError):
+    """A results file that cannot be a point of the curve (named in the message)."""
+
+
 def points(paths: list[str]) -> list[dict]:
+    """One point per difficulty.py JSON file, sorted by train fraction."""
     out = []
     for path in paths:
-        with open(path) as fh:
-            res = json.load(fh)
-        if "cnn" not in res:
-            raise SystemExit(f"{path}: no labels-only 'cnn' result (run difficulty.py with --aux-weight 0 or 1)")
-        r = res["cnn"]
-        setup = r["setup"]
-        out.append({"file": path, "train_fraction": setup.get("train_fraction", 1.0), "epochs": setup["epochs"],
-                    "n_train_studies": setup.get("n_train_studies", {}),
-                    "macro": r["macro"], "CT": r["CT"]["macro"], "MR": r["MR"]["macro"],
-                    "per_label": {m: r[m]["auroc"] for m in ("CT", "MR")}})
+        try:
+            with open(path) as fh:
+                res = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise CurveInputError(f"{path}: cannot read a difficulty.py result ({exc})") from None
+        try:
+            r = res["cnn"]
+            setup = r["setup"]
+            out.append({"file": path, "train_fraction": float(setup["train_fraction"]), "epochs": setup["epochs"],
+                        "n_train_studies": setup["n_train_studies"],
+                        "macro": r["macro"], "CT": r["CT"]["macro"], "MR": r["MR"]["macro"],
+                        "per_label": {m: r[m]["auroc"] for m in ("CT", "MR")}})
+        except (KeyError, TypeError) as exc:
+            raise CurveInputError(f"{path}: no labels-only CNN result with its training-set size (missing {exc}); "
+                                  "make it with difficulty.py without --skip-cnn") from None
+    fractions = [p["train_fraction"] for p in out]
+    if len(set(fractions)) != len(fractions):
+        raise CurveInputError(f"two results share a train fraction: {sorted(fractions)}")
     return sorted(out, key=lambda p: p["train_fraction"])
 
 
@@ -40,11 +53,14 @@ def main() -> int:
     ap.add_argument("results", nargs="+", help="difficulty.py JSON files, one per train fraction")
     ap.add_argument("--out", default="bench/results/synth_learning_curve")
     a = ap.parse_args()
-    pts = points(a.results)
+    try:
+        pts = points(a.results)
+    except CurveInputError as exc:
+        ap.error(str(exc))
     print("fraction  train studies (CT / MR)  epochs  macro   CT     MR")
     for p in pts:
         n = p["n_train_studies"]
-        print(f"{p['train_fraction']:8.2f}  {str(n.get('CT', '?')):>6} / {str(n.get('MR', '?')):<6}          "
+        print(f"{p['train_fraction']:8.2f}  {n.get('CT', '?')!s:>6} / {n.get('MR', '?')!s:<6}          "
               f"{p['epochs']:6d}  {p['macro']:.3f}  {p['CT']:.3f}  {p['MR']:.3f}")
     with open(a.out + ".json", "w") as fh:
         json.dump({"command": " ".join(sys.argv), "points": pts}, fh, indent=2)

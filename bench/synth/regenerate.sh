@@ -17,9 +17,9 @@ time "$py" "$here/bench/synth/difficulty.py" "$out/archive" "$out/cache" --epoch
     --inputs "$out/inputs.npz" --out "$here/bench/results/synth_difficulty.json"
 # The labels-only CNN's learning curve (~35 min more): LEARNING_CURVE=1 bench/synth/regenerate.sh OUT
 if [ "${LEARNING_CURVE:-0}" = 1 ]; then
-    for f in 050 025; do
+    for f in 0.50 0.25; do  # results named by the digits: synth_learning_curve_f050.json, ..._f025.json
         "$py" "$here/bench/synth/difficulty.py" "$out/archive" "$out/cache" --only-cnn --aux-weight 0 --epochs 100 \
-            --train-fraction "0.${f#0}" --inputs "$out/inputs.npz" --out "$here/bench/results/synth_learning_curve_f$f.json"
+            --train-fraction "$f" --inputs "$out/inputs.npz" --out "$here/bench/results/synth_learning_curve_f${f/./}.json"
     done
     "$py" "$here/bench/synth/learning_curve.py" "$here/bench/results/synth_difficulty.json" \
         "$here/bench/results/synth_learning_curve_f050.json" "$here/bench/results/synth_learning_curve_f025.json" \

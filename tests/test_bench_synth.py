@@ -1,0 +1,90 @@
+"""The archive-difficulty bench's learning curve: the training subsets it draws and the results it
+accepts (bench/synth/difficulty.py, bench/synth/learning_curve.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "synth")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_synth_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def difficulty():
+    return _load("difficulty")
+
+
+def _labels():
+    # 30 train patients with 1-3 studies each, plus validation and test studies
+    labels, k = {}, 0
+    for p in range(30):
+        for _ in range(1 + p % 3):
+            labels[f"s{k}"] = {"split": "train", "patient": f"p{p}"}
+            k += 1
+    for i in range(10):
+        labels[f"v{i}"] = {"split": "val", "patient": f"q{i}"}
+        labels[f"t{i}"] = {"split": "test", "patient": f"r{i}"}
+    return labels
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_train_subset_keeps_whole_patients_and_only_train(difficulty, fraction):
+    labels = _labels()
+    keys = list(labels)
+    sub = difficulty.train_subset(labels, keys, fraction, seed=0)
+    kept = {labels[k]["patient"] for k in sub}
+    assert len(kept) == round(fraction * 30)
+    assert all(labels[k]["split"] == "train" for k in sub)
+    # every study of a kept patient is in, none of the others
+    assert set(sub) == {k for k in keys if labels[k]["split"] == "train" and labels[k]["patient"] in kept}
+    assert difficulty.train_subset(labels, keys, fraction, seed=0) == sub  # seeded
+    assert difficulty.train_subset(labels, keys, fraction, seed=1) != sub
+
+
+def test_train_subset_whole_split_and_bad_fraction(difficulty):
+    labels = _labels()
+    train = [k for k in labels if labels[k]["split"] == "train"]
+    assert difficulty.train_subset(labels, list(labels), 1.0) == train
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="train fraction"):
+            difficulty.train_subset(labels, list(labels), bad)
+
+
+def _result(fraction: float, macro: float) -> dict:
+    per = {"CT": {"macro": macro, "auroc": {"a": macro}}, "MR": {"macro": macro, "auroc": {"a": macro}}}
+    return {"cnn": {"macro": macro, **per, "setup": {"train_fraction": fraction, "epochs": int(100 / fraction),
+                                                     "n_train_studies": {"CT": int(150 * fraction), "MR": 20}}}}
+
+
+def test_learning_curve_points_sorted_and_bad_files_named(tmp_path):
+    lc = _load("learning_curve")
+    paths = []
+    for f, m in ((1.0, 0.7), (0.25, 0.6), (0.5, 0.65)):
+        paths.append(str(tmp_path / f"r{f}.json"))
+        with open(paths[-1], "w") as fh:
+            json.dump(_result(f, m), fh)
+    pts = lc.points(paths)
+    assert [p["train_fraction"] for p in pts] == [0.25, 0.5, 1.0]
+    assert [p["n_train_studies"]["CT"] for p in pts] == [37, 75, 150] and pts[0]["macro"] == 0.6
+    with pytest.raises(lc.CurveInputError, match="share a train fraction"):
+        lc.points(paths + paths[:1])
+    no_cnn = tmp_path / "no_cnn.json"
+    no_cnn.write_text(json.dumps({"histogram_lr": {}}))
+    with pytest.raises(lc.CurveInputError, match="no_cnn.json"):
+        lc.points([str(no_cnn)])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(lc.CurveInputError, match="broken.json"):
+        lc.points([str(broken)])
+    with pytest.raises(lc.CurveInputError, match="missing.json"):
+        lc.points([str(tmp_path / "missing.json")])
