@@ -6,8 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+
+from neurovfm.probe import cnn3d as C
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "synth")
 
@@ -88,3 +92,58 @@ def test_learning_curve_points_sorted_and_bad_files_named(tmp_path):
         lc.points([str(broken)])
     with pytest.raises(lc.CurveInputError, match="missing.json"):
         lc.points([str(tmp_path / "missing.json")])
+
+
+def test_training_columns_headline_first_then_counted_on_train_only(difficulty):
+    """Multi-task columns: headline labels lead (their logits are the ones scored); another
+    column joins only with enough positive *training* studies of this modality (validation and
+    test positives and blank cells of the other modality's labels do not count)."""
+    nan = float("nan")
+    head = {h: 0.0 for h in difficulty.HEADLINE}
+    labels = {
+        "a": {"split": "train", "all": {**head, "sdh": 1.0, "cyst": 1.0, "mr_only": nan}},
+        "b": {"split": "train", "all": {**head, "sdh": 1.0, "cyst": 0.0, "mr_only": nan}},
+        "c": {"split": "train", "all": {**head, "sdh": 0.0, "cyst": 0.0, "mr_only": nan}},
+        "v": {"split": "val", "all": {**head, "sdh": 0.0, "cyst": 1.0, "mr_only": 1.0}},
+    }
+    train = ["a", "b", "c"]
+    assert difficulty.training_columns(labels, train, 2) == list(difficulty.HEADLINE) + ["sdh"]
+    assert difficulty.training_columns(labels, train, 1) == list(difficulty.HEADLINE) + ["cyst", "sdh"]
+    assert difficulty.training_columns(labels, train, 3) == list(difficulty.HEADLINE)
+
+
+def _cnn_world(tmp_path, difficulty):
+    """12 CT + 12 MR studies (train/val/test by patient) with random volumes in the bench's
+    inputs-file format, so run_cnn trains without a cache."""
+    rng = np.random.default_rng(0)
+    labels, studies, vols, mods = {}, {}, [], []
+    for i in range(24):
+        mod = "CT" if i < 12 else "MR"
+        k = f"s{i}"
+        split = ("train",) * 6 + ("val",) * 3 + ("test",) * 3
+        y = rng.integers(0, 2, len(difficulty.HEADLINE)).astype(np.float32)
+        labels[k] = {"split": split[i % 12], "modality": mod, "patient": f"p{i}", "y": y,
+                     "all": {**dict(zip(difficulty.HEADLINE, map(float, y))), "extra": float(i % 2)}}
+        studies[k] = [SimpleNamespace(age_years=50 + i)]
+        ch = len(C.CT_CHANNELS) if mod == "CT" else len(C.MR_CHANNELS)
+        vols.append(rng.random((ch,) + C.GRID).astype(np.float16))
+        mods.append(mod)
+    path = str(tmp_path / "inputs.npz")
+    np.savez(path, keys=np.array(list(labels)), mods=np.array(mods), **{f"v{i}": v for i, v in enumerate(vols)})
+    return labels, studies, path
+
+
+def test_seed_ensemble_reports_members_and_reproduces_a_single_run(difficulty, tmp_path):
+    """``seeds`` > 1: one network per seed on the same data; member seed 0 is exactly the
+    single-seed run (deterministic training), and the multi-task columns lead with the headline."""
+    labels, studies, path = _cnn_world(tmp_path, difficulty)
+    kw = dict(epochs=1, batch=3, inputs_file=path, threads=1)
+    one = difficulty.run_cnn(None, studies, labels, **kw)
+    ens = difficulty.run_cnn(None, studies, labels, seeds=2, **kw)
+    assert [m["seed"] for m in ens["members"]] == [0, 1]
+    assert ens["members"][0]["macro"] == pytest.approx(one["macro"])
+    assert ens["setup"]["seeds"] == 2 and "members" not in one
+    mt = difficulty.run_cnn(None, studies, labels, min_positives=1, **kw)
+    assert mt["setup"]["training_labels"]["CT"] == list(difficulty.HEADLINE) + ["extra"]
+    with pytest.raises(ValueError, match="seeds"):
+        difficulty.run_cnn(None, studies, labels, seeds=0, **kw)

@@ -50,15 +50,30 @@ from neurovfm.tokens.cache import TokenCache
 KINDS = ("CT:soft", "CT:bone", "MR:T1", "MR:T1C", "MR:T2", "MR:FLAIR", "MR:DWI", "MR:ADC", "MR:SWI", "MR:PD", "MR:other")
 
 
+NOT_LABELS = ("study_uid", "patient_id", "split", "site", "modality", "age", "sex", "triage")
+
+
 def load_labels(archive: str, keyer: Keyer) -> dict[str, dict]:
+    """study key -> split, modality, keyed patient, headline labels ``y`` and every label column
+    ``all`` (name -> 1.0 / 0.0, NaN where the column is blank: another modality's label)."""
     out = {}
     with open(os.path.join(archive, "labels.csv"), newline="") as fh:
         for r in csv.DictReader(fh):
             out[keyer.study(r["study_uid"])] = {
                 "split": r["split"], "modality": r["modality"], "patient": keyer.patient(r["patient_id"]),
                 "y": np.array([1.0 if r.get(h) == "1" else 0.0 for h in HEADLINE], np.float32),
+                "all": {c: (float(v) if v in ("0", "1") else np.nan) for c, v in r.items() if c not in NOT_LABELS},
             }
     return out
+
+
+def training_columns(labels: dict, train: list[str], min_positives: int) -> list[str]:
+    """The label columns a CNN learns from: the headline labels first (so their logits are the
+    first ones), then every other column of this modality with at least ``min_positives``
+    positive studies among ``train``."""
+    extra = sorted({c for k in train for c in labels[k]["all"]} - set(HEADLINE))
+    counts = {c: sum(labels[k]["all"].get(c) == 1.0 for k in train) for c in extra}
+    return list(HEADLINE) + [c for c in extra if counts[c] >= min_positives]
 
 
 def kind_of(e) -> str:
@@ -220,42 +235,70 @@ def train_subset(labels: dict, keys: list[str], fraction: float, seed: int = 0) 
 
 def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, lr: float = 1e-3,
             inputs_file: str | None = None, threads: int | None = None, aux_weight: float = 0.0,
-            archive: str | None = None, records: dict | None = None, train_fraction: float = 1.0) -> dict:
+            archive: str | None = None, records: dict | None = None, train_fraction: float = 1.0,
+            min_positives: int = 0, seeds: int = 1, rotate_deg: float = 0.0, scale: float = 0.0) -> dict:
     """One small 3-D CNN per modality, trained on the train split's labels only (and, with
     ``aux_weight`` > 0, the train split's lesion masks as a second, voxel-level target); the epoch
     with the best validation macro AUROC is kept; the test split is scored once, at the end.
     ``train_fraction`` < 1 trains on that share of the train split's patients for ``epochs /
-    train_fraction`` epochs, so every point of a learning curve gets the same number of steps."""
+    train_fraction`` epochs, so every point of a learning curve gets the same number of steps.
+    ``min_positives`` > 0 also trains on every other label of the modality with at least that
+    many positive training studies (multi-task); the epoch is still chosen on the headline labels.
+    ``seeds`` > 1 trains that many networks (seeds ``seed``, ``seed`` + 1, ...) on the same data
+    and scores their mean logit (each member's test macro AUROC is reported too)."""
     if not 0 < train_fraction <= 1:
         raise ValueError(f"train fraction must be in (0, 1], not {train_fraction}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, not {seeds}")
     run_epochs = max(1, int(round(epochs / train_fraction)))
     data = build_cnn_data(cache, studies, inputs_file, archive, records)
-    cfg = C.CNNConfig(epochs=run_epochs, batch=batch, lr=lr, seed=seed, threads=threads, aux_weight=aux_weight)
+    cfgs = [C.CNNConfig(epochs=run_epochs, batch=batch, lr=lr, seed=seed + i, threads=threads, aux_weight=aux_weight,
+                        rotate_deg=rotate_deg, scale=scale) for i in range(seeds)]
     age = {k: float(studies[k][0].age_years or 60) for k in data}
-    scores, seg_scores, history, best, n_train = {}, {}, {}, {}, {}
+    scores, seg_scores, history, best, n_train, cols = {}, {}, {}, {}, {}, {}
+    member_scores: list[dict] = [{} for _ in cfgs]
     for mod in ("CT", "MR"):
         keys = [k for k in data if data[k][0] == mod]
         split = lambda s: [k for k in keys if labels[k]["split"] == s]  # noqa: E731
         train = train_subset(labels, keys, train_fraction, seed)
         n_train[mod] = len(train)
-        out = C.train_cnn({k: data[k][1] for k in keys}, age, {k: labels[k]["y"] for k in keys}, train,
-                          split("val"), keys, cfg, masks={k: data[k][2] for k in keys}, n_aux=len(AUX),
-                          log=lambda m, mod=mod: print(m.replace("cnn", f"cnn {mod}", 1), file=sys.stderr))
-        scores.update(out.logits)
-        seg_scores.update(out.voxel_max)
-        history[mod] = out.history
-        best[mod] = {"val_macro_auroc": out.val_macro_auroc, "epoch": out.best_epoch}
+        cols[mod] = training_columns(labels, train, min_positives) if min_positives > 0 else list(HEADLINE)
+        y = {k: np.array([labels[k]["all"].get(c, np.nan) for c in cols[mod]], np.float32) for k in keys}
+        outs = []
+        for i, cfg in enumerate(cfgs):
+            tag = f"cnn {mod}" + (f" seed {cfg.seed}" if seeds > 1 else "")
+            outs.append(C.train_cnn({k: data[k][1] for k in keys}, age, y, train,
+                                    split("val"), keys, cfg, masks={k: data[k][2] for k in keys}, n_aux=len(AUX),
+                                    log=lambda m, tag=tag: print(m.replace("cnn", tag, 1), file=sys.stderr),
+                                    select=list(range(len(HEADLINE)))))
+            member_scores[i].update({k: v[:len(HEADLINE)] for k, v in outs[-1].logits.items()})
+        # an ensemble averages the members' logits
+        scores.update({k: np.mean([o.logits[k][:len(HEADLINE)] for o in outs], 0) for k in keys})
+        if aux_weight > 0:
+            seg_scores.update({k: np.mean([o.voxel_max[k] for o in outs], 0) for k in keys})
+        history[mod] = outs[0].history
+        best[mod] = {"val_macro_auroc": outs[0].val_macro_auroc, "epoch": outs[0].best_epoch}
+        if seeds > 1:
+            best[mod]["members"] = [{"seed": c.seed, "val_macro_auroc": o.val_macro_auroc, "epoch": o.best_epoch}
+                                    for c, o in zip(cfgs, outs)]
     res = evaluate(scores, labels)
     if aux_weight > 0:
         # diagnostic: the voxel head's maximum as the study score, for the labels it is trained on
         full = {k: np.array([v[AUX.index(h)] if h in AUX else np.nan for h in HEADLINE]) for k, v in seg_scores.items()}
         seg = evaluate(full, labels)
         res["voxel_head_max"] = {m: {"auroc": {h: seg[m]["auroc"][h] for h in AUX}} for m in ("CT", "MR")}
+    if seeds > 1:
+        res["members"] = []
+        for c, m in zip(cfgs, member_scores):
+            e = evaluate(m, labels)
+            res["members"].append({"seed": c.seed, "macro": e["macro"], "CT": e["CT"]["macro"], "MR": e["MR"]["macro"]})
     res["val_best"] = best
     res["history"] = history
     res["setup"] = {"grid": C.GRID, "grid_mm": C.GRID_MM, "ct_channels": C.CT_CHANNELS, "mr_channels": C.MR_CHANNELS,
-                    "batch": batch, "lr": lr, "epochs": run_epochs, "seed": seed, "aux_weight": aux_weight,
+                    "batch": batch, "lr": lr, "epochs": run_epochs, "seed": seed, "seeds": seeds,
+                    "aux_weight": aux_weight, "rotate_deg": rotate_deg, "scale": scale,
                     "train_fraction": train_fraction, "n_train_studies": n_train,
+                    "training_labels": cols, "min_positives": min_positives,
                     "aux_labels": AUX if aux_weight > 0 else [],
                     "model": "neurovfm.probe.cnn3d.StudyCNN per modality: conv(C->16, stride 1x2x2) + 3 x [maxpool, "
                              "conv, conv] (32, 64, 128), BatchNorm, max + log-sum-exp + mean pooling, age, linear head; "
@@ -328,7 +371,17 @@ def main() -> int:
     ap.add_argument("--train-fraction", type=float, default=1.0,
                     help="learning curve: train the CNNs on this share of the train split's patients, for "
                          "epochs / fraction epochs (same number of steps); validation and test unchanged")
+    ap.add_argument("--min-positives", type=int, default=0,
+                    help="multi-task: the CNNs also learn every other label of their modality with at least this many "
+                         "positive training studies (the epoch is still chosen on the headline labels); 0: headline only")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="an ensemble: train this many CNNs per modality (consecutive seeds) and average their logits")
+    ap.add_argument("--rotate-deg", type=float, default=0.0,
+                    help="augmentation: random rotation up to this many degrees about S-I (half about the other axes)")
+    ap.add_argument("--scale", type=float, default=0.0, help="augmentation: random isotropic zoom in 1 +- this")
     a = ap.parse_args()
+    if a.seeds < 1:
+        ap.error(f"--seeds must be >= 1, not {a.seeds}")
     if not 0 < a.train_fraction <= 1:
         ap.error(f"--train-fraction must be in (0, 1], not {a.train_fraction}")
     keyer = Keyer.from_site()
@@ -360,7 +413,8 @@ def main() -> int:
         for name, w in variants:
             t0 = time.time()
             res[name] = run_cnn(cache, studies, labels, a.epochs, inputs_file=a.inputs, threads=a.threads,
-                                aux_weight=w, archive=a.archive, records=records, train_fraction=a.train_fraction)
+                                aux_weight=w, archive=a.archive, records=records, train_fraction=a.train_fraction,
+                                min_positives=a.min_positives, seeds=a.seeds, rotate_deg=a.rotate_deg, scale=a.scale)
             res[name]["seconds"] = time.time() - t0
     for name in ("histogram_lr", "histogram_lr_with_age", "cnn", "cnn_mask_aux"):
         if name not in res:

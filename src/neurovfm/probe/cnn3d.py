@@ -50,12 +50,18 @@ class CNNConfig:
     seed: int = 0
     threads: int | None = None
     aux_weight: float = 0.0  # > 0: lesion masks supervise a voxel head (needs masks)
+    # random rigid + scale augmentation per training study (0 = off): rotation up to this many
+    # degrees about the S-I axis (half of it about the other two), isotropic scale 1 +- ``scale``
+    rotate_deg: float = 0.0
+    scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch < 2:
             raise ValueError("CNN baseline: epochs must be >= 1 and batch >= 2 (BatchNorm)")
         if self.lr <= 0 or self.aux_weight < 0:
             raise ValueError("CNN baseline: lr must be > 0 and aux_weight >= 0")
+        if not 0 <= self.rotate_deg <= 45 or not 0 <= self.scale < 0.5:
+            raise ValueError("CNN baseline: rotate_deg must be in [0, 45] and scale in [0, 0.5)")
 
 
 # -- study volumes on one grid ------------------------------------------------------------------------
@@ -159,6 +165,37 @@ class StudyCNN(nn.Module):
         return self.head(torch.cat([self.drop(pooled), age[:, None]], 1)), self.seg(mid)
 
 
+def affine_theta(angles_deg: tuple[float, float, float], zoom: float = 1.0) -> torch.Tensor:
+    """The ``F.affine_grid`` matrix [3, 4] of a rotation by ``angles_deg`` about L-R, A-P and S-I
+    (in that order of application) and a zoom (> 1 enlarges the head), built in millimetres and
+    expressed in normalised coordinates: the grid's voxels are not cubes, so a rotation written in
+    normalised units would shear the head."""
+    half = torch.tensor([GRID[2] * GRID_MM[2], GRID[1] * GRID_MM[1], GRID[0] * GRID_MM[0]], dtype=torch.float64) / 2
+    (cx, cy, cz), (sx, sy, sz) = np.cos(np.deg2rad(angles_deg)), np.sin(np.deg2rad(angles_deg))
+    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float64)
+    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float64)
+    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float64)
+    # affine_grid maps output to input coordinates: the inverse of the motion of the head
+    inv = (rz @ ry @ rx).T / zoom
+    out = torch.zeros(3, 4, dtype=torch.float64)
+    out[:, :3] = torch.diag(1 / half) @ inv @ torch.diag(half)
+    return out.float()
+
+
+def random_affine(n: int, rotate_deg: float, scale: float, rng: np.random.Generator) -> torch.Tensor:
+    """``n`` random ``affine_theta`` matrices [n, 3, 4]: up to ``rotate_deg`` about S-I and half of
+    it about the other two axes, zoom in 1 +- ``scale``."""
+    lim = np.array([rotate_deg / 2, rotate_deg / 2, rotate_deg])
+    return torch.stack([affine_theta(tuple(rng.uniform(-1, 1, 3) * lim), float(rng.uniform(1 - scale, 1 + scale)))
+                        for _ in range(n)])
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Resample a batch [N, C, *GRID] through ``theta`` (from ``random_affine``); outside is 0."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
 def mid_shape() -> tuple[int, int, int]:
     """Spatial shape of the mid level (after the stride-2 stem and two 2x pools)."""
     d, h, w = GRID[0], (GRID[1] + 1) // 2, (GRID[2] + 1) // 2
@@ -178,17 +215,24 @@ class CNNResult:
 
 def train_cnn(volumes: dict[str, np.ndarray], age: dict[str, float], y: dict[str, np.ndarray], train: list[str],
               val: list[str], score: list[str], cfg: CNNConfig, masks: dict[str, np.ndarray] | None = None,
-              n_aux: int = 0, log: Callable[[str], None] | None = None) -> CNNResult:
+              n_aux: int = 0, log: Callable[[str], None] | None = None,
+              select: list[int] | None = None) -> CNNResult:
     """Fit on ``train`` (labels [C], NaN = unknown, left out of the loss), keep the epoch with the
-    best macro AUROC on ``val``, and score ``score`` once with it. ``masks``: study key -> uint8
-    bit field [*GRID] (bit i = voxel head i) when ``cfg.aux_weight`` > 0."""
+    best macro AUROC on ``val`` over the label columns ``select`` (default: all of them), and score
+    ``score`` once with it. Training on more labels than are selected on lets rarer findings
+    (subtypes, mimics) shape the features. ``masks``: study key -> uint8 bit field [*GRID]
+    (bit i = voxel head i) when ``cfg.aux_weight`` > 0."""
     if len(train) < 2 or not val:
         raise ValueError("CNN baseline: needs at least 2 train studies and 1 validation study")
+    n_labels = len(next(iter(y.values())))
+    select = list(range(n_labels)) if select is None else list(select)
+    if not select or min(select) < 0 or max(select) >= n_labels:
+        raise ValueError(f"CNN baseline: selection columns {select} are not among the {n_labels} labels")
     with torch_threads(cfg.threads or os.cpu_count() or 1):
-        return _train(volumes, age, y, train, val, score, cfg, masks, n_aux, log)
+        return _train(volumes, age, y, train, val, score, cfg, masks, n_aux, log, select)
 
 
-def _train(volumes, age, y, train, val, score, cfg: CNNConfig, masks, n_aux, log) -> CNNResult:
+def _train(volumes, age, y, train, val, score, cfg: CNNConfig, masks, n_aux, log, select) -> CNNResult:
     torch.manual_seed(cfg.seed)
     rs = np.random.default_rng(cfg.seed)
     use_aux = cfg.aux_weight > 0 and masks is not None and n_aux > 0
@@ -225,6 +269,10 @@ def _train(volumes, age, y, train, val, score, cfg: CNNConfig, masks, n_aux, log
             shifts = (int(sh[0]) // 2, int(sh[1]), int(sh[2]))
             x = torch.roll(x, shifts=shifts, dims=(2, 3, 4))
             m = torch.roll(m, shifts=shifts, dims=(2, 3, 4)) if m is not None else None
+            if cfg.rotate_deg > 0 or cfg.scale > 0:
+                theta = random_affine(len(ks), cfg.rotate_deg, cfg.scale, rs)
+                x = warp(x, theta)
+                m = warp(m, theta, "nearest") if m is not None else None
             x = x * float(rs.uniform(0.92, 1.08)) + float(rs.normal(0, 0.02))
         return x, m
 
@@ -251,7 +299,7 @@ def _train(volumes, age, y, train, val, score, cfg: CNNConfig, masks, n_aux, log
         return out, vox
 
     best, best_state, best_ep, history = -np.inf, None, 0, []
-    yv = np.stack([y[k] for k in val])
+    yv = np.stack([y[k] for k in val])[:, select]
     for ep in range(cfg.epochs):
         net.train()
         t0 = time.time()
@@ -280,7 +328,7 @@ def _train(volumes, age, y, train, val, score, cfg: CNNConfig, masks, n_aux, log
             sched.step()
             losses.append(loss.item())
         vs, _ = predict(val)
-        vauc = val_macro_auroc(yv, np.stack([vs[k] for k in val]))
+        vauc = val_macro_auroc(yv, np.stack([vs[k] for k in val])[:, select])
         history.append({"epoch": ep, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                         "val_macro_auroc": vauc, "seconds": time.time() - t0})
         if log:
