@@ -147,3 +147,13 @@ def test_seed_ensemble_reports_members_and_reproduces_a_single_run(difficulty, t
     assert mt["setup"]["training_labels"]["CT"] == list(difficulty.HEADLINE) + ["extra"]
     with pytest.raises(ValueError, match="seeds"):
         difficulty.run_cnn(None, studies, labels, seeds=0, **kw)
+
+
+@pytest.mark.parametrize("argv", [["--only-cnn", "--skip-cnn"], ["--only-cnn", "--skip-labels-only", "--aux-weight", "0"]])
+def test_bench_refuses_options_that_measure_nothing(difficulty, monkeypatch, tmp_path, capsys, argv):
+    """Such a run used to write a result with no baseline in it over the recorded one."""
+    out = tmp_path / "r.json"
+    monkeypatch.setattr("sys.argv", ["difficulty.py", str(tmp_path), str(tmp_path), "--out", str(out), *argv])
+    with pytest.raises(SystemExit):
+        difficulty.main()
+    assert "nothing left to measure" in capsys.readouterr().err and not out.exists()

@@ -21,7 +21,13 @@ Both are evaluated on the test split, CT and MR separately, per headline label a
 Also reports the per-lesion contrast-to-noise distribution from the archive's masks.
 
     python bench/synth/difficulty.py ARCHIVE CACHE [--epochs 100] [--inputs FILE.npz] [--aux-weight 1] [--only-cnn]
-        [--train-fraction 1] [--out bench/results/synth_difficulty.json]
+        [--train-fraction 1] [--seeds 1] [--min-positives 0] [--rotate-deg 0 --scale 0] [--skip-labels-only]
+        [--out bench/results/synth_difficulty.json]
+
+Is the gap the baseline's? ``--seeds N`` trains N networks per modality and averages their
+logits (members reported); ``--min-positives K`` also trains on every other label of the modality
+with >= K training positives (the epoch is still chosen on the headline labels); ``--rotate-deg``
+/ ``--scale`` add rigid + zoom augmentation.
 
 A learning curve (is the labels-only CNN still data-limited at this archive size?): rerun with
 ``--only-cnn --aux-weight 0 --train-fraction 0.5`` (and 0.25) on the same ``--inputs``.
@@ -379,7 +385,11 @@ def main() -> int:
     ap.add_argument("--rotate-deg", type=float, default=0.0,
                     help="augmentation: random rotation up to this many degrees about S-I (half about the other axes)")
     ap.add_argument("--scale", type=float, default=0.0, help="augmentation: random isotropic zoom in 1 +- this")
+    ap.add_argument("--skip-labels-only", action="store_true",
+                    help="train only the mask-supervised CNN (needs --aux-weight > 0)")
     a = ap.parse_args()
+    if (a.only_cnn and a.skip_cnn) or (a.skip_labels_only and (a.skip_cnn or a.aux_weight <= 0) and a.only_cnn):
+        ap.error("nothing left to measure: these options skip every baseline")
     if a.seeds < 1:
         ap.error(f"--seeds must be >= 1, not {a.seeds}")
     if not 0 < a.train_fraction <= 1:
@@ -409,7 +419,8 @@ def main() -> int:
             res["lesion_cnr"] = lesion_cnr(a.archive)
             print("lesion CNR (all):", json.dumps(res["lesion_cnr"]["_all"]), file=sys.stderr)
     if not a.skip_cnn:
-        variants = [("cnn", 0.0)] + ([("cnn_mask_aux", a.aux_weight)] if a.aux_weight > 0 else [])
+        variants = ([] if a.skip_labels_only else [("cnn", 0.0)]) + (
+            [("cnn_mask_aux", a.aux_weight)] if a.aux_weight > 0 else [])
         for name, w in variants:
             t0 = time.time()
             res[name] = run_cnn(cache, studies, labels, a.epochs, inputs_file=a.inputs, threads=a.threads,
