@@ -149,11 +149,22 @@ def test_seed_ensemble_reports_members_and_reproduces_a_single_run(difficulty, t
         difficulty.run_cnn(None, studies, labels, seeds=0, **kw)
 
 
-@pytest.mark.parametrize("argv", [["--only-cnn", "--skip-cnn"], ["--only-cnn", "--skip-labels-only", "--aux-weight", "0"]])
-def test_bench_refuses_options_that_measure_nothing(difficulty, monkeypatch, tmp_path, capsys, argv):
-    """Such a run used to write a result with no baseline in it over the recorded one."""
+@pytest.mark.parametrize("argv, why", [
+    (["--only-cnn", "--skip-cnn"], "nothing left to measure"),
+    (["--only-cnn", "--skip-labels-only", "--aux-weight", "0"], "needs --aux-weight > 0"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--min-positives", "-1"], "--min-positives must be >= 0"),
+    (["--rotate-deg", "90"], "rotate_deg must be in"),
+    (["--scale", "0.7"], "scale in"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+])
+def test_bench_refuses_bad_options_before_reading_anything(difficulty, monkeypatch, tmp_path, capsys, argv, why):
+    """Refused at once with the reason (ARCHIVE and CACHE do not even exist): an option set that
+    measures nothing used to write an empty result over the recorded one, and a bad augmentation
+    setting failed with a traceback only after minutes of loading."""
     out = tmp_path / "r.json"
-    monkeypatch.setattr("sys.argv", ["difficulty.py", str(tmp_path), str(tmp_path), "--out", str(out), *argv])
+    monkeypatch.setattr("sys.argv", ["difficulty.py", str(tmp_path / "no_archive"), str(tmp_path / "no_cache"),
+                                     "--out", str(out), *argv])
     with pytest.raises(SystemExit):
         difficulty.main()
-    assert "nothing left to measure" in capsys.readouterr().err and not out.exists()
+    assert why in capsys.readouterr().err and not out.exists()

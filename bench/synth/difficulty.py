@@ -388,10 +388,18 @@ def main() -> int:
     ap.add_argument("--skip-labels-only", action="store_true",
                     help="train only the mask-supervised CNN (needs --aux-weight > 0)")
     a = ap.parse_args()
-    if (a.only_cnn and a.skip_cnn) or (a.skip_labels_only and (a.skip_cnn or a.aux_weight <= 0) and a.only_cnn):
-        ap.error("nothing left to measure: these options skip every baseline")
+    if a.only_cnn and a.skip_cnn:
+        ap.error("nothing left to measure: --only-cnn with --skip-cnn skips every baseline")
+    if a.skip_labels_only and a.aux_weight <= 0:
+        ap.error("--skip-labels-only leaves only the mask-supervised CNN: it needs --aux-weight > 0")
     if a.seeds < 1:
         ap.error(f"--seeds must be >= 1, not {a.seeds}")
+    if a.min_positives < 0:
+        ap.error(f"--min-positives must be >= 0, not {a.min_positives}")
+    try:  # the network's own checks, before minutes of loading and the histogram baseline
+        C.CNNConfig(epochs=a.epochs, rotate_deg=a.rotate_deg, scale=a.scale, aux_weight=max(a.aux_weight, 0))
+    except ValueError as e:
+        ap.error(str(e))
     if not 0 < a.train_fraction <= 1:
         ap.error(f"--train-fraction must be in (0, 1], not {a.train_fraction}")
     keyer = Keyer.from_site()
