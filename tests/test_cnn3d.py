@@ -87,3 +87,27 @@ def test_random_affine_is_seeded_and_bounded():
     assert torch.allclose(C.random_affine(2, 0.0, 0.0, np.random.default_rng(1)), torch.stack([C.affine_theta((0, 0, 0))] * 2))
     with pytest.raises(ValueError, match="rotate_deg"):
         C.CNNConfig(rotate_deg=90)
+
+
+def test_seed_ensemble_is_the_mean_logit_of_its_members_and_member_zero_is_the_single_run():
+    """``CNNConfig.ensemble``: member i is exactly the single network of seed ``seed + i`` (the
+    same data order and initialisation), and the study scores are the members' mean logit."""
+    train, val, vols, y, age = _world()
+    single = C.train_cnn(vols, age, y, train, val, val, C.CNNConfig(epochs=1, batch=4, seed=3, threads=1))
+    other = C.train_cnn(vols, age, y, train, val, val, C.CNNConfig(epochs=1, batch=4, seed=4, threads=1))
+    ens = C.train_cnn(vols, age, y, train, val, val, C.CNNConfig(epochs=1, batch=4, seed=3, threads=1, ensemble=2))
+    assert single.members == [] and len(ens.members) == 2
+    for k in val:
+        np.testing.assert_allclose(ens.members[0].logits[k], single.logits[k], rtol=1e-6)
+        np.testing.assert_allclose(ens.members[1].logits[k], other.logits[k], rtol=1e-6)
+        np.testing.assert_allclose(ens.logits[k], (single.logits[k] + other.logits[k]) / 2, rtol=1e-6)
+    assert not np.allclose(single.logits[val[0]], other.logits[val[0]])  # the seeds differ
+    # the ensemble's validation AUROC is its own, over its mean logits
+    yv = np.stack([y[k] for k in val])
+    want = np.nanmean([auroc(yv[:, j], np.stack([ens.logits[k] for k in val])[:, j]) for j in range(3)])
+    assert ens.val_macro_auroc == pytest.approx(want)
+
+
+def test_ensemble_size_is_validated():
+    with pytest.raises(ValueError, match="ensemble"):
+        C.CNNConfig(ensemble=0)

@@ -344,6 +344,21 @@ def test_cnn_baseline_through_evaluate(world, tmp_path):
         evaluate({"a": f["a"]}, world["labels"], str(tmp_path / "x"), cfg)
 
 
+def test_cli_cnn_seed_ensemble(world, tmp_path):
+    """`--cnn-seeds N` trains N networks per modality and names the ensemble in the metrics;
+    without `--cnn-baseline` it is refused with the reason instead of being ignored."""
+    out = str(tmp_path / "eval")
+    f = world["feats"]
+    base = ["evaluate", "--features", f"a={f['a']}", "--labels", world["labels"], "--cache", world["cache"],
+            "--out", out, "--min-test-positives", "1", "--bootstrap", "100", "--epochs", "1", "--quiet"]
+    assert cli_main(base + ["--cnn-baseline", "--cnn-epochs", "1", "--cnn-seeds", "2"]) == 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    for e in m["models"]["cnn3d"].values():
+        assert e["head"] == "3-D CNN, end to end (mean logit of 2 seeds)"
+    assert cli_main(base + ["--cnn-seeds", "2"]) == 2
+    assert cli_main(base + ["--cnn-baseline", "--cnn-seeds", "0"]) == 2
+
+
 def test_cli_cnn_epochs_default_is_the_configs():
     """The CLI cannot import torch to read the default, so it repeats it: keep the two equal."""
     from neurovfm.cli import build_parser

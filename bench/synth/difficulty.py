@@ -258,11 +258,11 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
         raise ValueError(f"seeds must be >= 1, not {seeds}")
     run_epochs = max(1, int(round(epochs / train_fraction)))
     data = build_cnn_data(cache, studies, inputs_file, archive, records)
-    cfgs = [C.CNNConfig(epochs=run_epochs, batch=batch, lr=lr, seed=seed + i, threads=threads, aux_weight=aux_weight,
-                        rotate_deg=rotate_deg, scale=scale) for i in range(seeds)]
+    cfg = C.CNNConfig(epochs=run_epochs, batch=batch, lr=lr, seed=seed, threads=threads, aux_weight=aux_weight,
+                      rotate_deg=rotate_deg, scale=scale, ensemble=seeds)
     age = {k: float(studies[k][0].age_years or 60) for k in data}
     scores, seg_scores, history, best, n_train, cols = {}, {}, {}, {}, {}, {}
-    member_scores: list[dict] = [{} for _ in cfgs]
+    member_scores: list[dict] = [{} for _ in range(seeds)]
     for mod in ("CT", "MR"):
         keys = [k for k in data if data[k][0] == mod]
         split = lambda s: [k for k in keys if labels[k]["split"] == s]  # noqa: E731
@@ -270,23 +270,23 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
         n_train[mod] = len(train)
         cols[mod] = training_columns(labels, train, min_positives) if min_positives > 0 else list(HEADLINE)
         y = {k: np.array([labels[k]["all"].get(c, np.nan) for c in cols[mod]], np.float32) for k in keys}
-        outs = []
-        for i, cfg in enumerate(cfgs):
-            tag = f"cnn {mod}" + (f" seed {cfg.seed}" if seeds > 1 else "")
-            outs.append(C.train_cnn({k: data[k][1] for k in keys}, age, y, train,
-                                    split("val"), keys, cfg, masks={k: data[k][2] for k in keys}, n_aux=len(AUX),
-                                    log=lambda m, tag=tag: print(m.replace("cnn", tag, 1), file=sys.stderr),
-                                    select=list(range(len(HEADLINE)))))
-            member_scores[i].update({k: v[:len(HEADLINE)] for k, v in outs[-1].logits.items()})
-        # an ensemble averages the members' logits
-        scores.update({k: np.mean([o.logits[k][:len(HEADLINE)] for o in outs], 0) for k in keys})
+        # an ensemble (cnn3d: CNNConfig.ensemble) scores the members' mean logit
+        out = C.train_cnn({k: data[k][1] for k in keys}, age, y, train, split("val"), keys, cfg,
+                          masks={k: data[k][2] for k in keys}, n_aux=len(AUX),
+                          log=lambda m, mod=mod: print(m.replace("cnn", f"cnn {mod}", 1), file=sys.stderr),
+                          select=list(range(len(HEADLINE))))
+        members = out.members or [out]
+        for i, o in enumerate(members):
+            member_scores[i].update({k: v[:len(HEADLINE)] for k, v in o.logits.items()})
+        scores.update({k: out.logits[k][:len(HEADLINE)] for k in keys})
         if aux_weight > 0:
-            seg_scores.update({k: np.mean([o.voxel_max[k] for o in outs], 0) for k in keys})
-        history[mod] = outs[0].history
-        best[mod] = {"val_macro_auroc": outs[0].val_macro_auroc, "epoch": outs[0].best_epoch}
+            seg_scores.update(out.voxel_max)
+        history[mod] = members[0].history
+        best[mod] = {"val_macro_auroc": members[0].val_macro_auroc, "epoch": members[0].best_epoch}
         if seeds > 1:
-            best[mod]["members"] = [{"seed": c.seed, "val_macro_auroc": o.val_macro_auroc, "epoch": o.best_epoch}
-                                    for c, o in zip(cfgs, outs)]
+            best[mod]["members"] = [{"seed": seed + i, "val_macro_auroc": o.val_macro_auroc, "epoch": o.best_epoch}
+                                    for i, o in enumerate(members)]
+            best[mod]["ensemble_val_macro_auroc"] = out.val_macro_auroc
     res = evaluate(scores, labels)
     if aux_weight > 0:
         # diagnostic: the voxel head's maximum as the study score, for the labels it is trained on
@@ -295,9 +295,9 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
         res["voxel_head_max"] = {m: {"auroc": {h: seg[m]["auroc"][h] for h in AUX}} for m in ("CT", "MR")}
     if seeds > 1:
         res["members"] = []
-        for c, m in zip(cfgs, member_scores):
+        for i, m in enumerate(member_scores):
             e = evaluate(m, labels)
-            res["members"].append({"seed": c.seed, "macro": e["macro"], "CT": e["CT"]["macro"], "MR": e["MR"]["macro"]})
+            res["members"].append({"seed": seed + i, "macro": e["macro"], "CT": e["CT"]["macro"], "MR": e["MR"]["macro"]})
     res["val_best"] = best
     res["history"] = history
     res["setup"] = {"grid": C.GRID, "grid_mm": C.GRID_MM, "ct_channels": C.CT_CHANNELS, "mr_channels": C.MR_CHANNELS,

@@ -144,6 +144,11 @@ def _calibrated_run(name: str, table: StudyTable, lv, lt, nonbrain: np.ndarray, 
 CNN_NAME = "cnn3d"
 
 
+def cnn_head_name(cnn) -> str:
+    """How the CNN baseline is named in the metrics: an ensemble says how many networks it averages."""
+    return "3-D CNN, end to end" + (f" (mean logit of {cnn.ensemble} seeds)" if cnn and cnn.ensemble > 1 else "")
+
+
 def fit_cnn_modality(table: StudyTable, cache_dir: str, cfg: EvalConfig, progress: bool = True) -> ModalityRun:
     """The end-to-end 3-D CNN baseline on the same studies, splits and labels as the heads; scored
     through the same calibration and operating points (``neurovfm.probe.cnn3d``)."""
@@ -345,7 +350,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
             lm = label_metrics(run, cfg.seed)
             for r in lm:
                 rows_csv.append({"model": name, "modality": mod, "headline": r["label"] in headline, **r})
-            kind = "3-D CNN, end to end" if name == CNN_NAME else (run.head_cfg.kind if run.head_cfg else cfg.head.kind)
+            kind = cnn_head_name(cfg.cnn) if name == CNN_NAME else (run.head_cfg.kind if run.head_cfg else cfg.head.kind)
             entry = {"labels": lm, "headline_labels": headline, "head": kind,
                      "test_studies": int(len(run.test_idx)), "history": run.history,
                      "attention_on_nonbrain_tokens": _finite(float(np.mean(run.attn_nonbrain))),
