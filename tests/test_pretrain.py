@@ -21,11 +21,11 @@ from neurovfm.cli import main as cli_main
 from neurovfm.errors import SchemaMismatchError
 from neurovfm.models.folder import load_encoder, save_encoder
 from neurovfm.pretrain import monitors
-from neurovfm.pretrain.checkpoint import latest_checkpoint, load_checkpoint, sub_state
+from neurovfm.pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sub_state
 from neurovfm.pretrain.config import ConfigError, config_from_dict, load_config
 from neurovfm.pretrain.data import (BatchLoader, DataConfig, DataConfigError, _augment, plan_epoch, select_studies,
                                     series_rng)
-from neurovfm.pretrain.jepa import JEPA, make_teacher, teacher_targets
+from neurovfm.pretrain.jepa import COVARIANCE_SHARE, JEPA, make_teacher, teacher_targets, variance_covariance
 from neurovfm.pretrain.loop import Pretrainer, lr_at, momentum_at, pretrain
 from neurovfm.pretrain.masks import MaskConfig, make_mask, tube_target
 
@@ -196,11 +196,65 @@ def test_loss_is_mean_smooth_l1_over_targets(small):
     m = JEPA(cfg.model.encoder_config(), cfg.model.predictor_config())
     teacher = make_teacher(m.student)
     target, _ = teacher_targets(teacher, batch)
-    loss_sum, pred = m(batch, target)
+    loss_sum, pred, z = m(batch, target)
+    assert z.shape == (int(batch.ctx_idx.numel()), cfg.model.encoder_config().width)  # context features
     expect = torch.nn.functional.smooth_l1_loss(pred, target, reduction="mean") * target.shape[0]
     assert torch.allclose(loss_sum, expect, rtol=1e-5)
     # targets are layer-normed teacher outputs
     assert torch.allclose(target.mean(-1), torch.zeros(target.shape[0]), atol=1e-4)
+
+
+def test_variance_covariance_term():
+    """Zero for uncorrelated unit-spread features, large for collapsed ones; its gradient spreads
+    a collapsed dimension and decorrelates copies of one direction."""
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn(20000, 16, generator=g) * 1.5
+    assert variance_covariance(white).item() < 0.01
+    assert variance_covariance(torch.zeros(50, 16)).item() == pytest.approx(1 - 1e-2, abs=1e-3)  # all hinges, no covariance
+    one = 2 * torch.randn(500, 1, generator=g).repeat(1, 16)  # rank one: 16 copies of one direction (std > 1)
+    want = COVARIANCE_SHARE * (16 * 15) * one[:, 0].var().item() ** 2 / 16
+    assert variance_covariance(one).item() == pytest.approx(want, rel=1e-3)
+    z = (torch.randn(200, 8, generator=g) * torch.tensor([1.0] * 7 + [0.1])).requires_grad_()
+    variance_covariance(z).backward()
+    zc = (z - z.mean(0)).detach()
+    assert (z.grad[:, 7] * zc[:, 7]).sum() < 0  # descending the gradient widens the narrow dimension
+    assert variance_covariance(torch.randn(1, 8)).item() == 0.0  # one token: no statistics, no term
+
+
+def test_var_cov_weight_changes_training_and_is_logged(small, tmp_path):
+    _, cache, splits = small
+    d = cfg_dict(cache, splits, str(tmp_path / "vc"), epochs=1)
+    d["optim"] = {"var_cov": 1.0}
+    pretrain(config_from_dict(d), progress=False)
+    plain = pretrain(load_config_dict(cache, splits, str(tmp_path / "plain"), epochs=1), progress=False)
+    with open(os.path.join(str(tmp_path / "vc"), "metrics.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == plain["step"] and all(float(r["var_cov"]) > 0 for r in rows)
+    wv, _ = _weights(str(tmp_path / "vc"))
+    wp, _ = _weights(str(tmp_path / "plain"))
+    assert not all(torch.equal(wv[k], wp[k]) for k in wp if k.startswith("student"))
+    with pytest.raises(ConfigError, match="var_cov"):
+        config_from_dict({"optim": {"var_cov": -1}})
+
+
+def test_resume_from_a_checkpoint_older_than_a_new_setting(small, tmp_path):
+    """A checkpoint written before an optimiser setting existed resumes when the run keeps that
+    setting's default, and is refused when the run changes it."""
+    _, cache, splits = small
+    out = str(tmp_path / "old")
+    cfg = load_config_dict(cache, splits, out)
+    pretrain(cfg, max_steps=2, progress=False)
+    state = os.path.join(latest_checkpoint(out), "state.json")
+    meta = json.load(open(state))
+    del meta["config"]["optim"]["var_cov"]  # as written by a version without it
+    json.dump(meta, open(state, "w"))
+    assert pretrain(cfg, resume=True, max_steps=1, progress=False)["step"] == 3
+    d = cfg_dict(cache, splits, out)
+    d["optim"] = {"var_cov": 0.5}
+    meta = json.load(open(os.path.join(latest_checkpoint(out), "state.json")))
+    assert meta["config"]["optim"]["var_cov"] == 0.0
+    with pytest.raises(CheckpointError, match="'optim' changed"):
+        pretrain(config_from_dict(d), resume=True, max_steps=1, progress=False)
 
 
 def load_config_dict(cache, splits, out, **run):

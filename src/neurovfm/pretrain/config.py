@@ -51,6 +51,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 1.0
     ema: tuple[float, float] = (0.994, 1.0)
+    # weight of a variance-covariance term (VICReg's, on the student's context features) added to
+    # the JEPA loss against dimensional collapse; 0 = the reference's loss alone (pretrain/jepa.py)
+    var_cov: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.warmup_frac < 1:
@@ -59,6 +62,8 @@ class OptimConfig:
             raise ValueError(f"ema must satisfy 0 < start <= end <= 1, got {self.ema}")
         if min(self.lr, self.start_lr, self.final_lr) < 0:
             raise ValueError("learning rates must be non-negative")
+        if self.var_cov < 0:
+            raise ValueError(f"var_cov must be >= 0, got {self.var_cov}")
 
 
 @dataclass(frozen=True)

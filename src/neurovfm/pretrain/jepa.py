@@ -6,6 +6,12 @@ optimizer step. The loss is Smooth L1 between the predictions and the teacher's 
 outputs at the target tokens, summed over tokens (mean over channels) and divided by the number
 of target tokens summed over all ranks; multiplied by the world size so that DDP's gradient
 average gives exactly the single-process gradient over the same tokens.
+
+Optionally (``optim.var_cov`` > 0) a variance-covariance term on the student's context features
+is added (``variance_covariance``): small tiny-ViT runs on a few hundred studies lose most of
+their effective rank under the JEPA loss alone, and this term pushes every feature dimension to
+keep a spread and the dimensions to stay uncorrelated. It is computed over each rank's own
+tokens (under DDP the gradient is the mean of the ranks' terms, not one term over all tokens).
 """
 
 from __future__ import annotations
@@ -32,14 +38,34 @@ class JEPA(nn.Module):
         self.student = Encoder(enc_cfg)
         self.predictor = Predictor(enc_cfg, pred_cfg)
 
-    def forward(self, batch: JEPABatch, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum over target tokens of the channel-mean Smooth L1, predictions)."""
+    def forward(self, batch: JEPABatch, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum over target tokens of the channel-mean Smooth L1, predictions, the student's
+        context features)."""
         p = batch.packed
         ctx = Packed(p.tokens[batch.ctx_idx], p.coords[batch.ctx_idx], batch.cu_ctx)
         z = self.student(ctx)
         pred = self.predictor(z, ctx.coords, batch.cu_ctx, p.coords[batch.tgt_idx], batch.cu_tgt)
         per_token = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)
-        return per_token.sum(), pred
+        return per_token.sum(), pred, z
+
+
+# VICReg's ratio of its covariance weight to its variance weight (1 : 25)
+COVARIANCE_SHARE = 0.04
+
+
+def variance_covariance(z: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg's regulariser over tokens ``z`` [N, D]: the mean hinge ``relu(1 - std)`` of each
+    dimension plus ``COVARIANCE_SHARE`` times the sum of squared off-diagonal covariances / D.
+    Zero for uncorrelated dimensions of unit or larger spread; large for collapsed features."""
+    z = z.float()
+    if z.shape[0] < 2:
+        return z.sum() * 0.0
+    zc = z - z.mean(0)
+    std = torch.sqrt(zc.var(0) + eps)
+    var_term = F.relu(1.0 - std).mean()
+    cov = zc.T @ zc / (z.shape[0] - 1)
+    off = cov - torch.diag(torch.diagonal(cov))
+    return var_term + COVARIANCE_SHARE * off.pow(2).sum() / z.shape[1]
 
 
 def make_teacher(student: Encoder) -> Encoder:

@@ -32,12 +32,12 @@ from neurovfm.pretrain.checkpoint import (CheckpointError, is_checkpoint, latest
                                           set_rng_state, sub_state)
 from neurovfm.pretrain.config import PretrainConfig
 from neurovfm.pretrain.data import BatchLoader, epoch_iterator, plan_epoch, select_studies
-from neurovfm.pretrain.jepa import JEPA, ema_update, global_count, make_teacher, teacher_targets
+from neurovfm.pretrain.jepa import JEPA, ema_update, global_count, make_teacher, teacher_targets, variance_covariance
 from neurovfm.tokens.cache import TokenCache, schema_hash
 
 CSV_FIELDS = ["step", "epoch", "batch", "loss", "lr", "momentum", "grad_norm", "tokens", "targets",
               "tokens_per_s", "teacher_std", "erank", "cosine", "ct_mr_probe_acc", "attn_air", "tokens_air",
-              "attn_bone", "tokens_bone"]
+              "attn_bone", "tokens_bone", "var_cov"]
 
 
 class CollapseWarning(UserWarning):
@@ -176,7 +176,9 @@ class Pretrainer:
         saved = meta["config"]
         now = self.cfg.to_dict()
         for sec in ("model", "mask", "optim"):
-            if _norm(saved[sec]) != _norm(now[sec]):
+            # a setting added after the checkpoint was written counts as its default there
+            defaults = dataclasses.asdict(getattr(PretrainConfig(), sec))
+            if _norm({k: v for k, v in defaults.items() if k not in saved[sec]} | saved[sec]) != _norm(now[sec]):
                 raise CheckpointError(f"{path}: config section {sec!r} changed since the checkpoint; "
                                       "resume needs the same model, mask and optimiser settings")
         if saved["run"]["seed"] != now["run"]["seed"] or saved["run"]["epochs"] != now["run"]["epochs"]:
@@ -272,8 +274,11 @@ class Pretrainer:
             target, h = teacher_targets(self.teacher, batch)
         n_global = global_count(int(target.shape[0]), self.device)
         with autocast(cfg, self.device):
-            loss_sum, pred = self.wrapped(batch, target)
+            loss_sum, pred, z = self.wrapped(batch, target)
         loss = loss_sum * (self.world / n_global)
+        reg = variance_covariance(z) if cfg.optim.var_cov > 0 else None
+        if reg is not None:
+            loss = loss + cfg.optim.var_cov * reg
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
@@ -284,6 +289,8 @@ class Pretrainer:
             dist.all_reduce(report)
         out = {"loss": float(report) / n_global, "lr": lr, "momentum": m, "grad_norm": float(gn),
                "tokens": batch.n_tokens, "targets": int(target.shape[0])}
+        if reg is not None:
+            out["var_cov"] = float(reg.detach())
         self._collect_probe(h, batch)
         fsdp = self.world > 1 and cfg.run.distributed == "fsdp"  # teacher forwards are collective there
         if (self.step + 1) % cfg.run.monitor_every == 0 and (self.rank == 0 or fsdp):
