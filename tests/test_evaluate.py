@@ -105,6 +105,22 @@ def test_evaluate_cli_end_to_end(world):
                 assert r["ece_after_floor"] > 0 and 0 < r["ece_after_p"] <= 1
                 checked += 1
     assert checked > 10
+    # bench/eval/paired_from_predictions.py: any pair, after the fact, from the saved predictions; the
+    # pair evaluate reported comes out the same (AUROC from 6-decimal probabilities), the reverse negated
+    import importlib.util
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "eval",
+                          "paired_from_predictions.py")
+    spec = importlib.util.spec_from_file_location("paired", script)
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    pp = paired.read_predictions(os.path.join(out, "predictions.csv"))
+    for mod, d in paired.compare(pp, m, "a", "b", 200, 0).items():
+        ref = m["comparisons"]["a - b"][mod]
+        for k in ("estimate", "low", "high"):
+            assert d[k] == pytest.approx(ref[k], abs=2e-3), (mod, k)
+    back = paired.compare(pp, m, "b", "a", 200, 0)
+    assert back and all(back[mod]["estimate"] == pytest.approx(-m["comparisons"]["a - b"][mod]["estimate"], abs=2e-3)
+                        for mod in back)
     cr = m["models"]["a"]["CT"].get("calibration_resolution") or m["models"]["a"]["MR"]["calibration_resolution"]
     assert cr["pooled_n"] > 0 and cr["ece_floor_mean"] > 0 and cr["test_studies_for_floor_0_05_median"] > 0
     page = open(os.path.join(out, "index.html")).read()
