@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -121,6 +123,13 @@ def test_evaluate_cli_end_to_end(world):
     back = paired.compare(pp, m, "b", "a", 200, 0)
     assert back and all(back[mod]["estimate"] == pytest.approx(-m["comparisons"]["a - b"][mod]["estimate"], abs=2e-3)
                         for mod in back)
+    for argv, why in ((["--pair", "a", "nope"], "two different models among"), (["--pair", "a", "a"], "two different"),
+                      (["--pair", "a", "b"], "not an evaluate run")):
+        files = [os.path.join(out, "predictions.csv"), os.path.join(out, "metrics.json")]
+        if why == "not an evaluate run":
+            files = [files[0], os.path.join(out, "predictions.csv")]  # a CSV where the JSON belongs
+        r = subprocess.run([sys.executable, script, *files, *argv], capture_output=True, text=True)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
     cr = m["models"]["a"]["CT"].get("calibration_resolution") or m["models"]["a"]["MR"]["calibration_resolution"]
     assert cr["pooled_n"] > 0 and cr["ece_floor_mean"] > 0 and cr["test_studies_for_floor_0_05_median"] > 0
     page = open(os.path.join(out, "index.html")).read()

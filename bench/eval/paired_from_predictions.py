@@ -6,7 +6,7 @@ metrics.json, the run's resample count and seed) for pairs it did not report, e.
 encoder against the random-init twin, without refitting anything.
 
     python bench/eval/paired_from_predictions.py EVAL/predictions.csv EVAL/metrics.json \
-        --pair tube-random --pair tube-histogram [--out JSON]
+        --pair tube random --pair tube histogram [--out JSON]
 
 AUROC is rank-based, so the raw probabilities (rounded to 6 decimals in the CSV) give the head's
 AUROC up to ties that rounding may create.
@@ -57,19 +57,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("predictions")
     ap.add_argument("metrics")
-    ap.add_argument("--pair", action="append", required=True, help="A-B: model A minus model B (names as in the run)")
+    ap.add_argument("--pair", nargs=2, action="append", required=True, metavar=("A", "B"),
+                    help="model A minus model B (names as in the run; repeatable)")
     ap.add_argument("--out")
     a = ap.parse_args()
-    summary = json.load(open(a.metrics))
+    try:
+        with open(a.metrics) as fh:
+            summary = json.load(fh)
+        models = summary["models"]
+        preds = read_predictions(a.predictions)
+    except (OSError, ValueError, KeyError) as e:  # unreadable, not JSON, or not evaluate's files
+        ap.error(f"{a.metrics} / {a.predictions}: not an evaluate run's metrics.json and predictions.csv ({e!r})")
+    for x, y in a.pair:
+        if x not in models or y not in models or x == y:
+            ap.error(f"--pair {x} {y}: give two different models among {sorted(models)}")
     cfg = summary.get("config", {})
     n, seed = int(cfg.get("bootstrap", 1000)), int(cfg.get("seed", 0))
-    preds = read_predictions(a.predictions)
     res = {}
-    for pair in a.pair:
-        x, sep, y = pair.partition("-")
-        if not sep or x not in summary["models"] or y not in summary["models"]:
-            ap.error(f"--pair {pair!r}: give A-B with A and B among {sorted(summary['models'])}")
-        res[f"{x} - {y}"] = compare(preds, summary, x, y, n, seed)
+    for x, y in a.pair:
+        try:
+            res[f"{x} - {y}"] = compare(preds, summary, x, y, n, seed)
+        except ValueError as e:
+            ap.error(str(e))
     text = json.dumps({"predictions": a.predictions, "bootstrap": n, "seed": seed, "comparisons": res}, indent=1)
     if a.out:
         with open(a.out, "w") as fh:
