@@ -335,10 +335,14 @@ def test_killed_run_resumes_to_the_same_weights(small, tmp_path):
         assert torch.equal(w1[k], w2[k]), k
 
 
-def test_ddp_two_processes_match_one(small, tmp_path):
+@pytest.mark.parametrize("var_cov", [0.0, 1.0])
+def test_ddp_two_processes_match_one(small, tmp_path, var_cov):
+    # with the variance-covariance term the statistic must be taken over both ranks' tokens
+    # (one term, gathered), not averaged over per-rank terms, for the step to match
     _, cache, splits = small
     d = cfg_dict(cache, splits, str(tmp_path / "unused"))
     d["data"]["tokens_per_batch"] = 100000
+    d["optim"] = {"var_cov": var_cov}
     cfg = write_cfg(tmp_path / "ddp.yaml", d)
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), OMP_NUM_THREADS="1")
     one = str(tmp_path / "one.safetensors")
@@ -350,11 +354,14 @@ def test_ddp_two_processes_match_one(small, tmp_path):
     a, b = load_file(one), load_file(two)
     assert a.keys() == b.keys()
     assert torch.allclose(a["loss"], b["loss"], rtol=1e-6)
+    if var_cov:
+        assert a["var_cov"].item() > 0 and torch.allclose(a["var_cov"], b["var_cov"], rtol=1e-5)
     for k in a:
         if k.startswith("grad."):
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), k
-        if k.startswith("w."):
-            assert torch.allclose(a[k], b[k], atol=1e-6), k
+        if k.startswith("w."):  # Adam's first step is ~lr * sign(grad): float-order noise in a
+            # near-zero gradient moves a weight by up to ~lr, so the weights get the looser bound
+            assert torch.allclose(a[k], b[k], atol=1e-5 if var_cov else 1e-6), k
 
 
 def test_torchrun_pretrain_cli(small, tmp_path):

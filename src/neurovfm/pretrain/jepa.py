@@ -10,8 +10,9 @@ average gives exactly the single-process gradient over the same tokens.
 Optionally (``optim.var_cov`` > 0) a variance-covariance term on the student's context features
 is added (``variance_covariance``): small tiny-ViT runs on a few hundred studies lose most of
 their effective rank under the JEPA loss alone, and this term pushes every feature dimension to
-keep a spread and the dimensions to stay uncorrelated. It is computed over each rank's own
-tokens (under DDP the gradient is the mean of the ranks' terms, not one term over all tokens).
+keep a spread and the dimensions to stay uncorrelated. Under DDP/FSDP the term is computed once
+over every rank's tokens (``gather_tokens``: an all-gather that carries gradients back), so a run
+on N processes takes the same step as one process on the same tokens.
 """
 
 from __future__ import annotations
@@ -108,6 +109,43 @@ def global_count(n: int, device) -> int:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return int(t.item())
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """[M, D] per rank -> [world, M, D] on every rank; the backward sums every rank's gradient
+    for a rank's block into that rank (each rank used all blocks in the same term)."""
+
+    @staticmethod
+    def forward(ctx, zp: torch.Tensor) -> torch.Tensor:
+        ctx.rank = dist.get_rank()
+        parts = [torch.empty_like(zp) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, zp.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank]
+
+
+def gather_tokens(z: torch.Tensor) -> torch.Tensor:
+    """Rows of ``z`` [N_r, D] from every rank, concatenated in rank order, differentiable.
+
+    Ranks hold different token counts, so each pads to the largest count before the all-gather
+    and the padding is cut away after. Every rank then computes the same term over all tokens;
+    its gradient for a rank's rows, summed over ranks and divided by DDP's average over the world,
+    is exactly the gradient of that one term. One process: ``z`` itself."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    n = torch.tensor([z.shape[0]], dtype=torch.int64, device=z.device)
+    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, n)
+    sizes = [int(c.item()) for c in counts]
+    pad = max(sizes) - z.shape[0]
+    zp = torch.cat([z, z.new_zeros(pad, z.shape[1])]) if pad else z
+    blocks = _AllGatherRows.apply(zp)
+    return torch.cat([blocks[r, :k] for r, k in enumerate(sizes)])
 
 
 def world_size() -> int:

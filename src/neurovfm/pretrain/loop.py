@@ -32,7 +32,8 @@ from neurovfm.pretrain.checkpoint import (CheckpointError, is_checkpoint, latest
                                           set_rng_state, sub_state)
 from neurovfm.pretrain.config import PretrainConfig
 from neurovfm.pretrain.data import BatchLoader, epoch_iterator, plan_epoch, select_studies
-from neurovfm.pretrain.jepa import JEPA, ema_update, global_count, make_teacher, teacher_targets, variance_covariance
+from neurovfm.pretrain.jepa import (JEPA, ema_update, gather_tokens, global_count, make_teacher, teacher_targets,
+                                   variance_covariance)
 from neurovfm.tokens.cache import TokenCache, schema_hash
 
 CSV_FIELDS = ["step", "epoch", "batch", "loss", "lr", "momentum", "grad_norm", "tokens", "targets",
@@ -276,7 +277,7 @@ class Pretrainer:
         with autocast(cfg, self.device):
             loss_sum, pred, z = self.wrapped(batch, target)
         loss = loss_sum * (self.world / n_global)
-        reg = variance_covariance(z) if cfg.optim.var_cov > 0 else None
+        reg = variance_covariance(gather_tokens(z)) if cfg.optim.var_cov > 0 else None
         if reg is not None:
             loss = loss + cfg.optim.var_cov * reg
         self.opt.zero_grad(set_to_none=True)
