@@ -123,6 +123,37 @@ def test_evaluate_cli_end_to_end(world):
     back = paired.compare(pp, m, "b", "a", 200, 0)
     assert back and all(back[mod]["estimate"] == pytest.approx(-m["comparisons"]["a - b"][mod]["estimate"], abs=2e-3)
                         for mod in back)
+    # the same pairs from two runs (here the one run's files split by model) through --run
+    split = {}
+    for keep in (("a",), ("b", "hist")):
+        d = os.path.join(out, "split_" + "_".join(keep))
+        os.makedirs(d)
+        with open(os.path.join(d, "predictions.csv"), "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(preds[0]))
+            w.writeheader()
+            w.writerows(p for p in preds if p["model"] in keep)
+        with open(os.path.join(d, "metrics.json"), "w") as fh:
+            json.dump(dict(m, models={k: v for k, v in m["models"].items() if k in keep}), fh)
+        split[keep] = [os.path.join(d, "predictions.csv"), os.path.join(d, "metrics.json")]
+    r = subprocess.run([sys.executable, script, *split[("a",)], "--run", *split[("b", "hist")], "--pair", "a", "b",
+                        "--pair", "hist", "a"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    two = json.loads(r.stdout)["comparisons"]
+    for mod, d in paired.compare(pp, m, "a", "b", 200, 0).items():
+        assert two["a - b"][mod]["estimate"] == pytest.approx(d["estimate"], abs=1e-12)
+        assert two["a - b"][mod]["low"] == pytest.approx(d["low"], abs=1e-12)
+    assert set(two["hist - a"]) == set(two["a - b"])
+    with open(split[("a",)][1]) as fh:
+        other_seed = dict(json.load(fh))
+    other_seed["config"] = dict(other_seed["config"], seed=int(other_seed["config"].get("seed", 0)) + 1)
+    with open(os.path.join(out, "seed1.json"), "w") as fh:
+        json.dump(other_seed, fh)
+    seed1 = [split[("a",)][0], os.path.join(out, "seed1.json")]
+    for first, run, why in ((split[("b", "hist")], seed1, "differ in seed"),
+                            (split[("a",)], split[("a",)], "is in two runs")):
+        r = subprocess.run([sys.executable, script, *first, "--run", *run, "--pair", "a", "b"],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
     for argv, why in ((["--pair", "a", "nope"], "two different models among"), (["--pair", "a", "a"], "two different"),
                       (["--pair", "a", "b"], "not an evaluate run")):
         files = [os.path.join(out, "predictions.csv"), os.path.join(out, "metrics.json")]

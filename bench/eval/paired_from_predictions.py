@@ -6,7 +6,12 @@ metrics.json, the run's resample count and seed) for pairs it did not report, e.
 encoder against the random-init twin, without refitting anything.
 
     python bench/eval/paired_from_predictions.py EVAL/predictions.csv EVAL/metrics.json \
-        --pair tube random --pair tube histogram [--out JSON]
+        --pair tube random --pair tube histogram [--run EVAL2/predictions.csv EVAL2/metrics.json] [--out JSON]
+
+``--run`` adds the models of another evaluate run on the same labels file, split and settings (a new
+encoder against the random-init twin and histogram evaluated earlier, without refitting their heads);
+the runs must agree on the resample count, seed and headline labels and score the same test studies,
+and a model name may appear in one run only.
 
 AUROC is rank-based, so the raw probabilities (rounded to 6 decimals in the CSV) give the head's
 AUROC up to ties that rounding may create.
@@ -34,6 +39,23 @@ def read_predictions(path: str) -> dict[tuple[str, str], dict[str, dict]]:
     return rows
 
 
+def merge_runs(runs: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """One (predictions, metrics) view of several evaluate runs; ValueError where they disagree."""
+    preds: dict = {}
+    summary: dict = {"models": {}, "config": dict(runs[0][1].get("config", {}))}
+    for p, m in runs:
+        cfg = m.get("config", {})
+        for key in ("bootstrap", "seed"):
+            if cfg.get(key) != summary["config"].get(key):
+                raise ValueError(f"the runs differ in {key} ({summary['config'].get(key)} vs {cfg.get(key)})")
+        for name, entry in m["models"].items():
+            if name in summary["models"]:
+                raise ValueError(f"model {name!r} is in two runs: rename it in one")
+            summary["models"][name] = entry
+        preds.update(p)
+    return preds, summary
+
+
 def compare(preds: dict, summary: dict, a: str, b: str, n: int, seed: int) -> dict[str, dict]:
     """Model ``a`` minus model ``b`` per modality over the headline labels of ``a``'s entry."""
     out = {}
@@ -42,12 +64,18 @@ def compare(preds: dict, summary: dict, a: str, b: str, n: int, seed: int) -> di
         pa, pb = preds.get((a, mod)), preds.get((b, mod))
         if not labels or not pa or not pb:
             continue
+        other = summary["models"].get(b, {}).get(mod, {}).get("headline_labels")
+        if other is not None and list(other) != list(labels):
+            raise ValueError(f"{a} and {b} have different {mod} headline labels: not the same evaluation")
         studies = sorted(set(pa) & set(pb))
         if set(pa) != set(pb):
             raise ValueError(f"{a} and {b} scored different {mod} test studies: not a paired comparison")
         y = np.array([[pa[s].get(lab, (np.nan,))[0] for lab in labels] for s in studies])
         sa = np.array([[pa[s].get(lab, (0, np.nan))[1] for lab in labels] for s in studies])
         sb = np.array([[pb[s].get(lab, (0, np.nan))[1] for lab in labels] for s in studies])
+        yb = np.array([[pb[s].get(lab, (np.nan,))[0] for lab in labels] for s in studies])
+        if not np.array_equal(y, yb, equal_nan=True):
+            raise ValueError(f"{a} and {b} were scored against different {mod} labels: not the same labels file")
         groups = np.array([pa[s]["patient"] for s in studies])
         out[mod] = M.paired_bootstrap(y, sa, sb, groups, M.auroc, n=n, seed=seed)
     return out
@@ -59,15 +87,24 @@ def main() -> None:
     ap.add_argument("metrics")
     ap.add_argument("--pair", nargs=2, action="append", required=True, metavar=("A", "B"),
                     help="model A minus model B (names as in the run; repeatable)")
+    ap.add_argument("--run", nargs=2, action="append", default=[], metavar=("PREDICTIONS", "METRICS"),
+                    help="another evaluate run on the same split whose models join the pairs (repeatable)")
     ap.add_argument("--out")
     a = ap.parse_args()
+    runs = []
+    for pred_path, metrics_path in [(a.predictions, a.metrics), *a.run]:
+        try:
+            with open(metrics_path) as fh:
+                summary = json.load(fh)
+            summary["models"].items()
+            runs.append((read_predictions(pred_path), summary))
+        except (OSError, ValueError, KeyError, AttributeError) as e:  # unreadable, not JSON, not evaluate's
+            ap.error(f"{metrics_path} / {pred_path}: not an evaluate run's metrics.json and predictions.csv ({e!r})")
     try:
-        with open(a.metrics) as fh:
-            summary = json.load(fh)
-        models = summary["models"]
-        preds = read_predictions(a.predictions)
-    except (OSError, ValueError, KeyError) as e:  # unreadable, not JSON, or not evaluate's files
-        ap.error(f"{a.metrics} / {a.predictions}: not an evaluate run's metrics.json and predictions.csv ({e!r})")
+        preds, summary = merge_runs(runs)
+    except ValueError as e:
+        ap.error(str(e))
+    models = summary["models"]
     for x, y in a.pair:
         if x not in models or y not in models or x == y:
             ap.error(f"--pair {x} {y}: give two different models among {sorted(models)}")
@@ -79,7 +116,8 @@ def main() -> None:
             res[f"{x} - {y}"] = compare(preds, summary, x, y, n, seed)
         except ValueError as e:
             ap.error(str(e))
-    text = json.dumps({"predictions": a.predictions, "bootstrap": n, "seed": seed, "comparisons": res}, indent=1)
+    text = json.dumps({"predictions": [a.predictions, *(r[0] for r in a.run)], "bootstrap": n, "seed": seed,
+                       "comparisons": res}, indent=1)
     if a.out:
         with open(a.out, "w") as fh:
             fh.write(text + "\n")
