@@ -39,3 +39,13 @@ def build_small_cache(root: str) -> tuple[str, str]:
         w.writerow(["study_key", "split"])
         w.writerows(sorted(rows))
     return cache, path
+
+
+def small_cache_with_model(root) -> tuple:
+    """(root, cache, splits, model): the small cache and a random-init ViT-Tiny folder (seed 0)."""
+    from neurovfm.cli import main as cli_main
+
+    cache, splits = build_small_cache(str(root))
+    model = str(root / "model")
+    assert cli_main(["init-model", model, "--size", "tiny", "--seed", "0"]) == 0
+    return root, cache, splits, model

@@ -20,16 +20,12 @@ from neurovfm.tokens.cache import TokenCache
 from neurovfm.tokens.normalize import normalize
 
 sys.path.insert(0, os.path.dirname(__file__))
-from pretrain_support import build_small_cache  # noqa: E402
+from pretrain_support import small_cache_with_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("embed")
-    cache, splits = build_small_cache(str(root))
-    model = str(root / "model")
-    assert cli_main(["init-model", model, "--size", "tiny", "--seed", "0"]) == 0
-    return root, cache, splits, model
+    return small_cache_with_model(tmp_path_factory.mktemp("embed"))
 
 
 def _all(fs: FeatureStore) -> dict:

@@ -187,6 +187,35 @@ def test_evaluate_cli_end_to_end(world):
     assert meta["calibration"]
 
 
+def test_save_model_records_the_readout_and_refuses_another_encoder(world, tmp_path):
+    """Heads go only into the folder whose encoder made the features (checked before any head is
+    trained), and record that encoder and the blocks the features were read from, so that
+    `analyze` encodes a study exactly as the heads were fitted."""
+    import shutil
+
+    from neurovfm.probe.embed import encoder_id
+
+    root = world["root"]
+    feats = str(tmp_path / "feat_mid")
+    embed(str(root / "model_a"), world["cache"], feats, EmbedConfig(layers=[5, -1]), progress=False)
+    saved = str(tmp_path / "model_copy")
+    shutil.copytree(str(root / "model_a"), saved)
+    args = ["evaluate", "--features", f"mid={feats}", "--labels", world["labels"], "--min-test-positives", "1",
+            "--bootstrap", "100", "--epochs", "2", "--head", "mean", "--quiet"]
+    assert cli_main(args + ["--out", str(tmp_path / "e1"), "--save-model", saved]) == 0
+    heads = read_config(saved)["heads"]
+    assert set(heads) == {"head_ct", "head_mr"}
+    for h in heads.values():
+        assert h["features"] == {"encoder_id": encoder_id(saved), "readout_layers": [5, 11]}
+    other = str(root / "model_b")
+    before = read_config(other)
+    assert cli_main(args + ["--out", str(tmp_path / "e2"), "--save-model", other]) == 2
+    assert read_config(other) == before and not os.path.exists(str(tmp_path / "e2" / "metrics.json"))
+    with pytest.raises(EvaluationError, match="did not make"):
+        evaluate({"hist": world["feats"]["hist"]}, world["labels"], str(tmp_path / "e3"), save_model=saved,
+                 progress=False)
+
+
 def test_nothing_is_fitted_on_test(world):
     """Change every test label: the head, the calibration and the thresholds must not move."""
     fs = FeatureStore(world["feats"]["a"])

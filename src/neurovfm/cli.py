@@ -20,6 +20,13 @@ def _shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--shard must look like i/N, got {text!r}") from None
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def cmd_ingest(a: argparse.Namespace) -> int:
     from neurovfm.ingest.pipeline import IngestOptions, run_ingest
 
@@ -118,7 +125,8 @@ def cmd_embed(a: argparse.Namespace) -> int:
 
     cfg = EmbedConfig(tokens_per_batch=a.tokens_per_batch, part_tokens=a.part_tokens,
                       ct_windows=a.ct_windows.split(",") if a.ct_windows else None, device=a.device,
-                      precision=a.precision, splits=a.splits.split(",") if a.splits else [])
+                      precision=a.precision, splits=a.splits.split(",") if a.splits else [],
+                      layers=a.layers)
     res = embed(a.model, a.cache, a.out, cfg, splits_csv=a.splits_csv, shard=a.shard, progress=not a.quiet)
     print(json.dumps(res))
     return 0
@@ -367,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--splits-csv", help="keyed labels.csv (study_key, split) to restrict studies")
     s.add_argument("--splits", help="comma-separated splits to embed (default: every study)")
     s.add_argument("--ct-windows", help="comma-separated CT windows (default: all of the cache's)")
+    s.add_argument("--layers", type=_int_list, metavar="I,J,...",
+                   help="features = mean of these encoder blocks' outputs, each through the final norm "
+                        "(negative: from the end, written --layers=-4,-3,-2,-1; default: the last block); heads "
+                        "saved from these features make `analyze` read the same blocks")
     s.add_argument("--tokens-per-batch", type=int, default=16384)
     s.add_argument("--part-tokens", type=int, default=200_000, help="tokens per resumable part")
     s.add_argument("--device", default="cpu")

@@ -200,6 +200,13 @@ class Analyzer:
         self.model_info = {"encoder_id": encoder_id(self.model), "name": os.path.basename(self.model.rstrip("/")),
                            "code_version": __version__, "trained": {k: prov.get(k) for k in ("created", "command")},
                            "synthetic_training_data": bool(self.config.get("demo", {}).get("synthetic", False))}
+        for mod, (_, hmeta) in self.heads.items():
+            fitted_on = (hmeta.get("features") or {}).get("encoder_id")
+            if fitted_on and fitted_on != self.model_info["encoder_id"]:
+                raise AnalyzeError(f"{self.model}: head_{mod.lower()} was fitted on features of encoder "
+                                   f"{fitted_on[:12]}, but this folder's encoder is "
+                                   f"{self.model_info['encoder_id'][:12]}; save the heads again with "
+                                   "`neurovfm evaluate ... --save-model` from this encoder's features")
         self.load_s = time.perf_counter() - t
         self._progress = lambda step, fraction: None
 
@@ -256,6 +263,7 @@ class Analyzer:
         map_source = map_source or cfg.map_source
         head, hmeta = self.heads[mod]
         labels: list[str] = hmeta["labels"]
+        readout = (hmeta.get("features") or {}).get("readout_layers")  # the blocks the head was fitted on
         t = time.perf_counter()
         views, owner = [], []
         for si, s in enumerate(group):
@@ -267,7 +275,7 @@ class Analyzer:
             feats = list(view_features)
         else:
             with torch.inference_mode():
-                feats = encode_views(self.encoder, views, cfg.tokens_per_batch, cfg.device)
+                feats = encode_views(self.encoder, views, cfg.tokens_per_batch, cfg.device, readout=readout)
         timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         bag = torch.from_numpy(np.concatenate(feats).astype(np.float32))
@@ -285,7 +293,7 @@ class Analyzer:
         if map_source == "rollout":  # the head's weights on outputs, carried back to input tokens
             from neurovfm.explain.rollout import rollout_attention
 
-            attn = rollout_attention(self.encoder, views, attn)
+            attn = rollout_attention(self.encoder, views, attn, readout)
         p_raw = cal.sigmoid(logit)
         calib = hmeta.get("calibration")
         p_cal = cal.scaler_from_dict(calib).transform(logit[None])[0] if calib else p_raw

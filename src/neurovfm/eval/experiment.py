@@ -23,7 +23,7 @@ from neurovfm.eval import calibrate as cal
 from neurovfm.eval import metrics as M
 from neurovfm.eval.data import StudyTable, add_series_meta, read_study_table
 from neurovfm.probe.cnn3d import CNNConfig
-from neurovfm.probe.embed import FeatureStore
+from neurovfm.probe.embed import FeatureStore, encoder_id
 from neurovfm.probe.heads import HEADS, HeadConfig
 from neurovfm.probe.train import HeadTrainConfig, fit_head, predict, save_head
 from neurovfm.pretrain.data import KIND_SOFT
@@ -311,6 +311,22 @@ def breakdowns(run: ModalityRun, labels: list[str]) -> dict[str, list[dict[str, 
     return out
 
 
+def check_model_for_features(model: str, store: FeatureStore, name: str) -> None:
+    """Heads saved into ``model`` must have been fitted on features of ``model``'s own encoder
+    (``analyze`` feeds them that encoder's tokens); checked before any head is trained."""
+    enc = os.path.join(model, "encoder.safetensors")
+    ident = store.meta.get("encoder_id", "")
+    if not os.path.isfile(enc):
+        raise EvaluationError(f"--save-model {model}: no encoder.safetensors there; save heads into the model "
+                              f"folder whose encoder made the {name!r} features (e.g. the pretraining run's "
+                              "exported model)")
+    have = encoder_id(model)
+    if have != ident:
+        raise EvaluationError(f"--save-model {model}: its encoder ({have[:12]}) did not make the {name!r} "
+                              f"features ({store.root}: {str(ident)[:12]}); heads fitted on them would be fed "
+                              "another encoder's tokens by `analyze`")
+
+
 def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalConfig | None = None,
              cache_dir: str | None = None, label_names: dict[str, list[str]] | None = None,
              save_model: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -326,6 +342,8 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
         raise EvaluationError(f"--features: {CNN_NAME!r} is the name of the CNN baseline; rename that feature set")
     stores = {n: FeatureStore(p) for n, p in features.items()}
     first = next(iter(stores))
+    if save_model:
+        check_model_for_features(save_model, stores[first], first)
     common = set.intersection(*(set(s.studies()) for s in stores.values()))
     os.makedirs(out_dir, exist_ok=True)
     summary: dict[str, Any] = {"config": _jsonable(asdict(cfg)), "models": {}, "comparisons": {},
@@ -393,7 +411,9 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
             r = runs[first]
             save_head(save_model, r.head, r.head_cfg or cfg.head, table.labels, calibration=r.calibrator.to_dict(),
                       thresholds={lab: float(t) for lab, t in zip(table.labels, r.thresholds)},
-                      name=f"head_{mod.lower()}")
+                      name=f"head_{mod.lower()}",
+                      features={"encoder_id": stores[first].meta["encoder_id"],
+                                "readout_layers": stores[first].readout_layers})
             save_distance_model(save_model, mod, stores[first], table, cfg)
     with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as fh:
         json.dump(summary, fh, indent=1, default=_default)

@@ -93,6 +93,13 @@ def _check_features(model: str, store: FeatureStore, cfg: ExternalConfig) -> Non
             raise ExternalEvalError(f"{store.root}: features of encoder {str(have)[:12]}, but {model} holds encoder "
                                     f"{want[:12]}; embed the external cache with this model folder (or pass "
                                     "--no-encoder-check if the heads were fitted on other features)")
+    if cfg.check_encoder:
+        for name, meta in read_config(model).get("heads", {}).items():
+            fitted = meta.get("features") or {}
+            if "readout_layers" in fitted and fitted["readout_layers"] != store.readout_layers:
+                raise ExternalEvalError(f"{store.root}: features read from encoder blocks "
+                                        f"{store.readout_layers or 'last'}, but {model}'s {name} was fitted on blocks "
+                                        f"{fitted['readout_layers'] or 'last'}; embed with the same --layers")
 
 
 def evaluate_modality(model: str, mod: str, store: FeatureStore, labels_csv: str, cfg: ExternalConfig

@@ -115,6 +115,24 @@ def init_vit_weights(module: nn.Module, blocks: nn.ModuleList) -> None:
         blk.mlp.fc2.weight.data.div_((2.0 * (i + 1)) ** 0.5)
 
 
+def resolve_readout(layers, depth: int) -> tuple[int, ...]:
+    """Block indices of a feature readout (``None``: the last block; negative: from the end) as
+    sorted absolute indices; out-of-range or repeated indices are refused."""
+    if layers is None:
+        return (depth - 1,)
+    layers = [int(i) for i in layers]
+    if not layers:
+        raise ValueError("readout layers: give at least one block index")
+    bad = [i for i in layers if not -depth <= i < depth]
+    if bad:
+        raise ValueError(f"readout layers {bad} out of range for an encoder of {depth} blocks "
+                         f"(use 0..{depth - 1} or -{depth}..-1)")
+    out = sorted(i % depth for i in layers)
+    if len(set(out)) != len(out):
+        raise ValueError(f"readout layers {layers}: a block is named twice")
+    return tuple(out)
+
+
 class BlockStack(nn.Module):
     """Blocks + final norm: shared by the encoder and the predictor."""
 
@@ -127,19 +145,31 @@ class BlockStack(nn.Module):
     def _rope(self, coords: torch.Tensor) -> Rope3D | None:
         return Rope3D(coords, self.cfg.head_dim, self.cfg.pos_base) if self.cfg.pos_code == "rope3d" else None
 
-    def run(self, x: torch.Tensor, coords: torch.Tensor, cu: list[int], attention_layers=None):
+    def run(self, x: torch.Tensor, coords: torch.Tensor, cu: list[int], attention_layers=None,
+            readout_layers=None):
+        """Blocks then the final norm. ``readout_layers`` (block indices, negative from the end):
+        the mean of those blocks' outputs, each through the final norm, instead of the last's;
+        blocks after the deepest one asked for (outputs or attention) are not run."""
         backend = resolve_backend(self.cfg.attention, x.device)
         rope = self._rope(coords)
         weights: list = []
         want = set() if attention_layers is None else set(
             i % len(self.blocks) for i in attention_layers)
+        keep = set(resolve_readout(readout_layers, len(self.blocks)))
+        last = max(keep | want)
+        acc = None
         for i, blk in enumerate(self.blocks):
+            if i > last:
+                break
             w = weights if i in want else None
             if self.cfg.checkpoint_activations and self.training and w is None:
                 x = checkpoint(blk, x, cu, backend, rope, None, use_reentrant=False)
             else:
                 x = blk(x, cu, backend, rope, w)
-        return self.norm(x), weights
+            if i in keep:
+                y = self.norm(x)
+                acc = y if acc is None else acc + y
+        return (acc if len(keep) == 1 else acc / len(keep)), weights
 
     def run_padded(self, x: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor):
         rope = self._rope(coords)
@@ -161,10 +191,12 @@ class Encoder(BlockStack):
     def reset_parameters(self) -> None:
         init_vit_weights(self, self.blocks)
 
-    def forward(self, batch: Packed, attention_layers: list[int] | None = None):
-        """Features [N, width]; with ``attention_layers`` also per-layer lists of [H, L, L] weights."""
+    def forward(self, batch: Packed, attention_layers: list[int] | None = None,
+                readout_layers: list[int] | None = None):
+        """Features [N, width]; with ``attention_layers`` also per-layer lists of [H, L, L] weights;
+        ``readout_layers`` averages the final-normed outputs of those blocks (default: the last)."""
         x = self.token_embed(batch.tokens, batch.coords)
-        out, weights = self.run(x, batch.coords, batch.cu, attention_layers)
+        out, weights = self.run(x, batch.coords, batch.cu, attention_layers, readout_layers)
         return (out, weights) if attention_layers is not None else out
 
     def forward_padded(self, tokens: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,8 @@ import torch
 from tqdm import tqdm
 
 from neurovfm.errors import NeuroVFMError
+from neurovfm.models.config import EncoderConfig
+from neurovfm.models.encoder import resolve_readout
 from neurovfm.models.folder import load_encoder, read_config
 from neurovfm.models.packing import Packed
 from neurovfm.pretrain.data import read_splits, token_kinds
@@ -55,6 +57,10 @@ class EmbedConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; CUDA)
     attention: str = "auto"
     splits: list[str] = field(default_factory=list)  # empty: every study in the cache
+    # which blocks' outputs are the features (mean of each through the final norm; negative: from
+    # the end); None: the last block, as the encoder was trained. Intermediate blocks keep more of
+    # a token's own content, which matters when the last layers have partly collapsed.
+    layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.tokens_per_batch < 16 or self.part_tokens < 16:
@@ -183,6 +189,13 @@ class HistogramFeaturizer:
         return out
 
 
+def readout_of(depth: int, layers: list[int] | None) -> list[int] | None:
+    """The readout as stored in feature and head metadata: ``None`` for the last block alone (so
+    ``[-1]`` and the default name the same features), else sorted absolute block indices."""
+    r = list(resolve_readout(layers, depth))
+    return None if r == [depth - 1] else r
+
+
 def _featurizer_meta(model: str) -> tuple[str, dict[str, Any], int]:
     """(id, description, dim) of a model folder or of ``histogram:BINS``."""
     if model.startswith(HISTOGRAM_PREFIX):
@@ -203,6 +216,12 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
         raise FeatureStoreError(f"shard {k}/{n_shards}: index must be in 0..{n_shards - 1}")
     ident, described, dim = _featurizer_meta(model_folder)
     hist = HistogramFeaturizer(described["bins"]) if described.get("kind") == "histogram" else None
+    if hist is not None and cfg.layers is not None:
+        raise FeatureStoreError("--layers picks encoder blocks; the histogram baseline has none")
+    try:
+        readout = None if hist else readout_of(EncoderConfig.from_dict(described).depth, cfg.layers)
+    except ValueError as e:
+        raise FeatureStoreError(f"{model_folder}: {e}") from None
     enc = None if hist else load_encoder(model_folder, map_location=cfg.device, attention=cfg.attention).eval()
     cache = TokenCache(cache_dir)
     try:
@@ -216,6 +235,7 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
             "plan_hash": _plan_hash(parts), "n_parts": len(parts), "n_views": len(refs),
             "n_tokens": int(sum(r.n_tokens for r in refs)), "dim": dim,
             "dtype": "float16", "options": {"ct_windows": cfg.ct_windows, "splits": cfg.splits},
+            "readout_layers": readout,
         }
         os.makedirs(os.path.join(out_dir, "parts"), exist_ok=True)
         _check_or_write_meta(out_dir, meta)
@@ -243,7 +263,7 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
                 if hist is not None:
                     feats.append(np.concatenate(hf).astype(np.float16))
                 else:
-                    feats.append(_forward(enc, pk, cfg.device, cast).astype(np.float16))
+                    feats.append(_forward(enc, pk, cfg.device, cast, readout).astype(np.float16))
                 kinds_all.extend(kinds)
                 for j in idx:
                     r = items[j]
@@ -261,19 +281,22 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
             "tokens": meta["n_tokens"], "views": len(refs)}
 
 
-def _forward(enc: torch.nn.Module, pk: list[tuple[torch.Tensor, torch.Tensor]], device: str, cast) -> np.ndarray:
+def _forward(enc: torch.nn.Module, pk: list[tuple[torch.Tensor, torch.Tensor]], device: str, cast,
+             readout: list[int] | None = None) -> np.ndarray:
     """One packed forward pass: each (normalised tokens, coords) pair is its own sequence."""
     packed = Packed.cat(pk).to(device)
     with torch.inference_mode(), cast:
-        h = enc(packed)
+        h = enc(packed) if readout is None else enc(packed, readout_layers=readout)
     return h.float().cpu().numpy()
 
 
 def encode_views(enc: torch.nn.Module, views: list[tuple[np.ndarray, np.ndarray, str]],
-                 tokens_per_batch: int = 16384, device: str = "cpu", precision: str = "fp32") -> list[np.ndarray]:
+                 tokens_per_batch: int = 16384, device: str = "cpu", precision: str = "fp32",
+                 readout: list[int] | None = None) -> list[np.ndarray]:
     """Frozen float32 features of in-memory series views ``(uint8 tokens [n, T], coords [n, 3],
     view name)``, packed by token budget exactly as :func:`embed` does for a cache (``analyze``
-    uses this, so one study and a whole archive go through the same encoder path)."""
+    uses this, so one study and a whole archive go through the same encoder path); ``readout``
+    as stored in the features' metadata (None: the last block)."""
     cast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and device != "cpu")
     out: list[np.ndarray] = []
     batch: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -281,7 +304,7 @@ def encode_views(enc: torch.nn.Module, views: list[tuple[np.ndarray, np.ndarray,
 
     def flush() -> None:
         if batch:
-            h = _forward(enc, batch, device, cast)
+            h = _forward(enc, batch, device, cast, readout)
             out.extend(np.split(h, np.cumsum(lengths)[:-1]))
             batch.clear()
             lengths.clear()
@@ -305,8 +328,8 @@ def _check_or_write_meta(out_dir: str, meta: dict[str, Any]) -> None:
     if os.path.exists(path):
         with open(path) as fh:
             old = json.load(fh)
-        for key in ("format", "encoder_id", "cache_schema_hash", "policy_hash", "plan_hash"):
-            if old.get(key) != meta[key]:
+        for key in ("format", "encoder_id", "cache_schema_hash", "policy_hash", "plan_hash", "readout_layers"):
+            if old.get(key) != meta.get(key):
                 raise FeatureStoreError(f"{out_dir}: holds features with another {key} "
                                         f"({str(old.get(key))[:16]} vs {str(meta[key])[:16]}); "
                                         "use a new output folder")
@@ -340,6 +363,7 @@ class FeatureStore:
                                     f"v{self.meta.get('format_version')} is not readable by this code")
         self.root = out_dir
         self.dim = int(self.meta["dim"])
+        self.readout_layers: list[int] | None = self.meta.get("readout_layers")  # None: the last block
         missing = [i for i in range(self.meta["n_parts"]) if not os.path.isdir(_part_dir(out_dir, i))]
         if missing:
             raise FeatureStoreError(f"{out_dir}: incomplete, {len(missing)} of {self.meta['n_parts']} parts "

@@ -153,8 +153,10 @@ def _fit_head(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig,
 # -- saving in the model folder ------------------------------------------------------------------
 def save_head(folder: str, head: torch.nn.Module, head_cfg: HeadConfig, labels: list[str],
               calibration: dict[str, Any] | None = None, thresholds: dict[str, float] | None = None,
-              name: str = "head") -> str:
-    """Write ``<name>.safetensors`` and the ``heads.<name>`` entry of ``config.json``."""
+              name: str = "head", features: dict[str, Any] | None = None) -> str:
+    """Write ``<name>.safetensors`` and the ``heads.<name>`` entry of ``config.json``.
+    ``features``: what the head was fitted on (``encoder_id``, ``readout_layers``), so that
+    ``analyze`` encodes the same way and refuses heads of another encoder."""
     os.makedirs(folder, exist_ok=True)
     if not os.path.exists(os.path.join(folder, "config.json")):
         write_json(os.path.join(folder, "config.json"), {"format": FORMAT, "format_version": FORMAT_VERSION})
@@ -165,6 +167,8 @@ def save_head(folder: str, head: torch.nn.Module, head_cfg: HeadConfig, labels: 
     heads[name] = {"file": f"{name}.safetensors", "head": asdict(head_cfg), "dim": dim, "labels": list(labels),
                    "calibration": calibration, "thresholds": {k: (v if np.isfinite(v) else None)
                                                              for k, v in (thresholds or {}).items()}}
+    if features is not None:
+        heads[name]["features"] = dict(features)
     update_config(folder, heads=heads)
     return os.path.join(folder, f"{name}.safetensors")
 
