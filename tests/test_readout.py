@@ -209,3 +209,31 @@ def test_external_evaluation_refuses_features_of_other_blocks(setup, tmp_path):
     update_config(folder, heads={"head_ct": {"features": {"encoder_id": encoder_id(folder), "readout_layers": [3]}}})
     with pytest.raises(ExternalEvalError, match="fitted on blocks"):
         _check_features(folder, store, ExternalConfig())
+
+
+def test_feature_rank_bench_uses_the_splits_tokens(setup):
+    """bench/eval/feature_rank.py: with a budget above the split's token count, each modality's
+    rank is the monitor's effective rank of exactly that split's tokens; histograms are skipped."""
+    import csv
+    import importlib.util
+
+    from neurovfm.pretrain.monitors import effective_rank
+
+    root, cache, splits, model = setup
+    feats = str(root / "rank_feats")
+    embed(model, cache, feats, EmbedConfig(part_tokens=100000), progress=False)
+    hist = str(root / "rank_hist")
+    embed("histogram:8", cache, hist, EmbedConfig(), progress=False)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "eval",
+                          "feature_rank.py")
+    spec = importlib.util.spec_from_file_location("feature_rank", script)
+    fr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fr)
+    res = fr.ranks({"a": feats, "h": hist}, splits, split="train", tokens=10**7)
+    assert set(res) == {"a"}
+    store = FeatureStore(feats)
+    with open(splits) as fh:
+        train = {r["study_key"] for r in csv.DictReader(fh) if r["split"] == "train"}
+    for mod in ("CT", "MR"):
+        x = np.concatenate([store.bag(s) for s in store.studies() if s in train and store.modality(s) == mod])
+        assert res["a"][mod] == pytest.approx(effective_rank(torch.from_numpy(x), max_tokens=len(x)), rel=1e-6)
