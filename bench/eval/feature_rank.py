@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import torch
 
+from neurovfm.errors import NeuroVFMError
 from neurovfm.pretrain.data import read_splits
 from neurovfm.pretrain.monitors import effective_rank
 from neurovfm.probe.embed import FeatureStore
@@ -63,8 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     a = ap.parse_args(argv)
-    feats = dict(item.split("=", 1) for item in a.features)
-    res = ranks(feats, a.labels, a.split, a.tokens, a.seed)
+    feats = {}
+    for item in a.features:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name in feats:
+            ap.error(f"--features: {item!r} is not NAME=DIR with a new NAME")
+        feats[name] = path
+    try:
+        res = ranks(feats, a.labels, a.split, a.tokens, a.seed)
+    except NeuroVFMError as e:
+        print(f"feature_rank: {e}", file=sys.stderr)
+        return 2
     for name, r in res.items():
         print(f"{name:20s} blocks {r['readout_layers'] or 'last'}: " +
               "  ".join(f"{m} {r[m]:.1f}" for m in ("CT", "MR") if m in r) + f"  (of {r['dim']})")
