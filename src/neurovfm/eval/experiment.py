@@ -347,8 +347,8 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
     common = set.intersection(*(set(s.studies()) for s in stores.values()))
     os.makedirs(out_dir, exist_ok=True)
     summary: dict[str, Any] = {"config": _jsonable(asdict(cfg)), "models": {}, "comparisons": {},
-                               "features": {n: {"encoder_id": s.meta["encoder_id"], "path": features[n]}
-                                            for n, s in stores.items()}}
+                               "features": {n: {"encoder_id": s.meta["encoder_id"], "readout_layers": s.readout_layers,
+                                                "path": features[n]} for n, s in stores.items()}}
     rows_csv = []
     pred_rows: list[dict[str, Any]] = []
     for mod in cfg.modalities:
