@@ -48,6 +48,7 @@ from neurovfm.models.packing import Packed
 from neurovfm.pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sub_state
 from neurovfm.pretrain.config import config_from_dict
 from neurovfm.pretrain.jepa import JEPA
+from neurovfm.pretrain.data import KIND_SOFT, token_kinds
 from neurovfm.pretrain.masks import make_mask
 from neurovfm.privacy.keys import Keyer
 from neurovfm.tokens.cache import TokenCache
@@ -161,6 +162,10 @@ def main(argv=None) -> int:
     ap.add_argument("--min-size-mm", type=float, default=10.0)
     ap.add_argument("--ct-view", default="brain")
     ap.add_argument("--max-studies", type=int, default=0, help="per modality (0 = all)")
+    ap.add_argument("--modalities", default="CT,MR")
+    ap.add_argument("--soft-tissue", action="store_true",
+                    help="score only soft-tissue tokens (not bone or air; CT: read from the bone window): every "
+                         "map and the uniform baseline are restricted to them, the context stays the whole series")
     ap.add_argument("--random-init", action="store_true",
                     help="control: the run's architecture with fresh seeded weights instead of its checkpoint")
     ap.add_argument("--bootstrap", type=int, default=1000)
@@ -178,7 +183,7 @@ def main(argv=None) -> int:
     cache = TokenCache(a.cache)
     by_study: dict[tuple[str, str], list[str]] = defaultdict(list)
     for sk, t in truth.items():
-        if t.split == a.split and t.big_lesion:
+        if t.split == a.split and t.big_lesion and t.modality in a.modalities.split(","):
             by_study[(t.modality, t.study_key)].append(sk)
     plan = sorted(by_study)
     if a.max_studies:
@@ -210,10 +215,15 @@ def main(argv=None) -> int:
             tok = normalize(u8, view)
             s = surprise(model, teacher, tok, coords, mod, cfg.mask, a.rounds, sk, a.seed)
             _, code = token_codes(entry.grid_affine_array, coords, nib.load(truth[sk].mask))
-            les = code > 0
+            les, inten = code > 0, intensity_outlier(u8)
+            if a.soft_tissue:
+                kind = (token_kinds(np.asarray(cache.views(entry, ["bone"])[0][:, 0]), "bone") if mod == "CT"
+                        else token_kinds(u8, view))
+                keep = kind == KIND_SOFT
+                les, s, inten = les[keep], s[keep], inten[keep]
             les_all.append(les)
             sur_all.append(s)
-            inten_all.append(intensity_outlier(u8))
+            inten_all.append(inten)
             pat = truth[sk].patient_key
             tokens[mod].append((les, s, pat, inten_all[-1]))
         if not les_all:
