@@ -70,20 +70,47 @@ def test_surprise_is_the_mean_error_over_the_rounds_that_masked_each_token():
     assert not np.array_equal(got, other)
 
 
-def test_intensity_outlier_and_cli_errors(tmp_path, capsys):
+def test_intensity_outlier_and_cli_errors(tmp_path, capsys, monkeypatch):
+    """Every refusal is one line naming the input, exit 2, and nothing is written."""
+    import json
+
+    from neurovfm.tokens.cache import TokenCache
+    from neurovfm.ingest.policy import PreprocessPolicy
+
     sp = _script()
     u8 = np.full((10, 8), 100, np.uint8)
     u8[3] = 200
     assert int(np.argmax(sp.intensity_outlier(u8))) == 3
-    assert sp.main(["--run", str(tmp_path), "--archive", str(tmp_path / "nope"), "--cache", str(tmp_path),
-                    "--out", str(tmp_path / "o.json")]) == 2
+    out = str(tmp_path / "o.json")
+    base = ["--run", str(tmp_path), "--cache", str(tmp_path), "--out", out]
+    assert sp.main(base + ["--archive", str(tmp_path / "nope")]) == 2
     assert "nope: no such folder" in capsys.readouterr().err
-    for run in (tmp_path, tmp_path / "not_a_checkpoint"):
+    for bad in (["--rounds", "0"], ["--modalities", "CT,PET"], ["--bootstrap", "10"]):
+        with pytest.raises(SystemExit) as e:
+            sp.main(base + ["--archive", str(tmp_path)] + bad)
+        assert e.value.code == 2
+    # an archive whose study is not in the cache (as with another site secret): refused before any model
+    monkeypatch.setenv("NEUROVFM_SITE_SECRET", "test-secret")
+    arch = tmp_path / "archive"
+    os.makedirs(arch / "masks")
+    (arch / "masks" / "s.nii.gz").write_bytes(b"")
+    (arch / "records.jsonl").write_text(json.dumps({
+        "study_uid": "1.2", "patient_id": "P", "split": "test", "modality": "MR",
+        "findings": [{"label": "glioma", "size_mm": 20.0}],
+        "series": [{"series_uid": "1.2.3", "mask": "masks/s.nii.gz"}]}) + "\n")
+    cache = str(tmp_path / "cache")
+    TokenCache(cache, PreprocessPolicy(), create=True)
+    assert sp.main(["--run", str(tmp_path / "no_run"), "--archive", str(arch), "--cache", cache, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "is in " + cache in err and "NEUROVFM_SITE_SECRET" in err
+    assert sp.main(["--run", str(tmp_path / "no_run"), "--archive", str(arch), "--cache", cache, "--out", out,
+                    "--ct-view", "lung"]) == 2
+    assert "CT windows are" in capsys.readouterr().err
+    for run in (tmp_path, tmp_path / "not_a_checkpoint"):  # no checkpoint there: named, exit 2
         os.makedirs(run, exist_ok=True)
-        with pytest.raises(SystemExit, match="checkpoint"):
-            sp.main(["--run", str(run), "--archive", str(tmp_path), "--cache", str(tmp_path),
-                     "--out", str(tmp_path / "o.json")])
-    assert not os.path.exists(tmp_path / "o.json")
+        with pytest.raises(sp.SurpriseInputError, match="checkpoint"):
+            sp.load_run(str(run))
+    assert not os.path.exists(out)
 
 
 def test_pair_compares_the_same_studies_and_refuses_others(tmp_path, capsys):
@@ -102,6 +129,8 @@ def test_pair_compares_the_same_studies_and_refuses_others(tmp_path, capsys):
     res = sp.paired(a, b, n=200)["MR"]
     assert res["studies"] == 6 and res["a"] == 0.5 and res["b"] == pytest.approx(1 / 6)
     assert res["a_minus_b"] == pytest.approx(1 / 3) and res["ci95"][0] <= 1 / 3 <= res["ci95"][1]
-    with pytest.raises(SystemExit, match="different studies"):
+    with pytest.raises(sp.SurpriseInputError, match="different studies"):
         sp.paired(a, c)
     assert sp.main(["--pair", a]) == 2
+    assert sp.main(["--pair", a, str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: not an output of this script" in capsys.readouterr().err

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from neurovfm.errors import NeuroVFMError
 from neurovfm.eval import metrics as M
 from neurovfm.eval.anatomy import token_codes
 from neurovfm.eval.lesion_probe import read_lesion_truth
@@ -55,14 +56,18 @@ from neurovfm.tokens.cache import TokenCache
 from neurovfm.tokens.normalize import normalize
 
 
+class SurpriseInputError(NeuroVFMError):
+    """A run, archive, cache or saved output this script cannot use."""
+
+
 def load_run(run: str, random_init: bool = False, seed: int = 0):
     path = latest_checkpoint(run) if os.path.isdir(os.path.join(run, "checkpoints")) else run
     if path is None:
-        sys.exit(f"error: {run}: no checkpoint (give a pretraining run folder or one checkpoint)")
+        raise SurpriseInputError(f"{run}: no checkpoint (give a pretraining run folder or one checkpoint)")
     try:
         tensors, meta = load_checkpoint(path)
     except CheckpointError as e:
-        sys.exit(f"error: {e}")
+        raise SurpriseInputError(str(e)) from None
     cfg = config_from_dict(meta["config"])
     torch.manual_seed(seed)
     model = JEPA(cfg.model.encoder_config(), cfg.model.predictor_config())
@@ -129,24 +134,36 @@ def paired(path_a: str, path_b: str, n: int = 1000, seed: int = 0) -> dict[str, 
     minus run B's, over the studies both scored (two saved outputs of this script)."""
     runs = []
     for p in (path_a, path_b):
-        with open(p) as fh:
-            runs.append({(r["modality"], r["patient"], i): r for i, r in enumerate(json.load(fh)["studies"])})
+        try:
+            with open(p) as fh:
+                runs.append({(r["modality"], r["patient"], i): r for i, r in enumerate(json.load(fh)["studies"])})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SurpriseInputError(f"{p}: not an output of this script ({type(e).__name__}: {e})") from None
     out = {}
     for mod in sorted({k[0] for k in runs[0]}):
         pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for k, r in runs[0].items():
             if k[0] == mod and k in runs[1]:
                 if abs(r["uniform"] - runs[1][k]["uniform"]) > 1e-12:
-                    raise SystemExit(f"error: {path_a} and {path_b} scored different studies")
+                    raise SurpriseInputError(f"{path_a} and {path_b} scored different studies")
                 pairs[r["patient"]].append((r["hit_surprise"], runs[1][k]["hit_surprise"]))
         a = np.array([x for v in pairs.values() for x in v])
+        if not len(a):
+            continue  # no study of this modality in both
         out[mod] = {"studies": len(a), "a": float(a[:, 0].mean()), "b": float(a[:, 1].mean()),
                     "a_minus_b": float(a[:, 0].mean() - a[:, 1].mean()), "ci95": boot(pairs, n, seed)}
     return out
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except NeuroVFMError as e:  # this script's input errors and the package's (cache, archive, secret)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["--pair"]:
         if len(argv) != 3:
             print("usage: jepa_surprise.py --pair A.json B.json", file=sys.stderr)
@@ -172,19 +189,35 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    mods = a.modalities.split(",")
+    if a.rounds < 1 or a.bootstrap < 100 or a.max_studies < 0 or not set(mods) <= {"CT", "MR"}:
+        ap.error("need --rounds >= 1, --bootstrap >= 100, --max-studies >= 0 and --modalities among CT,MR")
     for p in (a.archive, a.cache):
         if not os.path.isdir(p):
             print(f"error: {p}: no such folder", file=sys.stderr)
             return 2
     torch.manual_seed(a.seed)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    model, teacher, cfg, ck = load_run(a.run, a.random_init, a.seed)
-    truth = read_lesion_truth(a.archive, Keyer.from_site(), a.min_size_mm)
+    try:
+        keyer = Keyer.from_site()
+    except FileNotFoundError as e:
+        raise SurpriseInputError(str(e)) from None
+    truth = read_lesion_truth(a.archive, keyer, a.min_size_mm)
     cache = TokenCache(a.cache)
+    windows = [w.name for w in cache.policy.ct_windows]
+    if "CT" in mods and (a.ct_view not in windows or (a.soft_tissue and "bone" not in windows)):
+        print(f"error: {a.cache}: CT windows are {windows}; --ct-view {a.ct_view!r}"
+              + (" and --soft-tissue (needs 'bone')" if a.soft_tissue else "") + " cannot be read", file=sys.stderr)
+        return 2
     by_study: dict[tuple[str, str], list[str]] = defaultdict(list)
     for sk, t in truth.items():
-        if t.split == a.split and t.big_lesion and t.modality in a.modalities.split(","):
+        if t.split == a.split and t.big_lesion and t.modality in mods:
             by_study[(t.modality, t.study_key)].append(sk)
+    if not any(_in_cache(cache, sk) for sks in by_study.values() for sk in sks):
+        # e.g. another site secret (no key of the archive is in the cache), another cache, an empty split
+        raise SurpriseInputError(f"no {a.split}-split series of {a.archive} with a finding >= {a.min_size_mm} mm is "
+                                 f"in {a.cache} (same archive, cache and NEUROVFM_SITE_SECRET?); nothing written")
+    model, teacher, cfg, ck = load_run(a.run, a.random_init, a.seed)
     plan = sorted(by_study)
     if a.max_studies:
         keep, seen = [], defaultdict(int)
@@ -202,12 +235,14 @@ def main(argv=None) -> int:
                 entry = cache.get(sk)
             except KeyError:
                 continue
-            if mod == "CT":
-                u8, coords, _ = cache.views(entry, [a.ct_view])
+            if mod == "CT":  # the bone window too when it decides soft tissue: one read of the series
+                u8, coords, _ = cache.views(entry, [a.ct_view, "bone"] if a.soft_tissue and a.ct_view != "bone"
+                                            else [a.ct_view])
                 view = a.ct_view
             else:
                 u8, coords, _ = cache.views(entry)
                 view = "mr"
+            bone = np.asarray(u8[:, -1]) if mod == "CT" and a.soft_tissue else None
             u8 = np.asarray(u8[:, 0])
             coords = np.asarray(coords, np.int64)
             if len(coords) < cfg.mask.min_tokens:
@@ -217,8 +252,7 @@ def main(argv=None) -> int:
             _, code = token_codes(entry.grid_affine_array, coords, nib.load(truth[sk].mask))
             les, inten = code > 0, intensity_outlier(u8)
             if a.soft_tissue:
-                kind = (token_kinds(np.asarray(cache.views(entry, ["bone"])[0][:, 0]), "bone") if mod == "CT"
-                        else token_kinds(u8, view))
+                kind = token_kinds(bone, "bone") if bone is not None else token_kinds(u8, view)
                 keep = kind == KIND_SOFT
                 les, s, inten = les[keep], s[keep], inten[keep]
             les_all.append(les)
@@ -235,6 +269,8 @@ def main(argv=None) -> int:
         rows.append({"modality": mod, "patient": pat, "uniform": float(les.mean()),
                      "hit_surprise": float(les[int(np.argmax(sur))]), "hit_intensity": float(les[int(np.argmax(inten))]),
                      "mass_inside_surprise": float(sur[les].sum() / sur.sum()) if sur.sum() > 0 else 0.0})
+    if not rows:
+        raise SurpriseInputError(f"no study of {a.archive} had lesion tokens in {a.cache}; nothing written")
     result = {"run": ck, "config": {k: v for k, v in vars(a).items() if k != "out"}, "modalities": {}}
     for mod in sorted({r["modality"] for r in rows}):
         rs = [r for r in rows if r["modality"] == mod]
@@ -282,6 +318,14 @@ def _auroc_ci(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n: int, seed: in
         if 0 < y[take].sum() < len(take):
             vals.append(M.auroc(y[take], s[take]))
     return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
+
+
+def _in_cache(cache: TokenCache, series_key: str) -> bool:
+    try:
+        cache.get(series_key)
+    except KeyError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
