@@ -25,7 +25,8 @@ from neurovfm.pretrain.checkpoint import CheckpointError, latest_checkpoint, loa
 from neurovfm.pretrain.config import ConfigError, OptimConfig, config_from_dict, load_config
 from neurovfm.pretrain.data import (BatchLoader, DataConfig, DataConfigError, _augment, plan_epoch, select_studies,
                                     series_rng)
-from neurovfm.pretrain.jepa import COVARIANCE_SHARE, JEPA, make_teacher, teacher_targets, variance_covariance
+from neurovfm.pretrain.jepa import (COVARIANCE_SHARE, JEPA, make_teacher, series_standardise, teacher_targets,
+                                   variance_covariance)
 from neurovfm.pretrain.loop import Pretrainer, lr_at, momentum_at, pretrain
 from neurovfm.pretrain.masks import MaskConfig, make_mask, tube_target
 
@@ -202,6 +203,76 @@ def test_loss_is_mean_smooth_l1_over_targets(small):
     assert torch.allclose(loss_sum, expect, rtol=1e-5)
     # targets are layer-normed teacher outputs
     assert torch.allclose(target.mean(-1), torch.zeros(target.shape[0]), atol=1e-4)
+
+
+def test_series_standardise_is_instance_norm_per_series():
+    g = torch.Generator().manual_seed(0)
+    lengths = [7, 2, 30, 1]
+    h = torch.randn(sum(lengths), 12, generator=g) * 3 + torch.randn(12, generator=g)
+    cu = [0] + np.cumsum(lengths).tolist()
+    out = series_standardise(h, cu)
+    for i, n in enumerate(lengths):
+        part = h[cu[i]:cu[i + 1]]
+        if n > 1:
+            want = torch.nn.functional.instance_norm(part.T.unsqueeze(0), eps=1e-5)[0].T
+            assert torch.allclose(out[cu[i]:cu[i + 1]], want, atol=1e-5)
+        else:  # one token: nothing varies, the target is zero
+            assert torch.equal(out[cu[i]:cu[i + 1]], torch.zeros_like(part))
+    with pytest.raises(ValueError, match="at least one token"):
+        series_standardise(h, [0, 0] + cu[1:])
+
+
+def test_instance_targets_ignore_what_a_series_shares(small):
+    """With ``target_norm: instance`` a vector added to every token of one series leaves the
+    targets unchanged (with layer norm it changes them), and targets are the series-standardised
+    teacher outputs at the target rows, statistics from all of the series' tokens."""
+    _, cache, splits = small
+    cfg = load_config_dict(cache, splits, "/nonexistent")
+    series = [s for st in select_studies(cfg.data, 8) for s in st.series][:3]
+    batch = BatchLoader(cfg.data, cfg.mask, 0).load(series, 0)
+    torch.manual_seed(0)
+    teacher = make_teacher(JEPA(cfg.model.encoder_config(), cfg.model.predictor_config()).student)
+    target, h = teacher_targets(teacher, batch, "instance")
+    assert torch.allclose(target, series_standardise(h, batch.packed.cu)[batch.tgt_idx])
+    s, e = batch.packed.cu[0], batch.packed.cu[1]
+    full = series_standardise(h, batch.packed.cu)[s:e]
+    assert torch.allclose(full.mean(0), torch.zeros(h.shape[1]), atol=1e-4)
+    raw = h[s:e].float().var(0, unbiased=False)  # unit variance up to eps (a near-constant channel is not blown up)
+    assert torch.allclose(full.var(0, unbiased=False), raw / (raw + 1e-5), atol=1e-4)
+
+    class Shifted(torch.nn.Module):  # the same teacher, plus one vector on every token of series 0
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, packed):
+            out = teacher(packed).clone()
+            out[s:e] += self.shift
+            return out
+
+    shift = 5 * torch.randn(h.shape[1], generator=torch.Generator().manual_seed(1))
+    same, _ = teacher_targets(Shifted(shift), batch, "instance")
+    assert torch.allclose(same, target, atol=1e-4)
+    lay, _ = teacher_targets(teacher, batch, "layer")
+    lay_shifted, _ = teacher_targets(Shifted(shift), batch, "layer")
+    assert not torch.allclose(lay, lay_shifted, atol=1e-2)
+    with pytest.raises(ValueError, match="target norm"):
+        teacher_targets(teacher, batch, "batch")
+
+
+def test_target_norm_changes_training_and_is_validated(small, tmp_path):
+    _, cache, splits = small
+    d = cfg_dict(cache, splits, str(tmp_path / "inst"), epochs=1)
+    d["optim"] = {"target_norm": "instance"}
+    pretrain(config_from_dict(d), max_steps=3, progress=False)
+    pretrain(load_config_dict(cache, splits, str(tmp_path / "plain"), epochs=1), max_steps=3, progress=False)
+    wi, _ = _weights(str(tmp_path / "inst"))
+    wp, _ = _weights(str(tmp_path / "plain"))
+    assert not all(torch.equal(wi[k], wp[k]) for k in wp if k.startswith("student"))
+    meta = json.load(open(os.path.join(latest_checkpoint(str(tmp_path / "inst")), "state.json")))
+    assert meta["config"]["optim"]["target_norm"] == "instance"
+    with pytest.raises(ConfigError, match="target_norm"):
+        config_from_dict({"optim": {"target_norm": "batch"}})
 
 
 def test_variance_covariance_term():

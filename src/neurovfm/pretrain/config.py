@@ -21,6 +21,7 @@ import yaml
 from neurovfm.errors import NeuroVFMError
 from neurovfm.models.config import EncoderConfig, PredictorConfig, encoder_config
 from neurovfm.pretrain.data import DataConfig
+from neurovfm.pretrain.jepa import TARGET_NORMS
 from neurovfm.pretrain.masks import MaskConfig
 
 
@@ -54,6 +55,10 @@ class OptimConfig:
     # weight of a variance-covariance term (VICReg's, on the student's context features) added to
     # the JEPA loss against dimensional collapse; 0 = the reference's loss alone (pretrain/jepa.py)
     var_cov: float = 0.0
+    # how the teacher's outputs become targets (pretrain/jepa.py): "layer" = each
+    # token layer-normed over its channels (the reference); "instance" = each channel standardised
+    # over the tokens of its series, so what every token shares carries no weight in the loss
+    target_norm: str = "layer"
 
     def __post_init__(self) -> None:
         if not 0 <= self.warmup_frac < 1:
@@ -64,6 +69,8 @@ class OptimConfig:
             raise ValueError("learning rates must be non-negative")
         if self.var_cov < 0:
             raise ValueError(f"var_cov must be >= 0, got {self.var_cov}")
+        if self.target_norm not in TARGET_NORMS:
+            raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {self.target_norm!r}")
 
 
 @dataclass(frozen=True)

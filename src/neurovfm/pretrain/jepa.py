@@ -4,7 +4,8 @@ The student and predictor live in one module (``JEPA``) so DDP/FSDP wrap exactly
 parameters; the teacher is kept apart (no gradients), updated by ``ema_update`` after each
 optimizer step. The loss is Smooth L1 between the predictions and the teacher's layer-normed
 outputs at the target tokens, summed over tokens (mean over channels) and divided by the number
-of target tokens summed over all ranks; multiplied by the world size so that DDP's gradient
+of target tokens summed over all ranks (``optim.target_norm: instance`` instead standardises each
+channel over the tokens of its series, as data2vec does, see ``series_standardise``); multiplied by the world size so that DDP's gradient
 average gives exactly the single-process gradient over the same tokens.
 
 Optionally (``optim.var_cov`` > 0) a variance-covariance term on the student's context features
@@ -76,11 +77,43 @@ def make_teacher(student: Encoder) -> Encoder:
     return t.eval()
 
 
+# how teacher outputs become targets: per token over channels, or per channel over a series' tokens
+TARGET_NORMS = ("layer", "instance")
+
+
+def series_standardise(h: torch.Tensor, cu: list[int], eps: float = 1e-5) -> torch.Tensor:
+    """Each channel of ``h`` [N, D] centred and scaled to unit variance over the tokens of its
+    series (rows ``cu[i]:cu[i+1]``): instance normalisation of a packed batch.
+
+    Why: with per-token layer norm a teacher whose tokens all point the same way makes the
+    shared direction the easiest thing to predict, and the small tiny-ViT runs collapse onto a
+    few such directions (effective rank ~10 of 192, predictor cosine 0.98). Standardised per
+    series, what all of a series' tokens share is removed and every channel's variation across
+    the head weighs the same in the loss, so the predictor has to say how tokens differ."""
+    h = h.float()
+    lengths = torch.diff(torch.as_tensor(cu, device=h.device))
+    if (lengths < 1).any():
+        raise ValueError("series_standardise: every series needs at least one token")
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=h.device), lengths)
+    count = lengths.to(h.dtype).unsqueeze(1)
+    mean = h.new_zeros(len(lengths), h.shape[1]).index_add_(0, seg, h) / count
+    hc = h - mean[seg]
+    var = h.new_zeros(len(lengths), h.shape[1]).index_add_(0, seg, hc * hc) / count
+    return hc * torch.rsqrt(var[seg] + eps)
+
+
 @torch.no_grad()
-def teacher_targets(teacher: Encoder, batch: JEPABatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layer-normed teacher outputs at the targets [N_tgt, D], raw outputs of all tokens [N, D])."""
+def teacher_targets(teacher: Encoder, batch: JEPABatch, norm: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised teacher outputs at the targets [N_tgt, D], raw outputs of all tokens [N, D]).
+    ``norm``: "layer" (the reference: each token over its channels) or "instance" (each channel
+    over the tokens of its series, statistics from all of the series' tokens, not only targets)."""
     h = teacher(batch.packed)
-    hn = F.layer_norm(h.float(), (h.shape[-1],))
+    if norm == "layer":
+        hn = F.layer_norm(h.float(), (h.shape[-1],))
+    elif norm == "instance":
+        hn = series_standardise(h, batch.packed.cu)
+    else:
+        raise ValueError(f"target norm must be one of {TARGET_NORMS}, got {norm!r}")
     return hn[batch.tgt_idx], h
 
 

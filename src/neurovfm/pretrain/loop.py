@@ -272,7 +272,7 @@ class Pretrainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         with autocast(cfg, self.device):
-            target, h = teacher_targets(self.teacher, batch)
+            target, h = teacher_targets(self.teacher, batch, cfg.optim.target_norm)
         n_global = global_count(int(target.shape[0]), self.device)
         with autocast(cfg, self.device):
             loss_sum, pred, z = self.wrapped(batch, target)
