@@ -5,8 +5,9 @@ parameters; the teacher is kept apart (no gradients), updated by ``ema_update`` 
 optimizer step. The loss is Smooth L1 between the predictions and the teacher's layer-normed
 outputs at the target tokens, summed over tokens (mean over channels) and divided by the number
 of target tokens summed over all ranks (``optim.target_norm: instance`` instead standardises each
-channel over the tokens of its series, as data2vec does, see ``series_standardise``); multiplied by the world size so that DDP's gradient
-average gives exactly the single-process gradient over the same tokens.
+channel over the tokens of its series, as data2vec does: ``series_standardise``; a series never
+spans two ranks, so its statistics are local); multiplied by the world size so that DDP's
+gradient average gives exactly the single-process gradient over the same tokens.
 
 Optionally (``optim.var_cov`` > 0) a variance-covariance term on the student's context features
 is added (``variance_covariance``): small tiny-ViT runs on a few hundred studies lose most of
