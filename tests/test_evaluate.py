@@ -256,6 +256,47 @@ def test_auto_head_is_chosen_on_validation(world):
     np.testing.assert_array_equal(r1.probs_test, r2.probs_test)
 
 
+def test_head_seed_ensemble_is_chosen_on_validation_and_averages_its_members(world):
+    """--head-seeds 3 with --head auto: the kind is the one a single auto head chooses, member 0
+    *is* that head, the test logits are the mean of the members', and nothing moves when every
+    test label is flipped."""
+    fs = FeatureStore(world["feats"]["a"])
+    train = HeadTrainConfig(epochs=2, seed=0)
+    single = EvalConfig(train=train, bootstrap=100, min_test_positives=1, head_auto=True)
+    ens = EvalConfig(train=train, bootstrap=100, min_test_positives=1, head_auto=True, head=HeadConfig(ensemble=3))
+    t1 = read_study_table(world["labels"], "MR", studies=set(fs.studies()))
+    r1, re = fit_modality("a", fs, t1, single), fit_modality("a", fs, t1, ens)
+    assert re.head_cfg.kind == r1.head_cfg.kind and re.head_cfg.ensemble == 3
+    assert re.member_logits_test.shape == (3, *r1.logits_test.shape)
+    np.testing.assert_allclose(re.member_logits_test[0], r1.logits_test, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(re.logits_test, re.member_logits_test.mean(0), rtol=1e-5, atol=1e-5)
+    assert sorted({h["member"] for h in re.history}) == [0, 1, 2]
+    t2 = read_study_table(world["labels"], "MR", studies=set(fs.studies()))
+    te = t2.index("test")
+    t2.y[te] = np.where(np.isnan(t2.y[te]), np.nan, 1 - t2.y[te])
+    np.testing.assert_array_equal(fit_modality("a", fs, t2, ens).probs_test, re.probs_test)
+
+
+def test_cli_head_seed_ensemble(world, tmp_path):
+    """`--head-seeds 2`: the metrics name the ensemble and report each member's headline macro
+    AUROC (the seed spread) beside the ensemble's, which is the one the intervals describe; a
+    size below one is refused with the reason."""
+    out = str(tmp_path / "eval")
+    f = world["feats"]
+    base = ["evaluate", "--features", f"a={f['a']}", "--labels", world["labels"], "--out", out,
+            "--min-test-positives", "1", "--bootstrap", "100", "--epochs", "2", "--head", "mean", "--quiet"]
+    assert cli_main(base + ["--head-seeds", "2"]) == 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    for mod, e in m["models"]["a"].items():
+        assert e["head"] == "mean (mean logit of 2 seeds)"
+        hm = e["head_members"]
+        assert hm["seeds"] == 2 and len(hm["member_macro_auroc"]) == 2
+        assert hm["member_range"] == [min(hm["member_macro_auroc"]), max(hm["member_macro_auroc"])]
+        assert hm["ensemble_macro_auroc"] == pytest.approx(e["macro_auroc"]["estimate"], abs=1e-9), mod
+    assert "each seed's head" in open(os.path.join(out, "index.html")).read()
+    assert cli_main(base + ["--head-seeds", "0"]) == 2
+
+
 def test_label_table_errors(world, tmp_path):
     src = world["labels"]
     with open(src, newline="") as fh:

@@ -4,16 +4,20 @@ and saved heads reload exactly."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from neurovfm.eval.metrics import auroc
 from neurovfm.models.folder import ModelFolderError
-from neurovfm.probe.heads import HeadConfig, build_head, contribution_bias, token_contributions
+from neurovfm.probe.heads import HeadConfig, HeadEnsemble, build_head, contribution_bias, token_contributions
 from neurovfm.probe.train import HeadTrainConfig, fit_head, load_head, predict, save_head
 
 KINDS = ["gated", "abmil", "mean", "topk"]
+# every kind alone, and seed ensembles (HeadEnsemble) of two kinds
+CONFIGS = [HeadConfig(kind=k) for k in KINDS] + [HeadConfig(kind="gated", ensemble=3), HeadConfig(kind="topk", ensemble=2)]
 
 
 @pytest.fixture(autouse=True)
@@ -32,11 +36,11 @@ def _batch(rng, lengths, dim):
     return feats, cu
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_attention_sums_to_one_per_class_per_study(kind):
+@pytest.mark.parametrize("hc", CONFIGS, ids=lambda c: f"{c.kind}x{c.ensemble}")
+def test_attention_sums_to_one_per_class_per_study(hc):
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    head = build_head(HeadConfig(kind=kind), 24, 5).eval()
+    head = build_head(hc, 24, 5).eval()
     lengths = rng.integers(1, 60, size=7).tolist()
     feats, cu = _batch(rng, lengths, 24)
     logits, attn = head(feats, cu)
@@ -59,13 +63,13 @@ def test_a_studys_output_does_not_depend_on_its_batch(kind):
     torch.testing.assert_close(a1, attn[30:35], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_token_contributions_add_up_to_the_logit(kind):
-    """bias + the study's tokens' contributions == the head's logit, for every head kind (so a
-    contribution map is an exact decomposition, not a heuristic)."""
+@pytest.mark.parametrize("hc", CONFIGS, ids=lambda c: f"{c.kind}x{c.ensemble}")
+def test_token_contributions_add_up_to_the_logit(hc):
+    """bias + the study's tokens' contributions == the head's logit, for every head kind and for
+    ensembles (so a contribution map is an exact decomposition, not a heuristic)."""
     rng = np.random.default_rng(5)
     torch.manual_seed(0)
-    head = build_head(HeadConfig(kind=kind), 20, 4).eval()
+    head = build_head(hc, 20, 4).eval()
     with torch.no_grad():  # non-trivial norm and bias parameters
         for p in head.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -147,3 +151,50 @@ def test_save_and_load_round_trip(tmp_path):
     assert meta["labels"] == ["a", "b"] and meta["thresholds"]["b"] == float("inf")
     with pytest.raises(ModelFolderError, match="no head named"):
         load_head(str(tmp_path), "head_mr")
+
+
+def test_seed_ensemble_is_the_mean_of_heads_trained_with_consecutive_seeds():
+    """``ensemble = 3``: member m is exactly the single head fitted with seed ``seed + m`` (each
+    stopped on validation by itself), the ensemble's logits are their mean, and the members differ
+    (otherwise an ensemble would average one head three times)."""
+    rng = np.random.default_rng(6)
+    direction = np.ones(8, np.float32) / np.sqrt(8)
+    tr, ytr, _ = _signal_bags(rng, 60, 8, direction)
+    va, yva, _ = _signal_bags(rng, 30, 8, direction)
+    te, _, _ = _signal_bags(rng, 20, 8, direction)
+    cfg = HeadTrainConfig(epochs=4, seed=7)
+    ens, hist = fit_head(tr, ytr, va, yva, cfg, HeadConfig(kind="gated", ensemble=3))
+    assert isinstance(ens, HeadEnsemble) and len(ens.members) == 3
+    assert sorted({r["member"] for r in hist}) == [0, 1, 2]
+    singles = [fit_head(tr, ytr, va, yva, replace(cfg, seed=7 + m), HeadConfig(kind="gated"))[0] for m in range(3)]
+    member_logits = []
+    for m, single in enumerate(singles):
+        for k, v in single.state_dict().items():
+            assert torch.equal(v, ens.members[m].state_dict()[k]), (m, k)
+        member_logits.append(predict(single, te)[0])
+    logits, attn = predict(ens, te)
+    np.testing.assert_allclose(logits, np.mean(member_logits, 0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(member_logits[0], member_logits[1])
+    for a in attn:
+        np.testing.assert_allclose(a.sum(0), 1.0, atol=1e-5)
+
+
+def test_ensemble_save_and_load_round_trip(tmp_path):
+    rng = np.random.default_rng(8)
+    torch.manual_seed(0)
+    hc = HeadConfig(kind="abmil", ensemble=2)
+    head = build_head(hc, 12, 2).eval()
+    with torch.no_grad():  # members differ
+        for p in head.members[1].parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    bags = [rng.normal(size=(int(rng.integers(5, 30)), 12)).astype(np.float32) for _ in range(4)]
+    before, _ = predict(head, bags)
+    save_head(str(tmp_path), head, hc, ["a", "b"], name="head_mr")
+    again, meta = load_head(str(tmp_path), "head_mr")
+    assert isinstance(again, HeadEnsemble) and meta["head"]["ensemble"] == 2 and meta["dim"] == 12
+    np.testing.assert_array_equal(before, predict(again, bags)[0])
+
+
+def test_ensemble_size_is_validated():
+    with pytest.raises(ValueError, match="ensemble"):
+        HeadConfig(ensemble=0)

@@ -184,7 +184,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         names["CT"] = read_label_names(a.ct_labels)
     if a.mr_labels:
         names["MR"] = read_label_names(a.mr_labels)
-    cfg = EvalConfig(head=HeadConfig(kind="gated" if a.head == "auto" else a.head), head_auto=a.head == "auto",
+    cfg = EvalConfig(head=HeadConfig(kind="gated" if a.head == "auto" else a.head, ensemble=a.head_seeds),
+                     head_auto=a.head == "auto",
                      train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
                      calibration=a.calibration, target_sensitivity=a.target_sensitivity,
                      min_test_positives=a.min_test_positives, bootstrap=a.bootstrap, seed=a.seed,
@@ -411,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mr-labels", help="MRI label list (default: every MRI label column)")
     s.add_argument("--head", choices=["gated", "abmil", "mean", "topk", "auto"], default="gated",
                    help="head kind; auto: each model's best kind on validation")
+    s.add_argument("--head-seeds", type=int, default=1,
+                   help="a seed ensemble of this many heads per feature set (seeds --seed, --seed + 1, ...; with "
+                        "--head auto the kind is chosen on the first), scored by their mean logit; each member's "
+                        "test macro AUROC is reported too (the seed spread)")
     s.add_argument("--epochs", type=int, default=40)
     s.add_argument("--calibration", choices=["platt", "temperature", "shrunk-platt"], default="platt",
                    help="fitted on validation; shrunk-platt pulls each label toward its base rate by as much as "

@@ -25,7 +25,7 @@ from neurovfm.eval.data import StudyTable, add_series_meta, read_study_table
 from neurovfm.probe.cnn3d import CNNConfig
 from neurovfm.probe.embed import FeatureStore, encoder_id
 from neurovfm.probe.heads import HEADS, HeadConfig
-from neurovfm.probe.train import HeadTrainConfig, fit_head, predict, save_head
+from neurovfm.probe.train import HeadTrainConfig, fit_ensemble, fit_head, predict, save_head
 from neurovfm.pretrain.data import KIND_SOFT
 from neurovfm.synth import tables
 from neurovfm.tokens.cache import TokenCache
@@ -87,6 +87,7 @@ class ModalityRun:
     head: Any
     calibrator: Any
     head_cfg: HeadConfig | None = None  # the head kind used (chosen on validation with --head auto)
+    member_logits_test: np.ndarray | None = None  # [members, N, C] of a head ensemble (seed spread)
 
     @property
     def scores_test(self) -> np.ndarray:
@@ -108,23 +109,32 @@ def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalCon
     head_cfg, head, history = None, None, []
     # "auto": every head kind is fitted and the one with the best *validation* macro AUROC kept,
     # so each feature set is judged with its own best head and the test split never chooses
+    # (with an ensemble, on its first member: the other seeds are trained for the chosen kind only)
     kinds = HEAD_KINDS if cfg.head_auto else (cfg.head.kind,)
+    train_b, val_b, test_b = [bags[i] for i in tr], [bags[i] for i in va], [bags[i] for i in te]
     best = -np.inf
     for kind in kinds:
-        hc = replace(cfg.head, kind=kind)
-        h, hist = fit_head([bags[i] for i in tr], table.y[tr], [bags[i] for i in va], table.y[va], cfg.train,
-                           head_cfg=hc)
+        hc = replace(cfg.head, kind=kind, ensemble=1)
+        h, hist = fit_head(train_b, table.y[tr], val_b, table.y[va], cfg.train, head_cfg=hc)
         score = max((r["val_macro_auroc"] for r in hist if np.isfinite(r["val_macro_auroc"])), default=-np.inf)
         if head is None or score > best:
             best, head_cfg, head, history = score, hc, h, hist
-    lv, _ = predict(head, [bags[i] for i in va])
-    lt, attn = predict(head, [bags[i] for i in te])
+    member_logits = None
+    if cfg.head.ensemble > 1:
+        head_cfg = replace(head_cfg, ensemble=cfg.head.ensemble)
+        head, history = fit_ensemble(train_b, table.y[tr], val_b, table.y[va], cfg.train, head_cfg,
+                                     first=(head, history))
+        member_logits = np.stack([predict(m, test_b)[0] for m in head.members])
+    lv, _ = predict(head, val_b)
+    lt, attn = predict(head, test_b)
     nonbrain = []
     for a, i in zip(attn, te):
         kinds = store.bag_kinds(table.study_keys[i], cfg.ct_windows)
         a = np.asarray(a, np.float64)  # [n_tokens, C], sums to one per class
         nonbrain.append(float(a[kinds != KIND_SOFT].sum(0).mean()))
-    return _calibrated_run(name, table, lv, lt, np.array(nonbrain), history, head, head_cfg, cfg)
+    run = _calibrated_run(name, table, lv, lt, np.array(nonbrain), history, head, head_cfg, cfg)
+    run.member_logits_test = member_logits
+    return run
 
 
 def _calibrated_run(name: str, table: StudyTable, lv, lt, nonbrain: np.ndarray, history: list, head, head_cfg,
@@ -147,6 +157,11 @@ CNN_NAME = "cnn3d"
 def cnn_head_name(cnn) -> str:
     """How the CNN baseline is named in the metrics: an ensemble says how many networks it averages."""
     return "3-D CNN, end to end" + (f" (mean logit of {cnn.ensemble} seeds)" if cnn and cnn.ensemble > 1 else "")
+
+
+def head_name(hc: HeadConfig) -> str:
+    """How a head is named in the metrics: an ensemble says how many seeds it averages."""
+    return hc.kind + (f" (mean logit of {hc.ensemble} seeds)" if hc.ensemble > 1 else "")
 
 
 def fit_cnn_modality(table: StudyTable, cache_dir: str, cfg: EvalConfig, progress: bool = True) -> ModalityRun:
@@ -255,6 +270,21 @@ def bootstrap_macro(run: ModalityRun, labels: list[str], cfg: EvalConfig) -> dic
     groups = run.table.patients[run.test_idx]
     res = M.bootstrap_ci_multilabel(y, p, groups, M.auroc, n=cfg.bootstrap, seed=cfg.seed)
     return res
+
+
+def member_spread(run: ModalityRun, labels: list[str]) -> dict[str, Any]:
+    """Test macro AUROC over ``labels`` of each member of a head ensemble (seed ``seed + m``) and of
+    their mean logit: how far the seed of a head alone moves the headline number."""
+    c = _cols(run, labels)
+    y = run.table.y[run.test_idx][:, c]
+
+    def macro(scores: np.ndarray) -> float:
+        return float(np.nanmean([M.auroc(y[:, j], scores[:, j]) for j in range(len(c))]))
+
+    members = [macro(lg[:, c]) for lg in run.member_logits_test]
+    return {"seeds": len(members), "member_macro_auroc": members, "member_mean": float(np.mean(members)),
+            "member_sd": float(np.std(members, ddof=1)) if len(members) > 1 else None,
+            "member_range": [float(min(members)), float(max(members))], "ensemble_macro_auroc": macro(run.logits_test[:, c])}
 
 
 def triage_summary(run: ModalityRun, cfg: EvalConfig) -> dict[str, Any]:
@@ -368,7 +398,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
             lm = label_metrics(run, cfg.seed)
             for r in lm:
                 rows_csv.append({"model": name, "modality": mod, "headline": r["label"] in headline, **r})
-            kind = cnn_head_name(cfg.cnn) if name == CNN_NAME else (run.head_cfg.kind if run.head_cfg else cfg.head.kind)
+            kind = cnn_head_name(cfg.cnn) if name == CNN_NAME else head_name(run.head_cfg or cfg.head)
             entry = {"labels": lm, "headline_labels": headline, "head": kind,
                      "test_studies": int(len(run.test_idx)), "history": run.history,
                      "attention_on_nonbrain_tokens": _finite(float(np.mean(run.attn_nonbrain))),
@@ -384,6 +414,8 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
                 c = _cols(run, headline)
                 res = M.calibration_resolution(run.table.y[run.test_idx][:, c], run.probs_test[:, c], headline, cfg.seed)
                 entry["calibration_resolution"] = {k: _finite(v) if isinstance(v, float) else v for k, v in res.items()}
+                if run.member_logits_test is not None:
+                    entry["head_members"] = member_spread(run, headline)
             pred_rows += prediction_rows(run)
             all_scored = [r["auroc"] for r in lm if r.get("auroc") is not None]
             entry["macro_auroc_all_scored_labels"] = float(np.mean(all_scored)) if all_scored else None

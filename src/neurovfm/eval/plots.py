@@ -165,6 +165,11 @@ def write_html(out_dir: str, summary: dict[str, Any]) -> str:
                          f"ECE headline mean before {_fmt(e.get('headline_ece_before'))}, after "
                          f"{_fmt(e.get('headline_ece_after'))}; attention on air/bone tokens "
                          f"{_fmt(e.get('attention_on_nonbrain_tokens'))}</p>")
+            hm = e.get("head_members")
+            if hm:
+                parts.append(f"<p>Head: {html.escape(str(e.get('head')))}; headline macro AUROC of each seed's head "
+                             f"{', '.join(_fmt(v) for v in hm['member_macro_auroc'])} (sd {_fmt(hm.get('member_sd'))}); "
+                             f"their mean logit {_fmt(hm.get('ensemble_macro_auroc'))}</p>")
             cr = e.get("calibration_resolution")
             if cr:
                 parts.append(f"<p>Calibration resolution: a perfectly calibrated model with these predictions "

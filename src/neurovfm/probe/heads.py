@@ -14,6 +14,10 @@ within each study, so it is directly a map of where each finding was seen.
   logit is the mean of each class's ``top_k`` highest token scores plus a bias (attention = 1/k
   on those tokens). Its inductive bias is "a finding is present when a few tokens look like it",
   which ties the map to the decision: the tokens that made the logit are the map.
+
+``ensemble > 1`` builds that many heads of one kind, trained with consecutive seeds, whose logits,
+attention and token contributions are averaged: on a few hundred training studies the seed of a
+head moves test AUROC by several points, and a mean over seeds is both better and reproducible.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class HeadConfig:
     attn_dim: int = 128  # gated attention width
     dropout: float = 0.1
     top_k: int = 4  # topk head: tokens averaged per class (fewer when a study has fewer tokens)
+    ensemble: int = 1  # heads (seeds) whose logits are averaged
 
     def __post_init__(self) -> None:
         if self.kind not in ("gated", "abmil", "mean", "topk"):
@@ -39,6 +44,8 @@ class HeadConfig:
             raise ValueError("dropout must be in [0, 1)")
         if self.top_k < 1:
             raise ValueError("top_k must be >= 1")
+        if self.ensemble < 1:
+            raise ValueError("ensemble must be >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,8 +169,32 @@ class TopKHead(nn.Module):
 HEADS = {"gated": GatedAttentionHead, "abmil": ABMILHead, "mean": MeanPoolHead, "topk": TopKHead}
 
 
+class HeadEnsemble(nn.Module):
+    """Heads of one kind (trained with different seeds): the mean of their logits, and the mean of
+    their attention, which still sums to one per class within each study."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one head")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, feats: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [m(feats, cu) for m in self.members]
+        return torch.stack([o[0] for o in outs]).mean(0), torch.stack([o[1] for o in outs]).mean(0)
+
+
 def build_head(cfg: HeadConfig, dim: int, n_classes: int) -> nn.Module:
+    if cfg.ensemble > 1:
+        return HeadEnsemble([HEADS[cfg.kind](dim, n_classes, cfg) for _ in range(cfg.ensemble)])
     return HEADS[cfg.kind](dim, n_classes, cfg)
+
+
+def head_input_dim(head: nn.Module) -> int:
+    """Token feature width a head reads."""
+    if isinstance(head, HeadEnsemble):
+        return head_input_dim(head.members[0])
+    return int(head.norm.normalized_shape[0])
 
 
 @torch.no_grad()
@@ -175,7 +206,9 @@ def token_contributions(head: nn.Module, feats: torch.Tensor, cu: torch.Tensor) 
     what a map of a finding should show. gated: scale * a * token logit; abmil: a * (w . x);
     topk: the token logit / k on each class's top-k tokens;
     mean: the LayerNorm of the mean is affine once its mean and spread are fixed, so each token
-    carries (1/n) W (gamma * (x - mu) / sigma)."""
+    carries (1/n) W (gamma * (x - mu) / sigma); an ensemble: the mean of its members'."""
+    if isinstance(head, HeadEnsemble):
+        return torch.stack([token_contributions(m, feats, cu) for m in head.members]).mean(0)
     if isinstance(head, GatedAttentionHead):
         x = head.norm(feats)
         seg = study_index(cu, len(x))
@@ -202,6 +235,8 @@ def token_contributions(head: nn.Module, feats: torch.Tensor, cu: torch.Tensor) 
 
 def contribution_bias(head: nn.Module) -> torch.Tensor:
     """[C] the part of every logit no token carries (see ``token_contributions``)."""
+    if isinstance(head, HeadEnsemble):
+        return torch.stack([contribution_bias(m) for m in head.members]).mean(0)
     if isinstance(head, MeanPoolHead):
         return head.fc.weight @ head.norm.bias + head.fc.bias
     return head.bias

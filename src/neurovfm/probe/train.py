@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from neurovfm.eval.metrics import auroc
 from neurovfm.models.folder import (FORMAT, FORMAT_VERSION, ModelFolderError, load_state, read_config, save_tensors,
                                     update_config, write_json)
-from neurovfm.probe.heads import HeadConfig, build_head
+from neurovfm.probe.heads import HeadConfig, HeadEnsemble, build_head, head_input_dim
 
 
 @dataclass
@@ -96,10 +96,34 @@ def _predict(head: torch.nn.Module, bags: Sequence[Bag], batch_size: int) -> tup
 
 def fit_head(train_bags: Sequence[Bag], y_train, val_bags: Sequence[Bag], y_val, cfg: HeadTrainConfig | None = None,
              head_cfg: HeadConfig | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
-    """Train a head; return the epoch with the best validation macro AUROC and the history."""
+    """Train a head; return the epoch with the best validation macro AUROC and the history.
+    ``head_cfg.ensemble = N``: N heads with seeds ``cfg.seed .. cfg.seed + N - 1``, each stopped
+    on validation by itself (history rows carry ``member``)."""
     cfg, head_cfg = cfg or HeadTrainConfig(), head_cfg or HeadConfig()
+    if head_cfg.ensemble > 1:
+        return fit_ensemble(train_bags, y_train, val_bags, y_val, cfg, head_cfg)
     with torch_threads(cfg.threads):
         return _fit_head(train_bags, y_train, val_bags, y_val, cfg, head_cfg)
+
+
+def fit_ensemble(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig, head_cfg: HeadConfig,
+                 first: tuple[torch.nn.Module, list[dict[str, Any]]] | None = None
+                 ) -> tuple[HeadEnsemble, list[dict[str, Any]]]:
+    """``head_cfg.ensemble`` heads of one kind, member m trained with seed ``cfg.seed + m``;
+    ``first``: member 0 already trained (with ``cfg.seed``), e.g. while choosing the head kind."""
+    single = replace(head_cfg, ensemble=1)
+    members, history = [], []
+    for m in range(head_cfg.ensemble):
+        if m == 0 and first is not None:
+            head, hist = first
+        else:
+            with torch_threads(cfg.threads):
+                head, hist = _fit_head(train_bags, y_train, val_bags, y_val, replace(cfg, seed=cfg.seed + m), single)
+        members.append(head)
+        history += [{"member": m, **r} for r in hist]
+    ens = HeadEnsemble(members)
+    ens.eval()
+    return ens, history
 
 
 def _fit_head(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig,
@@ -161,7 +185,7 @@ def save_head(folder: str, head: torch.nn.Module, head_cfg: HeadConfig, labels: 
     if not os.path.exists(os.path.join(folder, "config.json")):
         write_json(os.path.join(folder, "config.json"), {"format": FORMAT, "format_version": FORMAT_VERSION})
     cfg = read_config(folder)
-    dim = int(head.norm.normalized_shape[0])
+    dim = head_input_dim(head)
     save_tensors(os.path.join(folder, f"{name}.safetensors"), head.state_dict(), metadata={"format": FORMAT})
     heads = dict(cfg.get("heads", {}))
     heads[name] = {"file": f"{name}.safetensors", "head": asdict(head_cfg), "dim": dim, "labels": list(labels),
