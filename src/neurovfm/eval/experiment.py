@@ -25,7 +25,7 @@ from neurovfm.eval.data import StudyTable, add_series_meta, read_study_table
 from neurovfm.probe.cnn3d import CNNConfig
 from neurovfm.probe.embed import FeatureStore, encoder_id
 from neurovfm.probe.heads import HEADS, HeadConfig
-from neurovfm.probe.train import HeadTrainConfig, fit_ensemble, fit_head, predict, save_head
+from neurovfm.probe.train import HeadTrainConfig, fit_ensemble, fit_head, predict, save_head, val_macro_auroc
 from neurovfm.pretrain.data import KIND_SOFT
 from neurovfm.synth import tables
 from neurovfm.tokens.cache import TokenCache
@@ -277,14 +277,11 @@ def member_spread(run: ModalityRun, labels: list[str]) -> dict[str, Any]:
     their mean logit: how far the seed of a head alone moves the headline number."""
     c = _cols(run, labels)
     y = run.table.y[run.test_idx][:, c]
-
-    def macro(scores: np.ndarray) -> float:
-        return float(np.nanmean([M.auroc(y[:, j], scores[:, j]) for j in range(len(c))]))
-
-    members = [macro(lg[:, c]) for lg in run.member_logits_test]
+    members = [val_macro_auroc(y, lg[:, c]) for lg in run.member_logits_test]
     return {"seeds": len(members), "member_macro_auroc": members, "member_mean": float(np.mean(members)),
             "member_sd": float(np.std(members, ddof=1)) if len(members) > 1 else None,
-            "member_range": [float(min(members)), float(max(members))], "ensemble_macro_auroc": macro(run.logits_test[:, c])}
+            "member_range": [float(min(members)), float(max(members))],
+            "ensemble_macro_auroc": val_macro_auroc(y, run.logits_test[:, c])}
 
 
 def triage_summary(run: ModalityRun, cfg: EvalConfig) -> dict[str, Any]:
