@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -191,7 +192,6 @@ def test_save_model_records_the_readout_and_refuses_another_encoder(world, tmp_p
     """Heads go only into the folder whose encoder made the features (checked before any head is
     trained), and record that encoder and the blocks the features were read from, so that
     `analyze` encodes a study exactly as the heads were fitted."""
-    import shutil
 
     from neurovfm.probe.embed import encoder_id
 
@@ -295,6 +295,55 @@ def test_cli_head_seed_ensemble(world, tmp_path):
         assert hm["ensemble_macro_auroc"] == pytest.approx(e["macro_auroc"]["estimate"], abs=1e-9), mod
     assert "each seed's head" in open(os.path.join(out, "index.html")).read()
     assert cli_main(base + ["--head-seeds", "0"]) == 2
+
+
+def test_cli_standardised_head_is_named_saved_and_shared_by_the_experiment_commands(world, tmp_path):
+    """`--standardize`: the metrics name it, the saved head carries its training-split statistics
+    and reloads to the same test logits; transfer and label-efficiency take the same head options
+    and record them."""
+    from neurovfm.probe.embed import FeatureStore
+    from neurovfm.probe.train import load_head, predict
+
+    f = world["feats"]
+    out, model = str(tmp_path / "eval"), str(tmp_path / "model")
+    shutil.copytree(str(world["root"] / "model_a"), model)  # heads go into the folder of the encoder behind 'a'
+    assert cli_main(["evaluate", "--features", f"a={f['a']}", "--labels", world["labels"], "--out", out,
+                     "--min-test-positives", "1", "--bootstrap", "100", "--epochs", "2", "--head", "gated",
+                     "--standardize", "--save-model", model, "--modalities", "CT", "--quiet"]) == 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["models"]["a"]["CT"]["head"] == "gated, standardised features"
+    head, meta = load_head(model, "head_ct")
+    assert meta["head"]["standardize"] is True
+    store = FeatureStore(f["a"])
+    with open(world["labels"], newline="") as fh:
+        split = {r["study_key"]: r["split"] for r in csv.DictReader(fh)}
+    ct = [k for k in store.studies() if store.modality(k) == "CT"]
+    train_tokens = np.concatenate([store.bag(k, dtype=np.float32) for k in ct if split[k] == "train"]).astype(np.float64)
+    # the statistics are the training split's tokens', nothing else's
+    np.testing.assert_allclose(head.pre.mean.numpy(), train_tokens.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(head.pre.inv_std.numpy(), 1 / train_tokens.std(0), rtol=1e-3)
+    with open(os.path.join(out, "predictions.csv"), newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["model"] == "a" and r["modality"] == "CT"]
+    studies = sorted({r["study"] for r in rows})
+    logits, _ = predict(head, [store.bag(k, dtype=np.float32) for k in studies])
+    raw = {(r["study"], r["label"]): float(r["prob_raw"]) for r in rows}
+    for i, k in enumerate(studies):  # the saved head gives the test predictions the evaluation wrote
+        for j, lab in enumerate(meta["labels"]):
+            if (k, lab) in raw:
+                assert 1 / (1 + np.exp(-logits[i, j])) == pytest.approx(raw[(k, lab)], abs=2e-6)
+    tr = str(tmp_path / "transfer")
+    assert cli_main(["transfer", "--features", f"a={f['a']}", "--labels", world["labels"], "--out", tr,
+                     "--epochs", "2", "--min-test-positives", "1", "--bootstrap", "100", "--standardize",
+                     "--head-seeds", "2", "--quiet"]) == 0
+    hc = json.load(open(os.path.join(tr, "transfer.json")))["config"]["head"]
+    assert hc["standardize"] is True and hc["ensemble"] == 2
+    le = str(tmp_path / "eff")
+    assert cli_main(["label-efficiency", "--features", f"a={f['a']}", "--labels", world["labels"], "--out", le,
+                     "--positives", "2,all", "--repeats", "1", "--epochs", "2", "--min-test-positives", "1",
+                     "--standardize", "--quiet"]) == 0
+    assert json.load(open(os.path.join(le, "label_efficiency.json")))["config"]["head"]["standardize"] is True
+    assert cli_main(["transfer", "--features", f"a={f['a']}", "--labels", world["labels"], "--out", tr,
+                     "--head-seeds", "0", "--quiet"]) == 2
 
 
 def test_label_table_errors(world, tmp_path):

@@ -16,8 +16,13 @@ from neurovfm.probe.heads import HeadConfig, HeadEnsemble, build_head, contribut
 from neurovfm.probe.train import HeadTrainConfig, fit_head, load_head, predict, save_head
 
 KINDS = ["gated", "abmil", "mean", "topk"]
-# every kind alone, and seed ensembles (HeadEnsemble) of two kinds
-CONFIGS = [HeadConfig(kind=k) for k in KINDS] + [HeadConfig(kind="gated", ensemble=3), HeadConfig(kind="topk", ensemble=2)]
+# every kind alone, every kind on standardised features, and seed ensembles (HeadEnsemble) of two kinds
+CONFIGS = ([HeadConfig(kind=k) for k in KINDS] + [HeadConfig(kind=k, standardize=True) for k in KINDS]
+           + [HeadConfig(kind="gated", ensemble=3), HeadConfig(kind="topk", ensemble=2, standardize=True)])
+
+
+def _cid(c: HeadConfig) -> str:
+    return f"{c.kind}x{c.ensemble}" + ("-std" if c.standardize else "")
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +41,7 @@ def _batch(rng, lengths, dim):
     return feats, cu
 
 
-@pytest.mark.parametrize("hc", CONFIGS, ids=lambda c: f"{c.kind}x{c.ensemble}")
+@pytest.mark.parametrize("hc", CONFIGS, ids=_cid)
 def test_attention_sums_to_one_per_class_per_study(hc):
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
@@ -63,16 +68,18 @@ def test_a_studys_output_does_not_depend_on_its_batch(kind):
     torch.testing.assert_close(a1, attn[30:35], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("hc", CONFIGS, ids=lambda c: f"{c.kind}x{c.ensemble}")
+@pytest.mark.parametrize("hc", CONFIGS, ids=_cid)
 def test_token_contributions_add_up_to_the_logit(hc):
     """bias + the study's tokens' contributions == the head's logit, for every head kind and for
     ensembles (so a contribution map is an exact decomposition, not a heuristic)."""
     rng = np.random.default_rng(5)
     torch.manual_seed(0)
     head = build_head(hc, 20, 4).eval()
-    with torch.no_grad():  # non-trivial norm and bias parameters
+    with torch.no_grad():  # non-trivial norm and bias parameters, and standardisation statistics
         for p in head.parameters():
             p.add_(0.3 * torch.randn_like(p))
+        for name, b in head.named_buffers():
+            b.mul_(1 + 0.5 * torch.rand_like(b)) if name.endswith("inv_std") else b.add_(torch.randn_like(b))
     feats, cu = _batch(rng, [17, 40, 3], 20)
     logits, _ = head(feats, cu)
     contrib = token_contributions(head, feats, cu)
@@ -198,3 +205,67 @@ def test_ensemble_save_and_load_round_trip(tmp_path):
 def test_ensemble_size_is_validated():
     with pytest.raises(ValueError, match="ensemble"):
         HeadConfig(ensemble=0)
+
+
+def test_standardizer_statistics_come_from_the_training_tokens_and_floor_dead_dimensions():
+    rng = np.random.default_rng(9)
+    bags = [rng.normal(3.0, 2.0, size=(int(rng.integers(5, 50)), 6)).astype(np.float32) for _ in range(9)]
+    for b in bags:
+        b[:, 5] = 7.0  # a dead dimension
+    head = build_head(HeadConfig(kind="mean", standardize=True), 6, 2)
+    head.pre.fit(bags)
+    x = np.concatenate(bags).astype(np.float64)
+    np.testing.assert_allclose(head.pre.mean.numpy(), x.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head.pre.inv_std.numpy()[:5], 1 / x.std(0)[:5], rtol=1e-4)
+    rms = np.sqrt(x.var(0).mean())  # the dead dimension's spread is floored at 1 % of the RMS spread
+    assert head.pre.inv_std[5].item() == pytest.approx(1 / (0.01 * rms), rel=1e-4)
+    z = head.pre(torch.from_numpy(np.concatenate(bags)))
+    np.testing.assert_allclose(z[:, :5].mean(0).numpy(), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z[:, :5].std(0, unbiased=False).numpy(), 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="std_floor"):
+        HeadConfig(standardize=True, std_floor=0.0)
+
+
+@pytest.mark.parametrize("kind", ["gated", "mean"])
+def test_standardised_heads_do_not_care_how_each_feature_dimension_is_scaled(kind):
+    """Features rescaled and shifted per dimension (what separates a collapsed encoder's few
+    loud dimensions from its quiet ones) train the same standardised head to the same logits;
+    without standardisation they do not. The statistics are the training split's only."""
+    rng = np.random.default_rng(10)
+    dim = 8
+    direction = np.zeros(dim, np.float32)
+    direction[2] = 1.0
+    tr, ytr, _ = _signal_bags(rng, 60, dim, direction)
+    va, yva, _ = _signal_bags(rng, 30, dim, direction)
+    te, _, _ = _signal_bags(rng, 20, dim, direction)
+    scale = rng.uniform(0.2, 5.0, size=dim).astype(np.float32)
+    scale[2] = 0.05  # the signal dimension is a quiet one
+    shift = rng.normal(0, 3, size=dim).astype(np.float32)
+
+    def warp(bags):
+        return [b * scale + shift for b in bags]
+
+    cfg = HeadTrainConfig(epochs=4, seed=3)
+    std = HeadConfig(kind=kind, standardize=True, dropout=0.0)
+    h1, _ = fit_head(tr, ytr, va, yva, cfg, std)
+    h2, _ = fit_head(warp(tr), ytr, warp(va), yva, cfg, std)
+    np.testing.assert_allclose(predict(h1, te)[0], predict(h2, warp(te))[0], atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(h2.pre.mean.numpy(), np.concatenate(warp(tr)).mean(0), rtol=1e-4, atol=1e-4)
+    plain = HeadConfig(kind=kind, dropout=0.0)
+    p1, _ = fit_head(tr, ytr, va, yva, cfg, plain)
+    p2, _ = fit_head(warp(tr), ytr, warp(va), yva, cfg, plain)
+    assert np.abs(predict(p1, te)[0] - predict(p2, warp(te))[0]).max() > 0.05
+
+
+def test_standardised_head_saves_and_reloads_its_statistics(tmp_path):
+    rng = np.random.default_rng(11)
+    bags = [rng.normal(5, 3, size=(int(rng.integers(5, 30)), 12)).astype(np.float32) for _ in range(6)]
+    y = np.array([[i % 2, (i // 2) % 2] for i in range(6)], np.float32)
+    hc = HeadConfig(kind="gated", standardize=True)
+    head, _ = fit_head(bags, y, bags, y, HeadTrainConfig(epochs=2, seed=0), hc)
+    assert not torch.allclose(head.pre.mean, torch.zeros(12))
+    save_head(str(tmp_path), head, hc, ["a", "b"])
+    again, meta = load_head(str(tmp_path))
+    assert meta["head"]["standardize"] is True
+    torch.testing.assert_close(again.pre.inv_std, head.pre.inv_std, atol=0, rtol=0)
+    np.testing.assert_array_equal(predict(head, bags)[0], predict(again, bags)[0])

@@ -167,24 +167,17 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from neurovfm.eval.data import read_label_names
     from neurovfm.eval.experiment import EvalConfig, evaluate
     from neurovfm.probe.cnn3d import CNNConfig
-    from neurovfm.probe.heads import HeadConfig
     from neurovfm.probe.train import HeadTrainConfig
 
     if a.cnn_seeds != 1 and not a.cnn_baseline:
         raise ValueError("--cnn-seeds is the CNN baseline's ensemble size: it needs --cnn-baseline")
-    feats: dict[str, str] = {}
-    for item in a.features:
-        name, _, path = item.rpartition("=")
-        name = name or os.path.basename(os.path.normpath(path))
-        if name in feats:
-            raise ValueError(f"--features: name {name!r} given twice (use NAME=PATH)")
-        feats[name] = path
+    feats = _named_features(a.features)
     names = {}
     if a.ct_labels:
         names["CT"] = read_label_names(a.ct_labels)
     if a.mr_labels:
         names["MR"] = read_label_names(a.mr_labels)
-    cfg = EvalConfig(head=HeadConfig(kind="gated" if a.head == "auto" else a.head, ensemble=a.head_seeds),
+    cfg = EvalConfig(head=_head_config(a, "gated" if a.head == "auto" else a.head),
                      head_auto=a.head == "auto",
                      train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
                      calibration=a.calibration, target_sensitivity=a.target_sensitivity,
@@ -214,13 +207,30 @@ def _named_features(items: list[str]) -> dict[str, str]:
     return feats
 
 
+def _head_config(a: argparse.Namespace, kind: str):
+    """The study-level head the evaluation commands share: kind, seed ensemble, standardisation."""
+    from neurovfm.probe.heads import HeadConfig
+
+    if a.head_seeds < 1:
+        raise ValueError(f"--head-seeds must be >= 1, not {a.head_seeds}")
+    return HeadConfig(kind=kind, ensemble=a.head_seeds, standardize=a.standardize)
+
+
+def _head_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--head-seeds", type=int, default=1,
+                   help="a seed ensemble of this many heads per feature set (seeds --seed, --seed + 1, ...; with "
+                        "--head auto the kind is chosen on the first), scored by their mean logit")
+    s.add_argument("--standardize", action="store_true",
+                   help="z-score each feature dimension with the training tokens' statistics before the head "
+                        "(saved with the head), as linear probes of self-supervised encoders do")
+
+
 def cmd_transfer(a: argparse.Namespace) -> int:
     """Cross-modal zero-shot transfer: CT-trained heads on MRI test studies and the reverse."""
     from neurovfm.eval.transfer import TransferConfig, summary_table, transfer
-    from neurovfm.probe.heads import HeadConfig
     from neurovfm.probe.train import HeadTrainConfig
 
-    cfg = TransferConfig(head=HeadConfig(kind=a.head), train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
+    cfg = TransferConfig(head=_head_config(a, a.head), train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
                          min_test_positives=a.min_test_positives, bootstrap=a.bootstrap, seed=a.seed)
     summary = transfer(_named_features(a.features), a.labels, a.out, cfg, progress=not a.quiet)
     print(summary_table(summary))
@@ -231,10 +241,9 @@ def cmd_transfer(a: argparse.Namespace) -> int:
 def cmd_label_efficiency(a: argparse.Namespace) -> int:
     """Test AUROC against the number of positive training studies per label."""
     from neurovfm.eval.efficiency import EfficiencyConfig, label_efficiency, parse_positives, summary_table
-    from neurovfm.probe.heads import HeadConfig
     from neurovfm.probe.train import HeadTrainConfig
 
-    cfg = EfficiencyConfig(head=HeadConfig(kind=a.head), train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
+    cfg = EfficiencyConfig(head=_head_config(a, a.head), train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
                            positives=parse_positives(a.positives), repeats=a.repeats,
                            min_test_positives=a.min_test_positives, modalities=a.modalities.split(","),
                            seed=a.seed)
@@ -412,10 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mr-labels", help="MRI label list (default: every MRI label column)")
     s.add_argument("--head", choices=["gated", "abmil", "mean", "topk", "auto"], default="gated",
                    help="head kind; auto: each model's best kind on validation")
-    s.add_argument("--head-seeds", type=int, default=1,
-                   help="a seed ensemble of this many heads per feature set (seeds --seed, --seed + 1, ...; with "
-                        "--head auto the kind is chosen on the first), scored by their mean logit; each member's "
-                        "test macro AUROC is reported too (the seed spread)")
+    _head_args(s)  # --head-seeds (each member's test macro AUROC is reported too: the seed spread), --standardize
     s.add_argument("--epochs", type=int, default=40)
     s.add_argument("--calibration", choices=["platt", "temperature", "shrunk-platt"], default="platt",
                    help="fitted on validation; shrunk-platt pulls each label toward its base rate by as much as "
@@ -444,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and the reverse, through the CT <-> MRI label table")
     _feature_set_args(s, "output folder (transfer.json/csv/png)")
     s.add_argument("--head", choices=["gated", "abmil", "mean", "topk"], default="gated")
+    _head_args(s)
     s.add_argument("--epochs", type=int, default=40)
     s.add_argument("--min-test-positives", type=int, default=20, help="label pairs in the macro mean have at "
                    "least this many target test positives")
@@ -457,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--positives", default="1,2,4,8,16,32,all", help="positive training studies kept per label")
     s.add_argument("--repeats", type=int, default=3, help="subsamples (and head seeds) per budget")
     s.add_argument("--head", choices=["gated", "abmil", "mean", "topk"], default="gated")
+    _head_args(s)
     s.add_argument("--epochs", type=int, default=40)
     s.add_argument("--min-test-positives", type=int, default=20, help="labels scored have at least this many "
                    "test positives")

@@ -160,8 +160,10 @@ def cnn_head_name(cnn) -> str:
 
 
 def head_name(hc: HeadConfig) -> str:
-    """How a head is named in the metrics: an ensemble says how many seeds it averages."""
-    return hc.kind + (f" (mean logit of {hc.ensemble} seeds)" if hc.ensemble > 1 else "")
+    """How a head is named in the metrics: an ensemble says how many seeds it averages, and
+    standardised features are named (the same features score differently with and without)."""
+    return (hc.kind + (", standardised features" if hc.standardize else "")
+            + (f" (mean logit of {hc.ensemble} seeds)" if hc.ensemble > 1 else ""))
 
 
 def fit_cnn_modality(table: StudyTable, cache_dir: str, cfg: EvalConfig, progress: bool = True) -> ModalityRun:

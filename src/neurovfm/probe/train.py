@@ -136,6 +136,8 @@ def _fit_head(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig,
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     head = build_head(head_cfg, dim, y_train.shape[1])
+    if head_cfg.standardize:
+        head.pre.fit(train_bags)  # training tokens only: validation and test never shape the features
     known = ~np.isnan(y_train)
     pos = np.nansum(y_train, 0)
     neg = known.sum(0) - pos
