@@ -155,6 +155,16 @@ def test_evaluate_cli_end_to_end(world):
         r = subprocess.run([sys.executable, script, *first, "--run", *run, "--pair", "a", "b"],
                            capture_output=True, text=True)
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # the same run twice, told apart by a suffix: each model minus its renamed self is exactly zero
+    r = subprocess.run([sys.executable, script, *split[("a",)], "--run", *split[("a",)], "_again", "--pair", "a",
+                        "a_again"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    same = json.loads(r.stdout)["comparisons"]["a - a_again"]
+    assert same and all(d["estimate"] == 0 and d["low"] == 0 and d["high"] == 0 for d in same.values())
+    r = subprocess.run([sys.executable, script, *split[("a",)], "--suffix", "_x", "--run", *split[("b", "hist")],
+                        "--pair", "a_x", "b"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["comparisons"]["a_x - b"] == two["a - b"]
     for argv, why in ((["--pair", "a", "nope"], "two different models among"), (["--pair", "a", "a"], "two different"),
                       (["--pair", "a", "b"], "not an evaluate run")):
         files = [os.path.join(out, "predictions.csv"), os.path.join(out, "metrics.json")]

@@ -11,7 +11,9 @@ encoder against the random-init twin, without refitting anything.
 ``--run`` adds the models of another evaluate run on the same labels file, split and settings (a new
 encoder against the random-init twin and histogram evaluated earlier, without refitting their heads);
 the runs must agree on the resample count, seed and headline labels and score the same test studies,
-and a model name may appear in one run only.
+and a model name may appear in one run only: a third value ``--run PRED METRICS SUFFIX`` (or
+``--suffix SUFFIX`` for the first run) appends SUFFIX to that run's model names, so the same
+features evaluated two ways (e.g. with and without ``--standardize``) pair as ``ref_std - ref``.
 
 AUROC is rank-based, so the raw probabilities (rounded to 6 decimals in the CSV) give the head's
 AUROC up to ties that rounding may create.
@@ -29,12 +31,12 @@ import numpy as np
 from neurovfm.eval import metrics as M
 
 
-def read_predictions(path: str) -> dict[tuple[str, str], dict[str, dict]]:
-    """(model, modality) -> study -> {"patient": hash, label: (truth, raw probability)}."""
+def read_predictions(path: str, suffix: str = "") -> dict[tuple[str, str], dict[str, dict]]:
+    """(model + suffix, modality) -> study -> {"patient": hash, label: (truth, raw probability)}."""
     rows: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     with open(path, newline="") as fh:
         for r in csv.DictReader(fh):
-            st = rows[(r["model"], r["modality"])].setdefault(r["study"], {"patient": r["patient"]})
+            st = rows[(r["model"] + suffix, r["modality"])].setdefault(r["study"], {"patient": r["patient"]})
             st[r["label"]] = (float(r["truth"]), float(r["prob_raw"]))
     return rows
 
@@ -87,17 +89,23 @@ def main() -> None:
     ap.add_argument("metrics")
     ap.add_argument("--pair", nargs=2, action="append", required=True, metavar=("A", "B"),
                     help="model A minus model B (names as in the run; repeatable)")
-    ap.add_argument("--run", nargs=2, action="append", default=[], metavar=("PREDICTIONS", "METRICS"),
-                    help="another evaluate run on the same split whose models join the pairs (repeatable)")
+    ap.add_argument("--run", nargs="+", action="append", default=[], metavar="PREDICTIONS METRICS [SUFFIX]",
+                    help="another evaluate run on the same split whose models join the pairs, its model names "
+                         "with SUFFIX appended if given (repeatable)")
+    ap.add_argument("--suffix", default="", help="appended to the first run's model names")
     ap.add_argument("--out")
     a = ap.parse_args()
+    for r in a.run:
+        if len(r) not in (2, 3):
+            ap.error(f"--run takes PREDICTIONS METRICS [SUFFIX], not {len(r)} values")
     runs = []
-    for pred_path, metrics_path in [(a.predictions, a.metrics), *a.run]:
+    for pred_path, metrics_path, *suffix in [(a.predictions, a.metrics, a.suffix), *a.run]:
+        sfx = suffix[0] if suffix else ""
         try:
             with open(metrics_path) as fh:
                 summary = json.load(fh)
-            summary["models"].items()
-            runs.append((read_predictions(pred_path), summary))
+            summary["models"] = {name + sfx: entry for name, entry in summary["models"].items()}
+            runs.append((read_predictions(pred_path, sfx), summary))
         except (OSError, ValueError, KeyError, AttributeError) as e:  # unreadable, not JSON, not evaluate's
             ap.error(f"{metrics_path} / {pred_path}: not an evaluate run's metrics.json and predictions.csv ({e!r})")
     try:
