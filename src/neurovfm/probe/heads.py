@@ -18,8 +18,9 @@ within each study, so it is directly a map of where each finding was seen.
 ``standardize``: every head first maps each feature dimension to zero mean and unit spread with
 statistics of the training split's tokens (fixed buffers saved with the head), as linear probes
 of self-supervised encoders commonly do (e.g. MAE's BatchNorm without affine before its linear
-probe): a partly collapsed encoder puts most of its variance in a few dimensions, and a
-per-token LayerNorm alone leaves the rest near zero.
+probe), since a per-token LayerNorm does not equalise dimensions. Measured on the default
+archive (README, *Standardised features*): no AUROC gain for Vol-JEPA or random-init features, a
+loss for the histogram on CT, and a 2.5-6x smaller spread over head seeds for ViT features.
 
 ``ensemble > 1`` builds that many heads of one kind, trained with consecutive seeds, whose logits,
 attention and token contributions are averaged: on a few hundred training studies the seed of a
@@ -45,7 +46,6 @@ class HeadConfig:
     ensemble: int = 1  # heads (seeds) whose logits are averaged
     standardize: bool = False  # per-dimension z-score of token features, train-split statistics
     std_floor: float = 0.01  # standardize: a dimension's spread is at least this share of the RMS spread
-
 
     def __post_init__(self) -> None:
         if self.kind not in ("gated", "abmil", "mean", "topk"):
