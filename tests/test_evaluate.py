@@ -307,13 +307,10 @@ def test_cli_head_seed_ensemble(world, tmp_path):
     assert cli_main(base + ["--head-seeds", "0"]) == 2
 
 
-def test_cli_standardised_head_is_named_saved_and_shared_by_the_experiment_commands(world, tmp_path):
+def test_cli_standardised_head_is_named_saved_and_shared_by_the_experiment_commands(world, tmp_path, monkeypatch):
     """`--standardize`: the metrics name it, the saved head carries its training-split statistics
     and reloads to the same test logits; transfer and label-efficiency take the same head options
     and record them."""
-    from neurovfm.probe.embed import FeatureStore
-    from neurovfm.probe.train import load_head, predict
-
     f = world["feats"]
     out, model = str(tmp_path / "eval"), str(tmp_path / "model")
     shutil.copytree(str(world["root"] / "model_a"), model)  # heads go into the folder of the encoder behind 'a'
@@ -352,6 +349,23 @@ def test_cli_standardised_head_is_named_saved_and_shared_by_the_experiment_comma
                      "--positives", "2,all", "--repeats", "1", "--epochs", "2", "--min-test-positives", "1",
                      "--standardize", "--quiet"]) == 0
     assert json.load(open(os.path.join(le, "label_efficiency.json")))["config"]["head"]["standardize"] is True
+    # with seed ensembles no two repeats share a head seed (single heads keep seed + repeat)
+    import neurovfm.eval.efficiency as eff
+
+    seeds, real = [], eff.fit_head
+
+    def recording(*args, **kw):
+        seeds.append(args[4].seed)  # the HeadTrainConfig each repeat's heads are fitted with
+        return real(*args, **kw)
+
+    monkeypatch.setattr(eff, "fit_head", recording)
+    table = eff.restrict(read_study_table(world["labels"], "CT", None, set(store.studies())), meta["labels"][:2])
+    for ens, want in ((2, [0, 2, 4]), (1, [0, 1, 2])):
+        seeds.clear()
+        eff.run_modality("a", store, table, eff.EfficiencyConfig(
+            head=HeadConfig(kind="mean", ensemble=ens), train=HeadTrainConfig(epochs=1, seed=0),
+            positives=[None], repeats=3, min_test_positives=1))
+        assert seeds == want
     assert cli_main(["transfer", "--features", f"a={f['a']}", "--labels", world["labels"], "--out", tr,
                      "--head-seeds", "0", "--quiet"]) == 2
 

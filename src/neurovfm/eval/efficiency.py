@@ -133,8 +133,10 @@ def run_modality(name: str, store: FeatureStore, table: StudyTable, cfg: Efficie
         used = (y_tr == 1).sum(0).astype(int)
         key = (repeat, tuple(used.tolist()))
         if key not in done:
-            head, hist = fit_head(b_tr, y_tr, b_va, table.y[va], replace(cfg.train, seed=cfg.train.seed + repeat),
-                                  head_cfg=cfg.head)
+            # repeat r's heads take seeds seed + r * N .. seed + r * N + N - 1 (N = the ensemble's size):
+            # no two repeats share a head seed, and with single heads this is seed + r as before
+            seed = cfg.train.seed + repeat * cfg.head.ensemble
+            head, hist = fit_head(b_tr, y_tr, b_va, table.y[va], replace(cfg.train, seed=seed), head_cfg=cfg.head)
             lt, _ = predict(head, b_te)
             auc = [M.auroc(y_te[:, j], lt[:, j]) for j in range(len(table.labels))]
             val = [h["val_macro_auroc"] for h in hist if np.isfinite(h["val_macro_auroc"])]
