@@ -165,12 +165,15 @@ def test_evaluate_cli_end_to_end(world):
                         "--pair", "a_x", "b"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["comparisons"]["a_x - b"] == two["a - b"]
-    for argv, why in ((["--pair", "a", "nope"], "two different models among"), (["--pair", "a", "a"], "two different"),
-                      (["--pair", "a", "b"], "not an evaluate run")):
-        files = [os.path.join(out, "predictions.csv"), os.path.join(out, "metrics.json")]
-        if why == "not an evaluate run":
-            files = [files[0], os.path.join(out, "predictions.csv")]  # a CSV where the JSON belongs
-        r = subprocess.run([sys.executable, script, *files, *argv], capture_output=True, text=True)
+    with open(os.path.join(out, "list.json"), "w") as fh:
+        json.dump([1, 2], fh)  # valid JSON, not an evaluate summary
+    pred, good = os.path.join(out, "predictions.csv"), os.path.join(out, "metrics.json")
+    for summary, argv, why in ((good, ["--pair", "a", "nope"], "two different models among"),
+                               (good, ["--pair", "a", "a"], "two different"),
+                               (pred, ["--pair", "a", "b"], "not an evaluate run"),  # a CSV where the JSON belongs
+                               (os.path.join(out, "list.json"), ["--pair", "a", "b"], "not an evaluate run"),
+                               (good, ["--pair", "a", "b", "--run", pred], "--run takes PREDICTIONS METRICS")):
+        r = subprocess.run([sys.executable, script, pred, summary, *argv], capture_output=True, text=True)
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
     cr = m["models"]["a"]["CT"].get("calibration_resolution") or m["models"]["a"]["MR"]["calibration_resolution"]
     assert cr["pooled_n"] > 0 and cr["ece_floor_mean"] > 0 and cr["test_studies_for_floor_0_05_median"] > 0

@@ -106,7 +106,7 @@ def main() -> None:
                 summary = json.load(fh)
             summary["models"] = {name + sfx: entry for name, entry in summary["models"].items()}
             runs.append((read_predictions(pred_path, sfx), summary))
-        except (OSError, ValueError, KeyError, AttributeError) as e:  # unreadable, not JSON, not evaluate's
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:  # unreadable, not JSON, not evaluate's
             ap.error(f"{metrics_path} / {pred_path}: not an evaluate run's metrics.json and predictions.csv ({e!r})")
     try:
         preds, summary = merge_runs(runs)
