@@ -13,7 +13,7 @@ import torch
 from neurovfm.eval.metrics import auroc
 from neurovfm.models.folder import ModelFolderError
 from neurovfm.probe.heads import HeadConfig, HeadEnsemble, build_head, contribution_bias, token_contributions
-from neurovfm.probe.train import HeadTrainConfig, fit_head, load_head, predict, save_head
+from neurovfm.probe.train import HeadTrainConfig, fit_head, load_head, predict, predict_members, save_head
 
 KINDS = ["gated", "abmil", "mean", "topk"]
 # every kind alone, every kind on standardised features, and seed ensembles (HeadEnsemble) of two kinds
@@ -184,6 +184,14 @@ def test_seed_ensemble_is_the_mean_of_heads_trained_with_consecutive_seeds():
     assert not np.allclose(member_logits[0], member_logits[1])
     for a in attn:
         np.testing.assert_allclose(a.sum(0), 1.0, atol=1e-5)
+    # one pass per member gives the ensemble's own outputs bit for bit, and each member's logits
+    one_logits, one_attn, members = predict_members(ens, te)
+    np.testing.assert_array_equal(one_logits, logits)
+    for a, b in zip(one_attn, attn):
+        np.testing.assert_array_equal(a, b)
+    assert members.shape == (3, len(te), ytr.shape[1])
+    for m in range(3):
+        np.testing.assert_array_equal(members[m], member_logits[m])
 
 
 def test_ensemble_save_and_load_round_trip(tmp_path):

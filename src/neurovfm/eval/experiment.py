@@ -24,8 +24,8 @@ from neurovfm.eval import metrics as M
 from neurovfm.eval.data import StudyTable, add_series_meta, read_study_table
 from neurovfm.probe.cnn3d import CNNConfig
 from neurovfm.probe.embed import FeatureStore, encoder_id
-from neurovfm.probe.heads import HEADS, HeadConfig
-from neurovfm.probe.train import HeadTrainConfig, fit_ensemble, fit_head, predict, save_head, val_macro_auroc
+from neurovfm.probe.heads import HEADS, HeadConfig, HeadEnsemble
+from neurovfm.probe.train import HeadTrainConfig, fit_ensemble, fit_head, predict, predict_members, save_head, val_macro_auroc
 from neurovfm.pretrain.data import KIND_SOFT
 from neurovfm.synth import tables
 from neurovfm.tokens.cache import TokenCache
@@ -124,9 +124,11 @@ def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalCon
         head_cfg = replace(head_cfg, ensemble=cfg.head.ensemble)
         head, history = fit_ensemble(train_b, table.y[tr], val_b, table.y[va], cfg.train, head_cfg,
                                      first=(head, history))
-        member_logits = np.stack([predict(m, test_b)[0] for m in head.members])
     lv, _ = predict(head, val_b)
-    lt, attn = predict(head, test_b)
+    if isinstance(head, HeadEnsemble):  # each member predicts the test bags once
+        lt, attn, member_logits = predict_members(head, test_b)
+    else:
+        lt, attn = predict(head, test_b)
     nonbrain = []
     for a, i in zip(attn, te):
         kinds = store.bag_kinds(table.study_keys[i], cfg.ct_windows)

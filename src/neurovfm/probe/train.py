@@ -94,6 +94,28 @@ def _predict(head: torch.nn.Module, bags: Sequence[Bag], batch_size: int) -> tup
     return np.concatenate(logits).astype(np.float64), attn
 
 
+@torch.no_grad()
+def predict_members(head: HeadEnsemble, bags: Sequence[Bag], batch_size: int = 8, threads: int = 1
+                    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """An ensemble's logits [N, C] and attention (as :func:`predict`), plus each member's logits
+    [members, N, C], from one forward pass per member: the ensemble's outputs are combined exactly
+    as ``HeadEnsemble.forward`` combines them, so they equal ``predict(head, bags)``."""
+    with torch_threads(threads):
+        head.eval()
+        logits, attn, members = [], [], []
+        for s in range(0, len(bags), batch_size):
+            idx = list(range(s, min(len(bags), s + batch_size)))
+            x, cu = _pack(bags, idx, None, None)
+            outs = [m(x, cu) for m in head.members]
+            lg = torch.stack([o[0] for o in outs])
+            a = torch.stack([o[1] for o in outs]).mean(0)
+            members.append(lg.numpy())
+            logits.append(lg.mean(0).numpy())
+            attn.extend(a[cu[k]:cu[k + 1]].numpy() for k in range(len(idx)))
+    return (np.concatenate(logits).astype(np.float64), attn,
+            np.concatenate(members, axis=1).astype(np.float64))
+
+
 def fit_head(train_bags: Sequence[Bag], y_train, val_bags: Sequence[Bag], y_val, cfg: HeadTrainConfig | None = None,
              head_cfg: HeadConfig | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """Train a head; return the epoch with the best validation macro AUROC and the history.
