@@ -218,8 +218,8 @@ def _head_config(a: argparse.Namespace, kind: str):
 
 def _head_args(s: argparse.ArgumentParser, seeds_extra: str = "") -> None:
     s.add_argument("--head-seeds", type=int, default=1,
-                   help="a seed ensemble of this many heads per feature set (seeds --seed, --seed + 1, ...; with "
-                        "--head auto the kind is chosen on the first), scored by their mean logit" + seeds_extra)
+                   help="a seed ensemble of this many heads per feature set (seeds --seed, --seed + 1, ...), "
+                        "scored by their mean logit" + seeds_extra)
     s.add_argument("--standardize", action="store_true",
                    help="z-score each feature dimension with the training tokens' statistics before the head "
                         "(saved with the head), as linear probes of self-supervised encoders do")
@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mr-labels", help="MRI label list (default: every MRI label column)")
     s.add_argument("--head", choices=["gated", "abmil", "mean", "topk", "auto"], default="gated",
                    help="head kind; auto: each model's best kind on validation")
-    _head_args(s, "; each member's test macro AUROC is reported too (the seed spread)")
+    _head_args(s, "; with --head auto the kind is chosen on the first; each member's test macro AUROC is "
+                  "reported too (the seed spread)")
     s.add_argument("--epochs", type=int, default=40)
     s.add_argument("--calibration", choices=["platt", "temperature", "shrunk-platt"], default="platt",
                    help="fitted on validation; shrunk-platt pulls each label toward its base rate by as much as "
