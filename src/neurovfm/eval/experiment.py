@@ -25,7 +25,8 @@ from neurovfm.eval.data import StudyTable, add_series_meta, read_study_table
 from neurovfm.probe.cnn3d import CNNConfig
 from neurovfm.probe.embed import FeatureStore, encoder_id
 from neurovfm.probe.heads import HEADS, HeadConfig, HeadEnsemble
-from neurovfm.probe.train import HeadTrainConfig, fit_ensemble, fit_head, predict, predict_members, save_head, val_macro_auroc
+from neurovfm.probe.train import (HeadTrainConfig, fit_ensemble, fit_head, predict, predict_members, save_head,
+                                   val_macro_auroc)
 from neurovfm.pretrain.data import KIND_SOFT
 from neurovfm.synth import tables
 from neurovfm.tokens.cache import TokenCache
