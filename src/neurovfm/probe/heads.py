@@ -236,9 +236,14 @@ class HeadEnsemble(nn.Module):
             raise ValueError("an ensemble needs at least one head")
         self.members = nn.ModuleList(members)
 
-    def forward(self, feats: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_members(self, feats: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member's logits [members, B, C] and the ensemble's attention (the members' mean)."""
         outs = [m(feats, cu) for m in self.members]
-        return torch.stack([o[0] for o in outs]).mean(0), torch.stack([o[1] for o in outs]).mean(0)
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]).mean(0)
+
+    def forward(self, feats: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, attn = self.forward_members(feats, cu)
+        return logits.mean(0), attn
 
 
 def build_head(cfg: HeadConfig, dim: int, n_classes: int) -> nn.Module:

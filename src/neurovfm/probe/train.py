@@ -81,16 +81,22 @@ def predict(head: torch.nn.Module, bags: Sequence[Bag], batch_size: int = 8,
         return _predict(head, bags, batch_size)
 
 
+def _batches(bags: Sequence[Bag], batch_size: int):
+    """(number of studies, packed tokens, cumulative token offsets) for consecutive batches, every token kept."""
+    for s in range(0, len(bags), batch_size):
+        idx = list(range(s, min(len(bags), s + batch_size)))
+        x, cu = _pack(bags, idx, None, None)
+        yield len(idx), x, cu
+
+
 @torch.no_grad()
 def _predict(head: torch.nn.Module, bags: Sequence[Bag], batch_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
     head.eval()
     logits, attn = [], []
-    for s in range(0, len(bags), batch_size):
-        idx = list(range(s, min(len(bags), s + batch_size)))
-        x, cu = _pack(bags, idx, None, None)
+    for n, x, cu in _batches(bags, batch_size):
         lg, a = head(x, cu)
         logits.append(lg.numpy())
-        attn.extend(a[cu[k]:cu[k + 1]].numpy() for k in range(len(idx)))
+        attn.extend(a[cu[k]:cu[k + 1]].numpy() for k in range(n))
     return np.concatenate(logits).astype(np.float64), attn
 
 
@@ -98,20 +104,16 @@ def _predict(head: torch.nn.Module, bags: Sequence[Bag], batch_size: int) -> tup
 def predict_members(head: HeadEnsemble, bags: Sequence[Bag], batch_size: int = 8, threads: int = 1
                     ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """An ensemble's logits [N, C] and attention (as :func:`predict`), plus each member's logits
-    [members, N, C], from one forward pass per member: the ensemble's outputs are combined exactly
-    as ``HeadEnsemble.forward`` combines them, so they equal ``predict(head, bags)``."""
+    [members, N, C], from one forward pass per member (``HeadEnsemble.forward_members``, the same
+    pass its ``forward`` averages, so the ensemble's outputs equal ``predict(head, bags)``)."""
     with torch_threads(threads):
         head.eval()
         logits, attn, members = [], [], []
-        for s in range(0, len(bags), batch_size):
-            idx = list(range(s, min(len(bags), s + batch_size)))
-            x, cu = _pack(bags, idx, None, None)
-            outs = [m(x, cu) for m in head.members]
-            lg = torch.stack([o[0] for o in outs])
-            a = torch.stack([o[1] for o in outs]).mean(0)
+        for n, x, cu in _batches(bags, batch_size):
+            lg, a = head.forward_members(x, cu)
             members.append(lg.numpy())
             logits.append(lg.mean(0).numpy())
-            attn.extend(a[cu[k]:cu[k + 1]].numpy() for k in range(len(idx)))
+            attn.extend(a[cu[k]:cu[k + 1]].numpy() for k in range(n))
     return (np.concatenate(logits).astype(np.float64), attn,
             np.concatenate(members, axis=1).astype(np.float64))
 
