@@ -90,6 +90,20 @@ def test_logistic_probe_reaches_the_optimum():
     np.testing.assert_array_equal(p.w, LogisticProbe(l2=0.1).fit(x, y).w)  # deterministic
 
 
+def test_probe_standardisation_is_unit_spread_and_leaves_constant_columns_finite():
+    from neurovfm.eval.standardize import fit_standardization, standardize
+    rng = np.random.default_rng(4)
+    x = np.c_[rng.normal(3.0, 5.0, 200), np.full(200, 7.0), rng.normal(-1.0, 0.01, 200)]
+    mean, scale = fit_standardization(x)
+    z = standardize(x, mean, scale)
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(z[:, [0, 2]].std(0), 1.0, rtol=1e-12)
+    assert scale[1] == 1.0 and np.all(z[:, 1] == 0.0)  # a constant column is centred, not divided by ~0
+    p = LogisticProbe(l2=0.1).fit(x, (x[:, 0] > 3).astype(float))  # the shortcut probe uses the same statistics
+    np.testing.assert_array_equal(p.mean, mean)
+    np.testing.assert_array_equal(p.scale, scale)
+
+
 def test_shortcut_probe_by_token_kind(tmp_path):
     store = PlantedStore()
     labels = _planted_labels(tmp_path / "labels.csv", store)

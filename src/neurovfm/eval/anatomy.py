@@ -30,6 +30,7 @@ import torch
 
 from neurovfm.errors import NeuroVFMError
 from neurovfm.eval.metrics import _interval, patient_weights
+from neurovfm.eval.standardize import fit_standardization, standardize
 from neurovfm.explain.maps import token_centres_ras
 from neurovfm.privacy.keys import Keyer
 from neurovfm.probe.embed import FeatureStore
@@ -196,10 +197,8 @@ def gather_features(store: FeatureStore, ts: TokenSet) -> np.ndarray:
 def fit_softmax(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, steps: int) -> tuple[np.ndarray, ...]:
     """Multinomial logistic regression on standardised features (L2 on weights, not biases), full
     batch L-BFGS in float64: deterministic. Returns (mean, scale, W, b)."""
-    mean = x.mean(0)
-    sd = x.std(0)
-    scale = np.where(sd > 1e-8, sd, 1.0)
-    X = torch.from_numpy((x - mean) / scale).double()
+    mean, scale = fit_standardization(x)
+    X = torch.from_numpy(standardize(x, mean, scale)).double()
     Y = torch.from_numpy(y.astype(np.int64))
     W = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
@@ -218,7 +217,7 @@ def fit_softmax(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, steps: 
 
 def predict(params: tuple[np.ndarray, ...], x: np.ndarray) -> np.ndarray:
     mean, scale, W, b = params
-    return np.argmax(((x - mean) / scale) @ W + b, axis=1)
+    return np.argmax(standardize(x, mean, scale) @ W + b, axis=1)
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:

@@ -30,6 +30,7 @@ from neurovfm.errors import NeuroVFMError
 from neurovfm.eval import metrics as M
 from neurovfm.eval.calibrate import fit_logistic, sigmoid
 from neurovfm.eval.data import StudyTable, read_study_table
+from neurovfm.eval.standardize import fit_standardization, standardize
 from neurovfm.pretrain.data import KIND_AIR, KIND_BONE, KIND_SOFT
 
 SUBSETS = ("soft", "nonbrain", "all")
@@ -82,7 +83,7 @@ class LogisticProbe:
     w: np.ndarray | None = None  # [d + 1], last entry the bias
 
     def _design(self, x: np.ndarray) -> np.ndarray:
-        z = (np.asarray(x, np.float64) - self.mean) / self.scale
+        z = standardize(np.asarray(x, np.float64), self.mean, self.scale)
         return np.hstack([z, np.ones((len(z), 1))])
 
     def fit(self, x, y) -> "LogisticProbe":
@@ -91,9 +92,7 @@ class LogisticProbe:
             raise ShortcutError("probe: features and targets differ in length, or are empty")
         if not 0 < y.sum() < len(y):
             raise ShortcutError("probe: the training studies hold only one modality")
-        self.mean = x.mean(0)
-        sd = x.std(0)
-        self.scale = np.where(sd > 1e-8, sd, 1.0)
+        self.mean, self.scale = fit_standardization(x)
         X = self._design(x)
         reg = np.full(X.shape[1], self.l2)
         reg[-1] = 0.0  # the bias is not shrunk
