@@ -165,6 +165,17 @@ def test_evaluate_cli_end_to_end(world):
                         "--pair", "a_x", "b"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["comparisons"]["a_x - b"] == two["a - b"]
+    # --pooled: replicates averaged on shared resamples; mean(a, b) - mean(hist, a again) is (b - hist) / 2
+    r = subprocess.run([sys.executable, script, *split[("a",)], "--run", *split[("b", "hist")], "--run",
+                        *split[("a",)], "_again", "--pooled", "a,b", "hist,a_again"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    pool = json.loads(r.stdout)["comparisons"]["mean(a, b) - mean(hist, a_again)"]
+    b_hist = paired.compare(pp, m, "b", "hist", 200, 0)
+    assert pool and set(pool) == set(b_hist)
+    for mod, d in pool.items():
+        assert d["estimate"] == pytest.approx(b_hist[mod]["estimate"] / 2, abs=1e-12)
+        assert d["a_replicates"] == pytest.approx([two["a - b"][mod]["a"], two["a - b"][mod]["b"]], abs=1e-12)
+        assert d["low"] <= d["estimate"] <= d["high"]
     with open(os.path.join(out, "list.json"), "w") as fh:
         json.dump([1, 2], fh)  # valid JSON, not an evaluate summary
     pred, good = os.path.join(out, "predictions.csv"), os.path.join(out, "metrics.json")
@@ -172,7 +183,9 @@ def test_evaluate_cli_end_to_end(world):
                                (good, ["--pair", "a", "a"], "two different"),
                                (pred, ["--pair", "a", "b"], "not an evaluate run"),  # a CSV where the JSON belongs
                                (os.path.join(out, "list.json"), ["--pair", "a", "b"], "not an evaluate run"),
-                               (good, ["--pair", "a", "b", "--run", pred], "--run takes PREDICTIONS METRICS")):
+                               (good, ["--pair", "a", "b", "--run", pred], "--run takes PREDICTIONS METRICS"),
+                               (good, ["--pooled", "a,b", "b"], "disjoint lists"),
+                               (good, [], "at least one --pair or --pooled")):
         r = subprocess.run([sys.executable, script, pred, summary, *argv], capture_output=True, text=True)
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
     cr = m["models"]["a"]["CT"].get("calibration_resolution") or m["models"]["a"]["MR"]["calibration_resolution"]

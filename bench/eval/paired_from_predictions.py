@@ -7,6 +7,7 @@ encoder against the random-init twin, without refitting anything.
 
     python bench/eval/paired_from_predictions.py EVAL/predictions.csv EVAL/metrics.json \
         --pair tube random --pair tube histogram [--run EVAL2/predictions.csv EVAL2/metrics.json] [--out JSON]
+    python bench/eval/paired_from_predictions.py ... --pooled ref,ref_s1,ref_s2 random,random_s1,random_s2
 
 ``--run`` adds the models of another evaluate run on the same labels file, split and settings (a new
 encoder against the random-init twin and histogram evaluated earlier, without refitting their heads);
@@ -14,6 +15,8 @@ the runs must agree on the resample count, seed and headline labels and score th
 and a model name may appear in one run only: a third value ``--run PRED METRICS SUFFIX`` (or
 ``--suffix SUFFIX`` for the first run) appends SUFFIX to that run's model names, so the same
 features evaluated two ways (e.g. with and without ``--standardize``) pair as ``ref_std - ref``.
+``--pooled`` compares replicates: the seed-averaged macro AUROC of one list of models minus another's,
+each model scored on the same patient resamples, with each replicate's own estimate listed.
 
 AUROC is rank-based, so the raw probabilities (rounded to 6 decimals in the CSV) give the head's
 AUROC up to ties that rounding may create.
@@ -58,28 +61,35 @@ def merge_runs(runs: list[tuple[dict, dict]]) -> tuple[dict, dict]:
     return preds, summary
 
 
-def compare(preds: dict, summary: dict, a: str, b: str, n: int, seed: int) -> dict[str, dict]:
-    """Model ``a`` minus model ``b`` per modality over the headline labels of ``a``'s entry."""
+def compare(preds: dict, summary: dict, a: str | list[str], b: str | list[str], n: int, seed: int) -> dict[str, dict]:
+    """Model ``a`` minus model ``b`` per modality over the headline labels of ``a``'s entry; given
+    lists of models (replicates, e.g. one per pretraining seed), the mean over ``a``'s replicates
+    minus the mean over ``b``'s (neurovfm.eval.metrics.replicate_paired_bootstrap)."""
+    names_a, names_b = ([a] if isinstance(a, str) else list(a)), ([b] if isinstance(b, str) else list(b))
     out = {}
-    for mod, entry in summary["models"].get(a, {}).items():
+    for mod, entry in summary["models"].get(names_a[0], {}).items():
         labels = entry.get("headline_labels") or []
-        pa, pb = preds.get((a, mod)), preds.get((b, mod))
-        if not labels or not pa or not pb:
+        sides = [[preds.get((m, mod)) for m in names] for names in (names_a, names_b)]
+        if not labels or not all(p for side in sides for p in side):
             continue
-        other = summary["models"].get(b, {}).get(mod, {}).get("headline_labels")
-        if other is not None and list(other) != list(labels):
-            raise ValueError(f"{a} and {b} have different {mod} headline labels: not the same evaluation")
-        studies = sorted(set(pa) & set(pb))
-        if set(pa) != set(pb):
-            raise ValueError(f"{a} and {b} scored different {mod} test studies: not a paired comparison")
-        y = np.array([[pa[s].get(lab, (np.nan,))[0] for lab in labels] for s in studies])
-        sa = np.array([[pa[s].get(lab, (0, np.nan))[1] for lab in labels] for s in studies])
-        sb = np.array([[pb[s].get(lab, (0, np.nan))[1] for lab in labels] for s in studies])
-        yb = np.array([[pb[s].get(lab, (np.nan,))[0] for lab in labels] for s in studies])
-        if not np.array_equal(y, yb, equal_nan=True):
-            raise ValueError(f"{a} and {b} were scored against different {mod} labels: not the same labels file")
-        groups = np.array([pa[s]["patient"] for s in studies])
-        out[mod] = M.paired_bootstrap(y, sa, sb, groups, M.auroc, n=n, seed=seed)
+        ref = sides[0][0]
+        studies = sorted(ref)
+        y = np.array([[ref[s].get(lab, (np.nan,))[0] for lab in labels] for s in studies])
+        scores: list[list[np.ndarray]] = [[], []]
+        for k, names in enumerate((names_a, names_b)):
+            for m, pm in zip(names, sides[k]):
+                other = summary["models"].get(m, {}).get(mod, {}).get("headline_labels")
+                if other is not None and list(other) != list(labels):
+                    raise ValueError(f"{names_a[0]} and {m} have different {mod} headline labels: not the same evaluation")
+                if set(pm) != set(ref):
+                    raise ValueError(f"{names_a[0]} and {m} scored different {mod} test studies: not a paired comparison")
+                ym = np.array([[pm[s].get(lab, (np.nan,))[0] for lab in labels] for s in studies])
+                if not np.array_equal(y, ym, equal_nan=True):
+                    raise ValueError(f"{names_a[0]} and {m} were scored against different {mod} labels: "
+                                     "not the same labels file")
+                scores[k].append(np.array([[pm[s].get(lab, (0, np.nan))[1] for lab in labels] for s in studies]))
+        groups = np.array([ref[s]["patient"] for s in studies])
+        out[mod] = M.replicate_paired_bootstrap(y, scores[0], scores[1], groups, M.auroc, n=n, seed=seed)
     return out
 
 
@@ -87,8 +97,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("predictions")
     ap.add_argument("metrics")
-    ap.add_argument("--pair", nargs=2, action="append", required=True, metavar=("A", "B"),
+    ap.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
                     help="model A minus model B (names as in the run; repeatable)")
+    ap.add_argument("--pooled", nargs=2, action="append", default=[], metavar=("A1,A2,..", "B1,B2,.."),
+                    help="replicates: the mean over models A1, A2, .. minus the mean over B1, B2, .. on shared "
+                         "patient resamples, e.g. pretrained encoders of several seeds against their random-init "
+                         "twins (repeatable)")
     ap.add_argument("--run", nargs="+", action="append", default=[], metavar="PREDICTIONS METRICS [SUFFIX]",
                     help="another evaluate run on the same split whose models join the pairs, its model names "
                          "with SUFFIX appended if given (repeatable)")
@@ -113,15 +127,27 @@ def main() -> None:
     except ValueError as e:
         ap.error(str(e))
     models = summary["models"]
+    if not a.pair and not a.pooled:
+        ap.error("give at least one --pair or --pooled")
     for x, y in a.pair:
         if x not in models or y not in models or x == y:
             ap.error(f"--pair {x} {y}: give two different models among {sorted(models)}")
+    pooled = [(x.split(","), y.split(",")) for x, y in a.pooled]
+    for xs, ys in pooled:
+        if not all(m in models for m in xs + ys) or set(xs) & set(ys) or len(set(xs + ys)) < len(xs + ys):
+            ap.error(f"--pooled {','.join(xs)} {','.join(ys)}: give two disjoint lists of distinct models "
+                     f"among {sorted(models)}")
     cfg = summary.get("config", {})
     n, seed = int(cfg.get("bootstrap", 1000)), int(cfg.get("seed", 0))
     res = {}
     for x, y in a.pair:
         try:
             res[f"{x} - {y}"] = compare(preds, summary, x, y, n, seed)
+        except ValueError as e:
+            ap.error(str(e))
+    for xs, ys in pooled:
+        try:
+            res[f"mean({', '.join(xs)}) - mean({', '.join(ys)})"] = compare(preds, summary, xs, ys, n, seed)
         except ValueError as e:
             ap.error(str(e))
     text = json.dumps({"predictions": [a.predictions, *(r[0] for r in a.run)], "bootstrap": n, "seed": seed,

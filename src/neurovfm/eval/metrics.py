@@ -8,7 +8,7 @@ so 1000 resamples of a few hundred studies and dozens of labels take about a sec
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -153,27 +153,46 @@ def paired_bootstrap(y, s_a, s_b, groups, metric: Callable = auroc, n: int = 100
                      alpha: float = 0.05) -> dict[str, Any]:
     """Macro metric of model A minus model B on the same patient resamples: estimate, interval
     and a two-sided bootstrap p-value for 'no difference'."""
+    return replicate_paired_bootstrap(y, [s_a], [s_b], groups, metric, n, seed, alpha)
+
+
+def replicate_paired_bootstrap(y, s_a: Sequence, s_b: Sequence, groups, metric: Callable = auroc,
+                               n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """Replicates of A (e.g. one encoder per pretraining seed) against replicates of B (e.g. one
+    random init per seed): the mean over A's replicates of the macro metric minus the same mean
+    over B's, every replicate scored on the same patient resamples. The interval is the test
+    sample's uncertainty about the seed-averaged difference; how much the replicates themselves
+    disagree is returned alongside (``a_replicates`` / ``b_replicates``), since a few seeds cannot
+    give that spread an interval of its own. With one replicate each this is the paired bootstrap."""
+    if not len(s_a) or not len(s_b):
+        raise ValueError("replicate_paired_bootstrap: each side needs at least one set of scores")
     y = np.asarray(y, np.float64).reshape(len(y), -1)
-    s_a = np.asarray(s_a, np.float64).reshape(y.shape)
-    s_b = np.asarray(s_b, np.float64).reshape(y.shape)
     w = patient_weights(groups, n, seed)
     import warnings
 
+    def side(scores) -> tuple[np.ndarray, list[float]]:
+        samples, estimates = [], []
+        for s in scores:
+            s = np.asarray(s, np.float64).reshape(y.shape)
+            samples.append(np.nanmean(_per_label_samples(y, s, w, metric), axis=1))
+            estimates.append(float(np.nanmean([metric(y[:, j], s[:, j]) for j in range(y.shape[1])])))
+        return np.mean(samples, axis=0), estimates
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        a = np.nanmean(_per_label_samples(y, s_a, w, metric), axis=1)
-        b = np.nanmean(_per_label_samples(y, s_b, w, metric), axis=1)
-        ea = np.nanmean([metric(y[:, j], s_a[:, j]) for j in range(y.shape[1])])
-        eb = np.nanmean([metric(y[:, j], s_b[:, j]) for j in range(y.shape[1])])
+        a, ea = side(s_a)
+        b, eb = side(s_b)
     d = a - b
-    res = _interval(float(ea - eb), d, alpha)
+    res = _interval(float(np.mean(ea) - np.mean(eb)), d, alpha)
     ok = d[np.isfinite(d)]
     if len(ok):  # (k + 1) / (n + 1): a bootstrap p-value is never exactly zero
         k = min((ok <= 0).sum(), (ok >= 0).sum())
         res["p_value"] = float(min(1.0, 2 * (k + 1) / (len(ok) + 1)))
     else:
         res["p_value"] = float("nan")
-    res["a"], res["b"] = float(ea), float(eb)
+    res["a"], res["b"] = float(np.mean(ea)), float(np.mean(eb))
+    if len(s_a) > 1 or len(s_b) > 1:
+        res["a_replicates"], res["b_replicates"] = ea, eb
     return res
 
 
