@@ -265,6 +265,28 @@ def test_standardised_heads_do_not_care_how_each_feature_dimension_is_scaled(kin
     assert np.abs(predict(p1, te)[0] - predict(p2, warp(te))[0]).max() > 0.05
 
 
+def test_ensemble_members_share_one_standardiser_fit(monkeypatch):
+    """Every member standardises with the same training-token statistics, fitted once (member 0)
+    rather than once per member; each member's logits equal a single head trained with its seed."""
+    from neurovfm.probe.heads import FeatureStandardizer
+    rng = np.random.default_rng(12)
+    bags = [rng.normal(2, 4, size=(int(rng.integers(5, 30)), 10)).astype(np.float32) for _ in range(12)]
+    y = np.array([[i % 2, (i // 3) % 2] for i in range(12)], np.float32)
+    fits = []
+    real_fit = FeatureStandardizer.fit
+    monkeypatch.setattr(FeatureStandardizer, "fit", lambda self, b: fits.append(1) or real_fit(self, b))
+    cfg = HeadTrainConfig(epochs=2, seed=4)
+    ens, _ = fit_head(bags, y, bags, y, cfg, HeadConfig(kind="gated", standardize=True, ensemble=3))
+    assert len(fits) == 1
+    for m, member in enumerate(ens.members):
+        np.testing.assert_array_equal(member.pre.mean.numpy(), ens.members[0].pre.mean.numpy())
+        np.testing.assert_array_equal(member.pre.inv_std.numpy(), ens.members[0].pre.inv_std.numpy())
+        alone, _ = fit_head(bags, y, bags, y, HeadTrainConfig(epochs=2, seed=4 + m),
+                            HeadConfig(kind="gated", standardize=True))
+        np.testing.assert_array_equal(predict(member, bags)[0], predict(alone, bags)[0])
+    assert len(fits) == 4  # the three single heads fitted their own
+
+
 def test_standardised_head_saves_and_reloads_its_statistics(tmp_path):
     rng = np.random.default_rng(11)
     bags = [rng.normal(5, 3, size=(int(rng.integers(5, 30)), 12)).astype(np.float32) for _ in range(6)]

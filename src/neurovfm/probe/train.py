@@ -137,12 +137,16 @@ def fit_ensemble(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig, hea
     ``first``: member 0 already trained (with ``cfg.seed``), e.g. while choosing the head kind."""
     single = replace(head_cfg, ensemble=1)
     members, history = [], []
+    pre = None  # the training tokens' statistics, fitted by member 0 and shared (not refitted per member)
     for m in range(head_cfg.ensemble):
         if m == 0 and first is not None:
             head, hist = first
         else:
             with torch_threads(cfg.threads):
-                head, hist = _fit_head(train_bags, y_train, val_bags, y_val, replace(cfg, seed=cfg.seed + m), single)
+                head, hist = _fit_head(train_bags, y_train, val_bags, y_val, replace(cfg, seed=cfg.seed + m), single,
+                                       pre)
+        if head_cfg.standardize and pre is None:
+            pre = copy.deepcopy(head.pre.state_dict())
         members.append(head)
         history += [{"member": m, **r} for r in hist]
     ens = HeadEnsemble(members)
@@ -150,8 +154,9 @@ def fit_ensemble(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig, hea
     return ens, history
 
 
-def _fit_head(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig,
-              head_cfg: HeadConfig) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+def _fit_head(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig, head_cfg: HeadConfig,
+              pre: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """One head; ``pre``: the feature standardiser's statistics already fitted on these training bags."""
     y_train = np.asarray(y_train, np.float32)
     y_val = np.asarray(y_val, np.float32)
     if len(train_bags) != len(y_train) or len(val_bags) != len(y_val):
@@ -160,7 +165,9 @@ def _fit_head(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig,
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     head = build_head(head_cfg, dim, y_train.shape[1])
-    if head_cfg.standardize:
+    if head_cfg.standardize and pre is not None:
+        head.pre.load_state_dict(pre)
+    elif head_cfg.standardize:
         head.pre.fit(train_bags)  # training tokens only: validation and test never shape the features
     known = ~np.isnan(y_train)
     pos = np.nansum(y_train, 0)
