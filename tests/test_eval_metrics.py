@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats
 from scipy.stats import norm
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -132,6 +133,31 @@ def test_replicate_paired_bootstrap_averages_seeds_on_shared_resamples():
     assert r["high"] - r["low"] < max(s["high"] - s["low"] for s in single)
     with pytest.raises(ValueError):
         M.replicate_paired_bootstrap(y, [], b, groups)
+    # seed i of A is paired with seed i of B: Student's t over the three differences, checked with scipy
+    diffs = np.subtract(macro, [np.mean([roc_auc_score(y[:, j], s[:, j]) for j in range(2)]) for s in b])
+    t = r["replicate_t"]
+    assert t["differences"] == pytest.approx(diffs) and t["df"] == 2
+    lo, hi = stats.t.interval(0.95, 2, loc=diffs.mean(), scale=stats.sem(diffs))
+    assert (t["low"], t["high"]) == pytest.approx((lo, hi))
+    assert "replicate_t" not in M.replicate_paired_bootstrap(y, a, b[:2], groups, n=50)  # unpaired counts
+
+
+def test_replicate_t_carries_the_seed_spread_the_patient_bootstrap_leaves_out():
+    """One good and two poor A seeds against steady B seeds: on a large test set the patient
+    bootstrap of the seed mean is tight and excludes zero, while the seeds disagree on the sign."""
+    rng = np.random.default_rng(11)
+    n = 2000
+    y = (rng.random((n, 2)) < 0.4).astype(float)
+    groups = np.arange(n)
+    a = [y + rng.normal(0, sd, y.shape) for sd in (0.3, 1.5, 1.5)]
+    b = [y + rng.normal(0, 1.0, y.shape) for _ in range(3)]
+    r = M.replicate_paired_bootstrap(y, a, b, groups, n=200, seed=0)
+    d = r["replicate_t"]["differences"]
+    assert max(d) > 0 > min(d)  # the seeds disagree on which model is better
+    assert not (r["low"] <= 0 <= r["high"])  # the patient bootstrap alone calls a difference
+    assert r["replicate_t"]["low"] < 0 < r["replicate_t"]["high"]  # the seed-level interval does not
+    with pytest.raises(ValueError, match="at least two"):
+        M.replicate_t_interval([0.1, float("nan")])
 
 
 def test_operating_points_and_triage():

@@ -176,6 +176,9 @@ def test_evaluate_cli_end_to_end(world):
         assert d["estimate"] == pytest.approx(b_hist[mod]["estimate"] / 2, abs=1e-12)
         assert d["a_replicates"] == pytest.approx([two["a - b"][mod]["a"], two["a - b"][mod]["b"]], abs=1e-12)
         assert d["low"] <= d["estimate"] <= d["high"]
+        # paired by position: a - hist and b - a_again, one difference per "seed"
+        assert d["replicate_t"]["differences"] == pytest.approx(
+            [two["a - b"][mod]["a"] - b_hist[mod]["b"], two["a - b"][mod]["b"] - two["a - b"][mod]["a"]], abs=1e-12)
     with open(os.path.join(out, "list.json"), "w") as fh:
         json.dump([1, 2], fh)  # valid JSON, not an evaluate summary
     pred, good = os.path.join(out, "predictions.csv"), os.path.join(out, "metrics.json")

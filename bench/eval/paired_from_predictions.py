@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument("--pooled", nargs=2, action="append", default=[], metavar=("A1,A2,..", "B1,B2,.."),
                     help="replicates: the mean over models A1, A2, .. minus the mean over B1, B2, .. on shared "
                          "patient resamples, e.g. pretrained encoders of several seeds against their random-init "
-                         "twins (repeatable)")
+                         "twins (repeatable); with as many A's as B's, paired by position, 'replicate_t' adds "
+                         "Student's t interval over the per-pair differences (the seed-to-seed spread)")
     ap.add_argument("--run", nargs="+", action="append", default=[], metavar="PREDICTIONS METRICS [SUFFIX]",
                     help="another evaluate run on the same split whose models join the pairs, its model names "
                          "with SUFFIX appended if given (repeatable)")
