@@ -177,3 +177,30 @@ def test_attention_rollout_keeps_mass_and_spreads_it():
     assert np.allclose(out.sum(0), attn.sum(0))
     assert np.allclose(out[7:, 0], 0) and np.allclose(out[:7, 1], 0)  # mass never crosses series views
     assert (out[:7, 0] > 0).sum() > 1  # spread over the inputs of token 3
+
+
+def test_pointing_summary_resamples_patients_not_findings():
+    """The hit-rate interval comes from a patient bootstrap: a sure hit is an interval of width
+    zero, and findings that cluster in few patients (hits shared within a patient) give a wider
+    interval than the same findings from as many patients."""
+    from neurovfm.explain.pointing import PointingConfig, summarize
+
+    cfg = PointingConfig()
+
+    def rows(hits, patients):
+        return [{"hit": h, "uniform_hit": 0.1, "mass_inside": 0.2, "patient": p, "modality": "CT",
+                 "label": "epidural_hematoma"} for h, p in zip(hits, patients)]
+
+    sure = summarize(rows([True] * 8, [f"p{i}" for i in range(8)]), cfg)
+    assert sure["hit_minus_uniform_ci95"] == pytest.approx([0.9, 0.9])
+    hits = [i % 10 < 4 for i in range(60)]  # 24 of 60 hit; in the clustered case, 4 of 10 patients hit everything
+    spread = summarize(rows(hits, [f"p{i}" for i in range(60)]), cfg)
+    clustered = summarize(rows(hits, [f"p{i % 10}" for i in range(60)]), cfg)
+    assert spread["hit_rate"] == clustered["hit_rate"] == pytest.approx(0.4)
+    assert (spread["n_patients"], clustered["n_patients"]) == (60, 10)
+    for s in (spread, clustered):
+        lo, hi = s["hit_minus_uniform_ci95"]
+        assert lo < 0.3 < hi
+    width = [s["hit_minus_uniform_ci95"][1] - s["hit_minus_uniform_ci95"][0] for s in (spread, clustered)]
+    assert width[1] > 1.8 * width[0]
+    assert clustered["by_label"]["CT:epidural_hematoma"] == {"n": 60, "hit_rate": pytest.approx(0.4)}

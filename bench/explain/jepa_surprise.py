@@ -309,15 +309,9 @@ def _main(argv: list[str]) -> int:
 
 
 def _auroc_ci(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n: int, seed: int) -> list[float]:
-    rng = np.random.default_rng(seed)
-    pats = np.unique(groups)
-    idx = {p: np.flatnonzero(groups == p) for p in pats}
-    vals = []
-    for _ in range(n):
-        take = np.concatenate([idx[p] for p in rng.choice(pats, len(pats))])
-        if 0 < y[take].sum() < len(take):
-            vals.append(M.auroc(y[take], s[take]))
-    return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
+    """Token AUROC's patient-bootstrap interval (the evaluation's resampler, eval.metrics)."""
+    ci = M.bootstrap_ci(y, s, groups, M.auroc, n=n, seed=seed)
+    return [ci["low"], ci["high"]]
 
 
 def _in_cache(cache: TokenCache, series_key: str) -> bool:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from neurovfm.analyze.config import AnalyzeConfig
 from neurovfm.analyze.pipeline import Analyzer, read_study
 from neurovfm.errors import NeuroVFMError
+from neurovfm.eval.metrics import patient_weights
 from neurovfm.tokens.cache import atomic_write_text
 
 
@@ -129,18 +130,13 @@ def summarize(rows: list[dict[str, Any]], cfg: PointingConfig) -> dict[str, Any]
     uni = np.array([r["uniform_hit"] for r in rows])
     mass = np.array([r["mass_inside"] for r in rows])
     pats = np.array([r["patient"] for r in rows])
-    # patient bootstrap of (hit rate - uniform expectation)
-    rng = np.random.default_rng(cfg.seed)
-    up = np.unique(pats)
-    idx_of = {p: np.flatnonzero(pats == p) for p in up}
-    diffs = []
-    for _ in range(cfg.bootstrap):
-        take = np.concatenate([idx_of[p] for p in rng.choice(up, len(up))])
-        diffs.append(hit[take].mean() - uni[take].mean())
+    # patient bootstrap of (hit rate - uniform expectation), the evaluation's resampler
+    w = patient_weights(pats, cfg.bootstrap, cfg.seed)
+    diffs = (w @ hit - w @ uni) / w.sum(1)
     by_label: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         by_label[f"{r['modality']}:{r['label']}"].append(float(r["hit"]))
-    return {"n_findings": len(rows), "n_patients": int(len(up)), "hit_rate": float(hit.mean()),
+    return {"n_findings": len(rows), "n_patients": int(len(np.unique(pats))), "hit_rate": float(hit.mean()),
             "uniform_hit_rate": float(uni.mean()),
             "hit_minus_uniform_ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
             "mass_inside_lesion": float(mass.mean()), "uniform_mass_inside_lesion": float(uni.mean()),
