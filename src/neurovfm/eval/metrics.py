@@ -198,7 +198,7 @@ def replicate_paired_bootstrap(y, s_a: Sequence, s_b: Sequence, groups, metric: 
     res["a"], res["b"] = float(np.mean(ea)), float(np.mean(eb))
     if len(s_a) > 1 or len(s_b) > 1:
         res["a_replicates"], res["b_replicates"] = ea, eb
-    if len(ea) == len(eb) >= 2:
+    if len(ea) == len(eb) and np.isfinite(np.subtract(ea, eb)).sum() >= 2:
         res["replicate_t"] = replicate_t_interval(np.subtract(ea, eb), alpha)
     return res
 
