@@ -559,3 +559,26 @@ def test_fsdp_two_processes_train_and_resume(small, tmp_path):
     assert all(torch.equal(enc.state_dict()[k], teacher[k]) for k in teacher)
     losses = [float(x) for _, x in _losses(out)]
     assert len(losses) == meta["total_steps"] and np.isfinite(losses).all()
+
+
+def test_resume_does_not_depend_on_the_callers_thread_setting(small, tmp_path, monkeypatch):
+    """A run whose first steps ran in a fresh process and whose rest runs in a process that had
+    called torch.set_num_threads (to the same count) ends bit-equal to one run straight through
+    in that process: the loop puts every run in the same explicit thread state."""
+    _, cache, splits = small
+    n = torch.get_num_threads()
+    torch.set_num_threads(n)  # what any earlier caller (a test, a notebook) may have done
+    ref = str(tmp_path / "ref")
+    pretrain(load_config_dict(cache, splits, ref, checkpoint_every=1), progress=False)
+    out = str(tmp_path / "split")
+    cfg = write_cfg(tmp_path / "s.yaml", cfg_dict(cache, splits, out, checkpoint_every=1))
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+    env.pop("OMP_NUM_THREADS", None)
+    r = subprocess.run([sys.executable, "-m", "neurovfm", "pretrain", cfg, "--quiet", "--max-steps", "3"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert cli_main(["pretrain", cfg, "--resume", "--quiet"]) == 0
+    w1, _ = _weights(ref)
+    w2, _ = _weights(out)
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k

@@ -116,6 +116,12 @@ class Pretrainer:
         self.command = command
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
+        # Set the intra-op thread count explicitly even when unchanged: with torch 2.13 on CPU a run
+        # in a process that had called set_num_threads (even to the same count) drifted in the last
+        # bit of Adam's moments from one in a fresh process (found by the killed-and-resumed test
+        # after another test had set threads), so an exact resume depended on what ran before it.
+        # Every run now starts from the explicit state.
+        torch.set_num_threads(torch.get_num_threads())
         torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
         self.studies = select_studies(cfg.data, cfg.mask.min_tokens)
         self.plans_len = [len(self._plan(e)[self.rank]) for e in range(cfg.run.epochs)]
