@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Does Vol-JEPA pretraining beat a random-init encoder beyond seed-to-seed variation?
+#   bench/eval/seed_replication.sh DATA OUT [SEEDS]      (SEEDS default "0 1 2")
+# DATA: the default 500-study archive's folder (made here if missing: DATA/archive, DATA/cache,
+# DATA/keyed). For every seed S: ViT-Tiny Vol-JEPA pretrained with configs/pretrain_tiny_cpu.yaml
+# (--set run.seed=S) and a random-init twin (init-model --size tiny --seed S), both embedded and
+# evaluated with auto heads (5 head seeds each), plus the histogram baseline; then one comparison
+# file OUT/pooled.json (bench/eval/paired_from_predictions.py).
+#
+# Protocol, fixed before the first result (2026-12-05): per modality, the mean test macro AUROC of
+# the pretrained seeds minus the mean of the random-init seeds (--pooled). "Pretraining helps" in a
+# modality only if BOTH the patient-bootstrap interval AND the seed-level Student's t interval
+# (replicate_t) lie above zero; "hurts" if both lie below; otherwise no evidence either way.
+# Per-seed pairs and pretrained-minus-histogram are secondary.
+#
+# Every step is skipped when its output exists and pretraining runs in resumable chunks, so a
+# killed run continues where it stopped when started again. Two lanes of one thread each; about
+# 4-6 hours on 2 cores for three seeds (pretraining ~30 min a seed on 2 cores, evaluation 15-30 min
+# a model on one).
+set -uo pipefail
+DATA=${1:?usage: bench/eval/seed_replication.sh DATA OUT [SEEDS]}; OUT=${2:?usage: ... DATA OUT [SEEDS]}
+SEEDS=${3:-0 1 2}
+here=${NEUROVFM_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}; cd "$here"  # NEUROVFM_ROOT: run a copy of this file
+B=${NEUROVFM_BIN:-$here/.venv/bin/neurovfm}; PY=${PYTHON:-$here/.venv/bin/python}
+export NEUROVFM_SITE_SECRET=${NEUROVFM_SITE_SECRET:-bench-secret} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+C=$DATA/cache; L=$DATA/keyed/labels_keyed.csv
+export NEUROVFM_CACHE=$C NEUROVFM_SPLITS=$L
+mkdir -p "$OUT"
+step() { echo "$(date -u +%FT%TZ) $*"; }
+if [ ! -e "$L" ]; then
+  step archive
+  [ -e "$DATA/archive/labels.csv" ] || "$B" synth "$DATA/archive" --studies 500 --seed 0 --workers 2 --quiet || exit 1
+  "$B" ingest "$DATA/archive/dicom" "$C" --workers 2 --quiet || exit 1
+  "$B" rekey "$DATA/archive" --out "$DATA/keyed" || exit 1
+fi
+pretrain() { scripts/pretrain_in_chunks.sh configs/pretrain_tiny_cpu.yaml "$OUT/pt_s$1" 300 --set run.seed="$1" \
+             >> "$OUT/pt_s$1.log" 2>&1; }
+embed() { [ -e "$3/.done" ] || { "$B" embed "$1" "$C" "$3" --splits-csv "$L" --quiet > "$2" 2>&1 && touch "$3/.done"; }; }
+evaluate() { [ -e "$OUT/eval_$1/metrics.json" ] || "$B" evaluate --features "$1=$2" --labels "$L" --cache "$C" \
+             --out "$OUT/eval_$1" --head auto --head-seeds 5 --quiet > "$OUT/eval_$1.log" 2>&1; }
+lane() {  # pretrain, embed and evaluate each seed of this lane in turn
+  for s in "$@"; do
+    step "pretrain seed $s"; pretrain "$s" || return 1
+    embed "$OUT/pt_s$s/model" "$OUT/embed_ref_s$s.log" "$OUT/feat_ref_s$s" || return 1
+    [ -e "$OUT/random_s$s/encoder.safetensors" ] || "$B" init-model "$OUT/random_s$s" --size tiny --seed "$s" || return 1
+    embed "$OUT/random_s$s" "$OUT/embed_random_s$s.log" "$OUT/feat_random_s$s" || return 1
+    step "evaluate seed $s"; evaluate "ref_s$s" "$OUT/feat_ref_s$s"; evaluate "random_s$s" "$OUT/feat_random_s$s"
+  done
+}
+read -r -a all <<< "$SEEDS"
+odd=(); even=(); for i in "${!all[@]}"; do if (( i % 2 )); then odd+=("${all[$i]}"); else even+=("${all[$i]}"); fi; done
+lane "${even[@]}" & lane "${odd[@]}" &
+embed histogram:32 "$OUT/embed_hist.log" "$OUT/feat_hist"
+wait
+evaluate histogram "$OUT/feat_hist"
+step compare
+runs=(); ref=(); rnd=(); pairs=()
+for s in "${all[@]}"; do
+  ref+=("ref_s$s"); rnd+=("random_s$s"); pairs+=(--pair "ref_s$s" "random_s$s" --pair "ref_s$s" histogram)
+  for m in "ref_s$s" "random_s$s"; do runs+=(--run "$OUT/eval_$m/predictions.csv" "$OUT/eval_$m/metrics.json"); done
+done
+IFS=,; pooled=(--pooled "${ref[*]}" "${rnd[*]}"); unset IFS
+"$PY" bench/eval/paired_from_predictions.py "$OUT/eval_histogram/predictions.csv" "$OUT/eval_histogram/metrics.json" \
+  "${runs[@]}" "${pooled[@]}" "${pairs[@]}" --out "$OUT/pooled.json" > "$OUT/pooled.log" 2>&1 || exit 1
+step "done: $OUT/pooled.json"
