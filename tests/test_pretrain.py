@@ -561,7 +561,7 @@ def test_fsdp_two_processes_train_and_resume(small, tmp_path):
     assert len(losses) == meta["total_steps"] and np.isfinite(losses).all()
 
 
-def test_resume_does_not_depend_on_the_callers_thread_setting(small, tmp_path, monkeypatch):
+def test_resume_does_not_depend_on_the_callers_thread_setting(small, tmp_path):
     """A run whose first steps ran in a fresh process and whose rest runs in a process that had
     called torch.set_num_threads (to the same count) ends bit-equal to one run straight through
     in that process: the loop puts every run in the same explicit thread state."""

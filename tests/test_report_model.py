@@ -269,6 +269,11 @@ def test_report_model_loads_on_a_restamped_base_and_checks_legacy_checksums(llm_
     load_report_model(folder, llm_dir)
     with pytest.raises(ReportModelError, match="checksum"):
         load_report_model(folder, restamped)
+    for bad in (3, "2", None):  # a version this code does not know: a typed error naming the file
+        with open(os.path.join(folder, "report_config.json"), "w") as fh:
+            json.dump(dict(saved, base_llm=dict(saved["base_llm"], fingerprint=bad)), fh)
+        with pytest.raises(ReportModelError, match="report_config.json: unknown base-LLM fingerprint version"):
+            load_report_model(folder, llm_dir)
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -283,7 +288,13 @@ def _train_cfg(world, llm_dir, out, **kw):
 
 def test_report_train_resumes_exactly(llm_dir, tmp_path):
     world = write_world(str(tmp_path / "w"))
-    full = train_reports(_train_cfg(world, llm_dir, str(tmp_path / "full")))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # a caller's setting other than the run's threads=1
+    try:
+        full = train_reports(_train_cfg(world, llm_dir, str(tmp_path / "full")))
+        assert torch.get_num_threads() == 3  # given back, not left at 1 for whatever runs next
+    finally:
+        torch.set_num_threads(before)
     assert full["done"] and full["model"]
     part = train_reports(_train_cfg(world, llm_dir, str(tmp_path / "split")), max_steps=4)   # stops in stage 2
     assert part["step"] == 4 and not part["done"]

@@ -53,6 +53,13 @@ lane "${even[@]}" & lane "${odd[@]}" &
 embed histogram:32 "$OUT/embed_hist.log" "$OUT/feat_hist"
 wait
 evaluate histogram "$OUT/feat_hist"
+missing=(); for m in histogram $(for s in "${all[@]}"; do echo "ref_s$s random_s$s"; done); do
+  [ -e "$OUT/eval_$m/metrics.json" ] || missing+=("$m")
+done
+if (( ${#missing[@]} )); then  # say which step failed and where its log is; rerunning resumes
+  echo "not evaluated: ${missing[*]} (see $OUT/pt_s*.log, $OUT/embed_*.log, $OUT/eval_*.log); rerun to resume" >&2
+  exit 1
+fi
 step compare
 runs=(); ref=(); rnd=(); pairs=()
 for s in "${all[@]}"; do
@@ -61,5 +68,6 @@ for s in "${all[@]}"; do
 done
 IFS=,; pooled=(--pooled "${ref[*]}" "${rnd[*]}"); unset IFS
 "$PY" bench/eval/paired_from_predictions.py "$OUT/eval_histogram/predictions.csv" "$OUT/eval_histogram/metrics.json" \
-  "${runs[@]}" "${pooled[@]}" "${pairs[@]}" --out "$OUT/pooled.json" > "$OUT/pooled.log" 2>&1 || exit 1
+  "${runs[@]}" "${pooled[@]}" "${pairs[@]}" --out "$OUT/pooled.json" > "$OUT/pooled.log" 2>&1 \
+  || { echo "comparison failed: $OUT/pooled.log" >&2; exit 1; }
 step "done: $OUT/pooled.json"

@@ -67,6 +67,16 @@ def _content_sha256(path: str, version: int) -> str:
     return file_sha256(path)
 
 
+def same_base(folder: str, sha256: str, version: Any, where: str) -> bool:
+    """Whether the LLM in ``folder`` is the one recorded as ``sha256`` under fingerprint ``version``
+    (1 when a record predates versions); ``where`` names the record in the error for a version
+    this code does not know."""
+    if version not in (1, FINGERPRINT_VERSION) or isinstance(version, bool):
+        raise ReportModelError(f"{where}: unknown base-LLM fingerprint version {version!r} (known: 1, "
+                               f"{FINGERPRINT_VERSION}); written by a newer neurovfm?")
+    return llm_fingerprint(folder, version) == sha256
+
+
 def llm_fingerprint(folder: str, version: int = FINGERPRINT_VERSION) -> str:
     """sha256 over the names and contents of a local LLM folder's config, tokenizer and weights
     (``version``: see FINGERPRINT_VERSION; 1 only to check report models saved before it)."""
@@ -175,10 +185,11 @@ def load_report_model(folder: str, llm_folder: str | None = None, check_base: bo
     if not os.path.isdir(base):
         raise ReportModelError(f"{folder}: its base LLM folder {base!r} is missing; pass --llm FOLDER")
     if check_base:
-        sha = llm_fingerprint(base, int(cfg["base_llm"].get("fingerprint", 1)))  # absent: saved before version 2
-        if sha != cfg["base_llm"]["sha256"]:
+        version = cfg["base_llm"].get("fingerprint", 1)  # absent: saved before version 2
+        if not same_base(base, cfg["base_llm"]["sha256"], version, os.path.join(folder, CONFIG)):
             raise ReportModelError(f"{folder}: trained on an LLM with checksum {cfg['base_llm']['sha256'][:12]}…, "
-                                   f"but {base} has {sha[:12]}…; pass the original base LLM folder")
+                                   f"but {base} has {llm_fingerprint(base, version)[:12]}…; pass the original "
+                                   "base LLM folder")
     vlm = build_vlm(base, cfg, int(cfg["feature_dim"]))
     if cfg.get("lora"):
         lc = cfg["lora"]

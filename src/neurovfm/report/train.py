@@ -26,8 +26,8 @@ from ..pretrain.checkpoint import (latest_checkpoint, load_checkpoint, load_opti
                                    save_checkpoint)
 from .constrained import ReportGrammar
 from .data import build_examples, finding_vocabulary, read_truth, series_features, target_report
-from .folder import (FINGERPRINT_VERSION, build_vlm, llm_fingerprint, load_trainable_state, save_report_model,
-                     trainable_state)
+from .folder import (FINGERPRINT_VERSION, build_vlm, llm_fingerprint, load_trainable_state, same_base,
+                     save_report_model, trainable_state)
 from .schema import ReportSchema
 
 
@@ -138,12 +138,20 @@ def train_reports(cfg: ReportTrainConfig, max_steps: int | None = None,
     """Run (or resume) training; stops after max_steps more steps (a chunk) or at the end.
     Writes checkpoints under out/ and, at the end, the report model folder out/model.
     Under torchrun each of the `world` processes takes its own example per step and DDP averages
-    the gradients (an effective batch of `world`); rank 0 writes."""
+    the gradients (an effective batch of `world`); rank 0 writes. Runs with ``cfg.threads``
+    intra-op threads and gives the caller's setting back after."""
+    from ..probe.train import torch_threads
+
+    with torch_threads(cfg.threads):
+        return _train_reports(cfg, max_steps, progress)
+
+
+def _train_reports(cfg: ReportTrainConfig, max_steps: int | None,
+                   progress: Callable[[int, int, float], None] | None) -> dict[str, Any]:
     import torch.distributed as dist
 
     from ..probe.embed import FeatureStore
 
-    torch.set_num_threads(max(1, cfg.threads))
     rank, world, device = init_distributed("auto")
     examples = build_examples(cfg.findings, cfg.features, ("train",))
     store_meta = FeatureStore(cfg.features).meta
@@ -164,8 +172,9 @@ def train_reports(cfg: ReportTrainConfig, max_steps: int | None = None,
         tensors, meta = load_checkpoint(ck)
         if meta["config"] != _cfg_json(cfg):
             raise ReportTrainError(f"{ck}: written with another configuration; use a new --out")
-        version = int(meta.get("llm_fingerprint", 1))  # absent: a checkpoint from before fingerprint version 2
-        if meta["llm_sha256"] != (llm_sha if version == FINGERPRINT_VERSION else llm_fingerprint(cfg.llm, version)):
+        version = meta.get("llm_fingerprint", 1)  # absent: a checkpoint from before fingerprint version 2
+        if not (meta["llm_sha256"] == llm_sha if version == FINGERPRINT_VERSION
+                else same_base(cfg.llm, meta["llm_sha256"], version, ck)):  # llm_sha: not hashed twice
             raise ReportTrainError(f"{ck}: the base LLM changed since this run started")
         if int(meta.get("world_size", 1)) != world:
             raise ReportTrainError(f"{ck}: started with {meta.get('world_size', 1)} processes, now {world}; "
