@@ -158,6 +158,34 @@ def test_replicate_t_carries_the_seed_spread_the_patient_bootstrap_leaves_out():
     assert r["replicate_t"]["low"] < 0 < r["replicate_t"]["high"]  # the seed-level interval does not
     with pytest.raises(ValueError, match="at least two"):
         M.replicate_t_interval([0.1, float("nan")])
+    assert M.replication_verdict(r) == "no evidence"  # the rule needs both intervals
+
+
+@pytest.mark.parametrize("boot, t, verdict", [
+    ((0.01, 0.05), (0.002, 0.08), "A better"),
+    ((-0.05, -0.01), (-0.08, -0.001), "A worse"),
+    ((0.01, 0.05), (-0.02, 0.08), "no evidence"),   # seeds disagree although the test sample does not
+    ((-0.01, 0.05), (0.01, 0.08), "no evidence"),   # the test sample is too small although the seeds agree
+    ((0.01, 0.05), (-0.05, -0.01), "no evidence"),  # contradictory intervals
+    ((0.01, 0.05), None, "not replicated"),
+    ((float("nan"), float("nan")), (0.01, 0.02), "no evidence"),
+])
+def test_replication_verdict_needs_both_intervals_on_one_side(boot, t, verdict):
+    res = {"estimate": 0.0, "low": boot[0], "high": boot[1]}
+    if t is not None:
+        res["replicate_t"] = {"low": t[0], "high": t[1]}
+    assert M.replication_verdict(res) == verdict
+
+
+def test_replication_verdict_on_consistent_seeds():
+    """Three A seeds all better than their B twins on a large test set: both intervals above zero."""
+    rng = np.random.default_rng(5)
+    y = (rng.random((1500, 2)) < 0.4).astype(float)
+    a = [y + rng.normal(0, 0.6, y.shape) for _ in range(3)]
+    b = [y + rng.normal(0, 1.2, y.shape) for _ in range(3)]
+    r = M.replicate_paired_bootstrap(y, a, b, np.arange(len(y)), n=200, seed=0)
+    assert M.replication_verdict(r) == "A better"
+    assert M.replication_verdict(M.replicate_paired_bootstrap(y, b, a, np.arange(len(y)), n=200, seed=0)) == "A worse"
 
 
 def test_operating_points_and_triage():

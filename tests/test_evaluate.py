@@ -179,6 +179,7 @@ def test_evaluate_cli_end_to_end(world):
         # paired by position: a - hist and b - a_again, one difference per "seed"
         assert d["replicate_t"]["differences"] == pytest.approx(
             [two["a - b"][mod]["a"] - b_hist[mod]["b"], two["a - b"][mod]["b"] - two["a - b"][mod]["a"]], abs=1e-12)
+        assert d["verdict"] == M.replication_verdict(d)  # the decision rule travels with the numbers
     with open(os.path.join(out, "list.json"), "w") as fh:
         json.dump([1, 2], fh)  # valid JSON, not an evaluate summary
     pred, good = os.path.join(out, "predictions.csv"), os.path.join(out, "metrics.json")

@@ -16,7 +16,9 @@ and a model name may appear in one run only: a third value ``--run PRED METRICS 
 ``--suffix SUFFIX`` for the first run) appends SUFFIX to that run's model names, so the same
 features evaluated two ways (e.g. with and without ``--standardize``) pair as ``ref_std - ref``.
 ``--pooled`` compares replicates: the seed-averaged macro AUROC of one list of models minus another's,
-each model scored on the same patient resamples, with each replicate's own estimate listed.
+each model scored on the same patient resamples, with each replicate's own estimate listed, and a
+"verdict" (eval.metrics.replication_verdict): "A better" / "A worse" only when the patient-bootstrap
+and the seed-level t interval agree, else "no evidence" (or "not replicated" with one seed a side).
 
 AUROC is rank-based, so the raw probabilities (rounded to 6 decimals in the CSV) give the head's
 AUROC up to ties that rounding may create.
@@ -148,9 +150,12 @@ def main() -> None:
             ap.error(str(e))
     for xs, ys in pooled:
         try:
-            res[f"mean({', '.join(xs)}) - mean({', '.join(ys)})"] = compare(preds, summary, xs, ys, n, seed)
+            per_mod = compare(preds, summary, xs, ys, n, seed)
         except ValueError as e:
             ap.error(str(e))
+        for r in per_mod.values():  # the seed_replication.sh decision rule, A = the first list
+            r["verdict"] = M.replication_verdict(r)
+        res[f"mean({', '.join(xs)}) - mean({', '.join(ys)})"] = per_mod
     text = json.dumps({"predictions": [a.predictions, *(r[0] for r in a.run)], "bootstrap": n, "seed": seed,
                        "comparisons": res}, indent=1)
     if a.out:

@@ -11,7 +11,8 @@
 # the pretrained seeds minus the mean of the random-init seeds (--pooled). "Pretraining helps" in a
 # modality only if BOTH the patient-bootstrap interval AND the seed-level Student's t interval
 # (replicate_t) lie above zero; "hurts" if both lie below; otherwise no evidence either way.
-# Per-seed pairs and pretrained-minus-histogram are secondary.
+# Per-seed pairs and pretrained-minus-histogram are secondary. pooled.json carries the rule's answer
+# per modality as "verdict" ("A better" = pretraining helps; eval.metrics.replication_verdict).
 #
 # Every step is skipped when its output exists and pretraining runs in resumable chunks, so a
 # killed run continues where it stopped when started again. Two lanes of one thread each; about

@@ -219,6 +219,23 @@ def replicate_t_interval(differences, alpha: float = 0.05) -> dict[str, Any]:
             "differences": [float(x) for x in d]}
 
 
+def replication_verdict(res: dict[str, Any]) -> str:
+    """The decision rule for replicated comparisons (bench/eval/seed_replication.sh), applied
+    mechanically so nobody reads it off a table: "A better" only if both the patient-bootstrap
+    interval and the seed-level t interval (``replicate_t``) of A minus B lie above zero, "A worse"
+    if both lie below, otherwise "no evidence". Without a seed-level interval (fewer than two
+    paired replicates) the answer is "not replicated": one seed cannot show a method's effect."""
+    t = res.get("replicate_t")
+    if t is None:
+        return "not replicated"
+    intervals = [(res["low"], res["high"]), (t["low"], t["high"])]
+    if all(np.isfinite(lo) and lo > 0 for lo, _ in intervals):
+        return "A better"
+    if all(np.isfinite(hi) and hi < 0 for _, hi in intervals):
+        return "A worse"
+    return "no evidence"
+
+
 # -- how far a measured ECE can be trusted ---------------------------------------------------------
 # Plug-in ECE is biased upward: even a perfectly calibrated model scores about
 # sqrt(bins * p(1 - p) / N) because each bin's observed rate is a small-sample estimate. With the
