@@ -15,9 +15,9 @@
 # per modality as "verdict" ("A better" = pretraining helps; eval.metrics.replication_verdict).
 #
 # Every step is skipped when its output exists and pretraining runs in resumable chunks, so a
-# killed run continues where it stopped when started again. Two lanes of one thread each; about
-# 4-6 hours on 2 cores for three seeds (pretraining ~30 min a seed on 2 cores, evaluation 15-30 min
-# a model on one).
+# killed run continues where it stopped when started again. One lane of one thread per seed (more
+# lanes than cores share them); about 4-5 hours on 2 cores for three seeds (pretraining ~40 min a
+# seed on one core, embedding ~15 min and evaluation 15-30 min a model on one).
 set -uo pipefail
 DATA=${1:?usage: bench/eval/seed_replication.sh DATA OUT [SEEDS]}; OUT=${2:?usage: ... DATA OUT [SEEDS]}
 SEEDS=${3:-0 1 2}
@@ -39,7 +39,7 @@ pretrain() { scripts/pretrain_in_chunks.sh configs/pretrain_tiny_cpu.yaml "$OUT/
 embed() { [ -e "$3/.done" ] || { "$B" embed "$1" "$C" "$3" --splits-csv "$L" --quiet > "$2" 2>&1 && touch "$3/.done"; }; }
 evaluate() { [ -e "$OUT/eval_$1/metrics.json" ] || "$B" evaluate --features "$1=$2" --labels "$L" --cache "$C" \
              --out "$OUT/eval_$1" --head auto --head-seeds 5 --quiet > "$OUT/eval_$1.log" 2>&1; }
-lane() {  # pretrain, embed and evaluate each seed of this lane in turn
+lane() {  # pretrain, embed and evaluate the given seeds in turn
   for s in "$@"; do
     step "pretrain seed $s"; pretrain "$s" || return 1
     embed "$OUT/pt_s$s/model" "$OUT/embed_ref_s$s.log" "$OUT/feat_ref_s$s" || return 1
@@ -49,11 +49,9 @@ lane() {  # pretrain, embed and evaluate each seed of this lane in turn
   done
 }
 read -r -a all <<< "$SEEDS"
-odd=(); even=(); for i in "${!all[@]}"; do if (( i % 2 )); then odd+=("${all[$i]}"); else even+=("${all[$i]}"); fi; done
-lane "${even[@]}" & lane "${odd[@]}" &
-embed histogram:32 "$OUT/embed_hist.log" "$OUT/feat_hist"
+for s in "${all[@]}"; do lane "$s" & done  # one lane per seed: lanes share the cores, no serial tail
+{ embed histogram:32 "$OUT/embed_hist.log" "$OUT/feat_hist" && evaluate histogram "$OUT/feat_hist"; } &
 wait
-evaluate histogram "$OUT/feat_hist"
 missing=(); for m in histogram $(for s in "${all[@]}"; do echo "ref_s$s random_s$s"; done); do
   [ -e "$OUT/eval_$m/metrics.json" ] || missing+=("$m")
 done
