@@ -587,3 +587,71 @@ def test_cli_cnn_epochs_default_is_the_configs():
 
     a = build_parser().parse_args(["evaluate", "--features", "x=y", "--labels", "l.csv", "--out", "o"])
     assert a.cnn_epochs == CNNConfig().epochs
+
+
+def _write_eval(folder: str, name: str, rng, y: np.ndarray, patients: list[str], signal: float, labels: list[str]):
+    """An evaluate-shaped folder for one model: predictions.csv scored with planted ``signal`` and
+    metrics.json with the fields the replication tools read (its AUROC computed from those scores)."""
+    os.makedirs(folder)
+    entry = {}
+    with open(os.path.join(folder, "predictions.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "modality", "study", "patient", "label", "truth", "prob_raw"])
+        for mod in ("CT", "MR"):
+            s = 1 / (1 + np.exp(-(signal * (y - 0.5) + rng.normal(0, 1, y.shape))))
+            for i in range(len(y)):
+                for j, lab in enumerate(labels):
+                    w.writerow([name, mod, f"{mod}{i}", patients[i], lab, int(y[i, j]), f"{s[i, j]:.6f}"])
+            auc = float(np.mean([M.auroc(y[:, j], s[:, j]) for j in range(len(labels))]))
+            entry[mod] = {"head": "mean", "macro_auroc": {"estimate": auc, "low": auc - 0.05, "high": auc + 0.05},
+                          "headline_labels": labels, "headline_ece_after": 0.1, "test_studies": len(y)}
+    with open(os.path.join(folder, "metrics.json"), "w") as fh:
+        json.dump({"config": {"bootstrap": 200, "seed": 0}, "models": {name: entry}}, fh)
+
+
+def test_replication_record_assembles_what_the_replication_wrote(tmp_path):
+    """seed_replication.sh's last steps on planted models: pooled.json from the real
+    paired_from_predictions.py, then the record; pretrained seeds planted clearly better than their
+    random twins give the verdict "A better", and the pretraining summary equals the CSV's numbers."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "eval")
+    rng = np.random.default_rng(3)
+    n, labels = 600, ["x", "y", "z"]
+    y = (rng.random((n, len(labels))) < 0.3).astype(int)
+    patients = [f"p{i // 2}" for i in range(n)]
+    out = str(tmp_path / "rep")
+    runs = []
+    for s in (0, 1):
+        loss = rng.random(300)
+        os.makedirs(os.path.join(out, f"pt_s{s}"))
+        with open(os.path.join(out, f"pt_s{s}", "metrics.csv"), "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["step", "loss", "erank", "cosine"])
+            for k, v in enumerate(loss, 1):
+                w.writerow([k, v, *((10 + s, 0.5) if k % 50 == 0 else ("", ""))])
+        for kind, signal in (("ref", 2.5), ("random", 0.5)):
+            _write_eval(os.path.join(out, f"eval_{kind}_s{s}"), f"{kind}_s{s}", rng, y, patients, signal, labels)
+            runs += ["--run", os.path.join(out, f"eval_{kind}_s{s}", "predictions.csv"),
+                     os.path.join(out, f"eval_{kind}_s{s}", "metrics.json")]
+    _write_eval(os.path.join(out, "eval_histogram"), "histogram", rng, y, patients, 1.0, labels)
+    r = subprocess.run([sys.executable, os.path.join(here, "paired_from_predictions.py"),
+                        os.path.join(out, "eval_histogram", "predictions.csv"), os.path.join(out, "eval_histogram", "metrics.json"),
+                        *runs, "--pooled", "ref_s0,ref_s1", "random_s0,random_s1", "--pair", "ref_s0", "histogram",
+                        "--out", os.path.join(out, "pooled.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rec_path = str(tmp_path / "record.json")
+    r = subprocess.run([sys.executable, os.path.join(here, "replication_record.py"), out, "--data", "A",
+                        "--out", rec_path], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rec = json.load(open(rec_path))
+    assert rec["seeds"] == [0, 1] and 'seed_replication.sh A OUT "0 1"' in rec["command"]
+    assert rec["verdict"] == {"mean(ref_s0, ref_s1) - mean(random_s0, random_s1)": {"CT": "A better", "MR": "A better"}}
+    assert set(rec["models"]) == {"histogram", "ref_s0", "random_s0", "ref_s1", "random_s1"}
+    assert rec["models"]["ref_s1"]["MR"]["macro_auroc"] > rec["models"]["random_s1"]["MR"]["macro_auroc"]
+    with open(os.path.join(out, "pt_s1", "metrics.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    pt = rec["pretraining"]["seed1"]
+    assert pt["steps"] == 300 and pt["erank_mean_steps_600_plus"] is None  # no monitor from step 600 on
+    assert pt["loss_last_100_mean"] == pytest.approx(np.mean([float(r["loss"]) for r in rows[-100:]]), abs=1e-4)
+    os.remove(os.path.join(out, "eval_random_s1", "metrics.json"))  # an unfinished replication: a clear error
+    r = subprocess.run([sys.executable, os.path.join(here, "replication_record.py"), out], capture_output=True, text=True)
+    assert r.returncode != 0 and "not a finished seed replication" in r.stderr and "Traceback" not in r.stderr

@@ -5,7 +5,8 @@
 # DATA/keyed). For every seed S: ViT-Tiny Vol-JEPA pretrained with configs/pretrain_tiny_cpu.yaml
 # (--set run.seed=S) and a random-init twin (init-model --size tiny --seed S), both embedded and
 # evaluated with auto heads (5 head seeds each), plus the histogram baseline; then one comparison
-# file OUT/pooled.json (bench/eval/paired_from_predictions.py).
+# file OUT/pooled.json (bench/eval/paired_from_predictions.py) and the record OUT/record.json
+# (bench/eval/replication_record.py).
 #
 # Protocol, fixed before the first result (2026-12-05): per modality, the mean test macro AUROC of
 # the pretrained seeds minus the mean of the random-init seeds (--pooled). "Pretraining helps" in a
@@ -69,4 +70,6 @@ IFS=,; pooled=(--pooled "${ref[*]}" "${rnd[*]}"); unset IFS
 "$PY" bench/eval/paired_from_predictions.py "$OUT/eval_histogram/predictions.csv" "$OUT/eval_histogram/metrics.json" \
   "${runs[@]}" "${pooled[@]}" "${pairs[@]}" --out "$OUT/pooled.json" > "$OUT/pooled.log" 2>&1 \
   || { echo "comparison failed: $OUT/pooled.log" >&2; exit 1; }
-step "done: $OUT/pooled.json"
+"$PY" bench/eval/replication_record.py "$OUT" --out "$OUT/record.json" > /dev/null \
+  || { echo "record failed: see above" >&2; exit 1; }
+step "done: $OUT/pooled.json, $OUT/record.json (the bench/results record, verdict per modality)"

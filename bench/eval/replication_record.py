@@ -1,0 +1,104 @@
+"""One record of a seed replication (bench/eval/seed_replication.sh OUT), for bench/results/.
+
+Reads what the replication wrote and nothing else, so the record reproduces from the script's
+command: each pretraining run's curve summary (OUT/pt_sS/metrics.csv), each model's test macro
+AUROC with its patient-bootstrap interval, head and headline ECE (OUT/eval_*/metrics.json), and
+every comparison of OUT/pooled.json with the decision rule's verdict per modality.
+
+    python bench/eval/replication_record.py OUT [--data DATA] [--out RECORD.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+
+def pretraining_summary(metrics_csv: str, late_from: int = 600) -> dict:
+    """Loss at the start and the end (100-step means) and the collapse monitors from ``late_from``
+    on (effective rank, predictor cosine): the same summary as the earlier pretraining records."""
+    with open(metrics_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{metrics_csv}: no training steps")
+    loss = np.array([float(r["loss"]) for r in rows])
+    mon = [r for r in rows if r.get("erank") and int(r["step"]) >= late_from]
+
+    def mean(key: str) -> float | None:
+        return round(float(np.mean([float(r[key]) for r in mon])), 3) if mon else None
+
+    return {"steps": int(rows[-1]["step"]), "loss_first_100_mean": round(float(loss[:100].mean()), 4),
+            "loss_last_100_mean": round(float(loss[-100:].mean()), 4),
+            f"erank_mean_steps_{late_from}_plus": mean("erank"), f"cosine_mean_steps_{late_from}_plus": mean("cosine")}
+
+
+def model_summary(metrics_json: str) -> dict:
+    """Per modality: test macro AUROC [interval], the head chosen on validation, its seeds' spread,
+    headline ECE before/after calibration and how many studies and labels were scored."""
+    with open(metrics_json) as fh:
+        models = json.load(fh)["models"]
+    out = {}
+    for name, per_mod in models.items():
+        out[name] = {}
+        for mod, e in per_mod.items():
+            auc = e.get("macro_auroc") or {}
+            members = e.get("head_members") or {}
+            out[name][mod] = {"macro_auroc": auc.get("estimate"), "low": auc.get("low"), "high": auc.get("high"),
+                              "head": e.get("head"), "head_seed_range": members.get("member_range"),
+                              "headline_ece_before": e.get("headline_ece_before"),
+                              "headline_ece_after": e.get("headline_ece_after"),
+                              "headline_labels": len(e.get("headline_labels") or []), "test_studies": e.get("test_studies")}
+    return out
+
+
+def build(out_dir: str, data: str = "DATA") -> dict:
+    with open(os.path.join(out_dir, "pooled.json")) as fh:
+        pooled = json.load(fh)
+    seeds = sorted(int(m.group(1)) for d in os.listdir(out_dir) if (m := re.fullmatch(r"pt_s(\d+)", d)))
+    models: dict = {}
+    for name in ["histogram", *(f"{k}_s{s}" for s in seeds for k in ("ref", "random"))]:
+        models.update(model_summary(os.path.join(out_dir, f"eval_{name}", "metrics.json")))
+    verdicts = {key: {mod: r["verdict"] for mod, r in comp.items()}
+                for key, comp in pooled["comparisons"].items() if key.startswith("mean(")}
+    return {
+        "command": f"bench/eval/seed_replication.sh {data} OUT \"{' '.join(map(str, seeds))}\"; "
+                   "python bench/eval/replication_record.py OUT",
+        "protocol": "fixed before the first result (header of bench/eval/seed_replication.sh): per modality, mean "
+                    "test macro AUROC of the pretrained seeds minus that of the random-init seeds; pretraining "
+                    "helps only if both the patient-bootstrap and the seed-level t interval lie above zero",
+        "seeds": seeds,
+        "verdict": verdicts,
+        "pretraining": {f"seed{s}": pretraining_summary(os.path.join(out_dir, f"pt_s{s}", "metrics.csv")) for s in seeds},
+        "models": models,
+        "comparisons": pooled["comparisons"],
+        "bootstrap": pooled.get("bootstrap"), "bootstrap_seed": pooled.get("seed"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", help="the OUT folder of bench/eval/seed_replication.sh")
+    ap.add_argument("--data", default="DATA", help="how to name the archive folder in the recorded command")
+    ap.add_argument("--out", help="write the record here (default: print it)")
+    a = ap.parse_args()
+    try:
+        rec = build(a.out_dir, a.data)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"replication_record: {a.out_dir} is not a finished seed replication ({e})")
+    text = json.dumps(rec, indent=1)
+    if a.out:
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(text + "\n")
+        os.replace(tmp, a.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
