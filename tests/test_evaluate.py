@@ -652,6 +652,9 @@ def test_replication_record_assembles_what_the_replication_wrote(tmp_path):
     pt = rec["pretraining"]["seed1"]
     assert pt["steps"] == 300 and pt["erank_mean_steps_600_plus"] is None  # no monitor from step 600 on
     assert pt["loss_last_100_mean"] == pytest.approx(np.mean([float(r["loss"]) for r in rows[-100:]]), abs=1e-4)
+    os.makedirs(os.path.join(out, "pt_s7"))  # a stray run folder is not one of the compared seeds
+    r = subprocess.run([sys.executable, os.path.join(here, "replication_record.py"), out], capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["seeds"] == [0, 1], r.stderr
     os.remove(os.path.join(out, "eval_random_s1", "metrics.json"))  # an unfinished replication: a clear error
     r = subprocess.run([sys.executable, os.path.join(here, "replication_record.py"), out], capture_output=True, text=True)
     assert r.returncode != 0 and "not a finished seed replication" in r.stderr and "Traceback" not in r.stderr

@@ -60,12 +60,16 @@ def model_summary(metrics_json: str) -> dict:
 def build(out_dir: str, data: str = "DATA") -> dict:
     with open(os.path.join(out_dir, "pooled.json")) as fh:
         pooled = json.load(fh)
-    seeds = sorted(int(m.group(1)) for d in os.listdir(out_dir) if (m := re.fullmatch(r"pt_s(\d+)", d)))
+    pooled_keys = [k for k in pooled["comparisons"] if k.startswith("mean(")]
+    if not pooled_keys:
+        raise ValueError("pooled.json has no pooled (replicate) comparison")
+    # the seeds the replication compared (not whatever else OUT holds): ref_sS in the pooled key
+    seeds = sorted({int(s) for k in pooled_keys for s in re.findall(r"\bref_s(\d+)\b", k)})
     models: dict = {}
     for name in ["histogram", *(f"{k}_s{s}" for s in seeds for k in ("ref", "random"))]:
         models.update(model_summary(os.path.join(out_dir, f"eval_{name}", "metrics.json")))
     verdicts = {key: {mod: r["verdict"] for mod, r in comp.items()}
-                for key, comp in pooled["comparisons"].items() if key.startswith("mean(")}
+                for key, comp in pooled["comparisons"].items() if key in pooled_keys}
     return {
         "command": f"bench/eval/seed_replication.sh {data} OUT \"{' '.join(map(str, seeds))}\"; "
                    "python bench/eval/replication_record.py OUT",
