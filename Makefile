@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo demo-smoke test bench venv clean
+.PHONY: demo demo-smoke test bench lint venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: venv
 
 bench: venv
 	$(BIN)/python bench/ingest/bench_ingest.py
+
+# pyflakes rules (undefined names, unused imports and variables) and syntax errors; not part of `make test`
+lint: venv
+	$(BIN)/python -m ruff --version >/dev/null 2>&1 || $(BIN)/pip install -q "ruff>=0.5"
+	$(BIN)/python -m ruff check src bench tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info

@@ -4,7 +4,6 @@ nothing already in the cache is lost, and ``--strict`` turns any failure into a 
 from __future__ import annotations
 
 import csv
-import glob
 import os
 import shutil
 
@@ -15,7 +14,7 @@ import pytest
 
 from neurovfm.cli import main
 from neurovfm.ingest.pipeline import IngestOptions, run_ingest
-from neurovfm.synth.dicom_writer import Identity, SeriesSpec
+from neurovfm.synth.dicom_writer import Identity
 from neurovfm.tokens.cache import TokenCache
 
 from neurovfm.synth.phantom import write_phantom_series

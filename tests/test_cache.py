@@ -19,7 +19,6 @@ from neurovfm.ingest.policy import PreprocessPolicy
 from neurovfm.privacy.keys import Keyer
 from neurovfm.synth.dicom_writer import Identity
 from neurovfm.tokens.cache import TokenCache
-from neurovfm.tokens.patches import patchify
 from neurovfm.tokens.windows import window_to_uint8
 
 from neurovfm.synth.phantom import write_phantom_series

@@ -6,7 +6,6 @@ import os
 import sqlite3
 import stat
 
-import numpy as np
 import pydicom
 import pytest
 

@@ -28,7 +28,7 @@ def _head(p_sdh, side="left"):
 def write(tmp_path, test_truth_sdh: bool):
     """train: defines the vocabulary; val: the image reports miss SDH the head sees at 0.8, and a
     study without SDH where the head says 0.3; test: the same pattern."""
-    truths, A, B, heads = [], [], [], {}
+    truths, A, B = [], [], []
     plan = [("train", [SDH, ATR], None, None, None)]
     plan += [("val", [SDH], _rep(), _rep(), 0.8), ("val", [], _rep(), _rep(ATR), 0.3),
              ("val", [SDH, ATR], _rep(ATR), _rep(), 0.9), ("val", [], _rep(), _rep(), 0.1)]

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from neurovfm.report import Connector, PerceiverResampler, ReportVLM, ReportVLMConfig, ResamplerConfig  # noqa: E402
-from neurovfm.report.constrained import ReportGrammar, ReportLogitsProcessor, greedy_decode  # noqa: E402
+from neurovfm.report.constrained import ReportGrammar, ReportLogitsProcessor  # noqa: E402
 from neurovfm.report.folder import (ReportModelError, llm_fingerprint, load_report_model,  # noqa: E402
                                     save_report_model)
 from neurovfm.report.llm import load_llm, tiny_random_llm  # noqa: E402

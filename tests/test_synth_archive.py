@@ -22,7 +22,7 @@ from neurovfm.ingest.pipeline import IngestOptions, run_ingest
 from neurovfm.ingest.policy import DEFAULT_POLICY, PreprocessPolicy
 from neurovfm.privacy.audit import audit
 from neurovfm.privacy.keys import Keyer
-from neurovfm.synth.archive import HEADLINE, plan_archive, write_archive
+from neurovfm.synth.archive import plan_archive, write_archive
 from neurovfm.synth.rekey import rekey_archive
 from neurovfm.synth.tables import label_names
 from neurovfm.tokens.cache import TokenCache

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neurovfm.synth import reports, tables
+from neurovfm.synth import tables
 from neurovfm.synth.reports import Finding, format_size, indication, label_phrases, write_report
 
 TABLE_DIR = Path(tables.__file__).resolve().parent / "tables"

@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 

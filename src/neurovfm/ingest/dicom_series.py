@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pydicom

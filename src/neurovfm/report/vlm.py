@@ -182,7 +182,7 @@ class ReportVLM(nn.Module):
         text = emb_layer(all_ids)
         vis = vis.to(text.dtype)
 
-        pieces, label_pieces, positions = [], [], []
+        pieces, positions = [], []
         pos, s, start = 0, 0, 0
         for i, t in enumerate(all_ids.tolist()):
             if t != self.image_token_id:

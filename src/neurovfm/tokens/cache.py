@@ -26,7 +26,7 @@ import socket
 import sqlite3
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
