@@ -655,6 +655,15 @@ def test_replication_record_assembles_what_the_replication_wrote(tmp_path):
     os.makedirs(os.path.join(out, "pt_s7"))  # a stray run folder is not one of the compared seeds
     r = subprocess.run([sys.executable, os.path.join(here, "replication_record.py"), out], capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["seeds"] == [0, 1], r.stderr
-    os.remove(os.path.join(out, "eval_random_s1", "metrics.json"))  # an unfinished replication: a clear error
-    r = subprocess.run([sys.executable, os.path.join(here, "replication_record.py"), out], capture_output=True, text=True)
-    assert r.returncode != 0 and "not a finished seed replication" in r.stderr and "Traceback" not in r.stderr
+    bad = os.path.join(out, "eval_random_s1", "metrics.json")
+    for damage in ("[1, 2]", "{not json", None):  # wrong shape, corrupt, missing: the file is named
+        if damage is None:
+            os.remove(bad)
+        else:
+            with open(bad, "w") as fh:
+                fh.write(damage)
+        r = subprocess.run([sys.executable, os.path.join(here, "replication_record.py"), out, "--out", rec_path],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "not a finished seed replication" in r.stderr and bad in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert json.load(open(rec_path)) == rec  # the record written before is left as it was

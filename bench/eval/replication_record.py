@@ -57,9 +57,24 @@ def model_summary(metrics_json: str) -> dict:
     return out
 
 
+def _named(path: str, read):
+    """``read(path)``, with any failure (missing, not JSON/CSV, not the expected shape) as one
+    ValueError that names the file."""
+    try:
+        return read(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: {e!r}") from None
+
+
+def _json(path: str):
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def build(out_dir: str, data: str = "DATA") -> dict:
-    with open(os.path.join(out_dir, "pooled.json")) as fh:
-        pooled = json.load(fh)
+    pooled = _named(os.path.join(out_dir, "pooled.json"), _json)
+    if not isinstance(pooled, dict) or not isinstance(pooled.get("comparisons"), dict):
+        raise ValueError(f"{os.path.join(out_dir, 'pooled.json')}: not paired_from_predictions.py output")
     pooled_keys = [k for k in pooled["comparisons"] if k.startswith("mean(")]
     if not pooled_keys:
         raise ValueError("pooled.json has no pooled (replicate) comparison")
@@ -67,7 +82,7 @@ def build(out_dir: str, data: str = "DATA") -> dict:
     seeds = sorted({int(s) for k in pooled_keys for s in re.findall(r"\bref_s(\d+)\b", k)})
     models: dict = {}
     for name in ["histogram", *(f"{k}_s{s}" for s in seeds for k in ("ref", "random"))]:
-        models.update(model_summary(os.path.join(out_dir, f"eval_{name}", "metrics.json")))
+        models.update(_named(os.path.join(out_dir, f"eval_{name}", "metrics.json"), model_summary))
     verdicts = {key: {mod: r["verdict"] for mod, r in comp.items()}
                 for key, comp in pooled["comparisons"].items() if key in pooled_keys}
     return {
@@ -78,7 +93,8 @@ def build(out_dir: str, data: str = "DATA") -> dict:
                     "helps only if both the patient-bootstrap and the seed-level t interval lie above zero",
         "seeds": seeds,
         "verdict": verdicts,
-        "pretraining": {f"seed{s}": pretraining_summary(os.path.join(out_dir, f"pt_s{s}", "metrics.csv")) for s in seeds},
+        "pretraining": {f"seed{s}": _named(os.path.join(out_dir, f"pt_s{s}", "metrics.csv"), pretraining_summary)
+                        for s in seeds},
         "models": models,
         "comparisons": pooled["comparisons"],
         "bootstrap": pooled.get("bootstrap"), "bootstrap_seed": pooled.get("seed"),
@@ -93,7 +109,7 @@ def main() -> None:
     a = ap.parse_args()
     try:
         rec = build(a.out_dir, a.data)
-    except (OSError, ValueError, KeyError) as e:
+    except (ValueError, KeyError) as e:
         sys.exit(f"replication_record: {a.out_dir} is not a finished seed replication ({e})")
     text = json.dumps(rec, indent=1)
     if a.out:

@@ -16,12 +16,13 @@
 # per modality as "verdict" ("A better" = pretraining helps; eval.metrics.replication_verdict).
 #
 # Every step is skipped when its output exists and pretraining runs in resumable chunks, so a
-# killed run continues where it stopped when started again. One lane of one thread per seed (more
-# lanes than cores share them); about 4-5 hours on 2 cores for three seeds (pretraining ~40 min a
-# seed on one core, embedding ~15 min and evaluation 15-30 min a model on one).
+# killed run continues where it stopped when started again. One lane of one thread per seed, at
+# most LANES=3 (more lanes than cores share them); about 4-5 hours on 2 cores for three seeds
+# (pretraining ~40 min a seed on one core, embedding ~15 min and evaluation 15-30 min a model on one).
 set -uo pipefail
 DATA=${1:?usage: bench/eval/seed_replication.sh DATA OUT [SEEDS]}; OUT=${2:?usage: ... DATA OUT [SEEDS]}
 SEEDS=${3:-0 1 2}
+LANES=${LANES:-3}; [[ "$LANES" =~ ^[1-9][0-9]*$ ]] || { echo "LANES must be a whole number >= 1, not '$LANES'" >&2; exit 2; }
 here=${NEUROVFM_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}; cd "$here"  # NEUROVFM_ROOT: run a copy of this file
 B=${NEUROVFM_BIN:-$here/.venv/bin/neurovfm}; PY=${PYTHON:-$here/.venv/bin/python}
 export NEUROVFM_SITE_SECRET=${NEUROVFM_SITE_SECRET:-bench-secret} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -50,7 +51,12 @@ lane() {  # pretrain, embed and evaluate the given seeds in turn
   done
 }
 read -r -a all <<< "$SEEDS"
-for s in "${all[@]}"; do lane "$s" & done  # one lane per seed: lanes share the cores, no serial tail
+# one lane per seed, at most LANES (default 3: each lane holds ~2.5 GB while pretraining), seeds dealt
+# round-robin; more lanes than cores share them, which avoids one seed running alone at the end
+for ((k = 0; k < LANES && k < ${#all[@]}; k++)); do
+  mine=(); for ((i = k; i < ${#all[@]}; i += LANES)); do mine+=("${all[$i]}"); done
+  lane "${mine[@]}" &
+done
 { embed histogram:32 "$OUT/embed_hist.log" "$OUT/feat_hist" && evaluate histogram "$OUT/feat_hist"; } &
 wait
 missing=(); for m in histogram $(for s in "${all[@]}"; do echo "ref_s$s random_s$s"; done); do
