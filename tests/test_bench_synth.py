@@ -149,10 +149,28 @@ def test_seed_ensemble_reports_members_and_reproduces_a_single_run(difficulty, t
         difficulty.run_cnn(None, studies, labels, seeds=0, **kw)
 
 
+def test_inputs_file_is_refused_for_the_other_sampling(difficulty, tmp_path):
+    """An --inputs file remembers whether its volumes were anti-aliased: reusing it for the other
+    setting would silently train on the wrong inputs, so it is refused with the file's name, and a
+    seed other than 0 is recorded in the result."""
+    labels, studies, path = _cnn_world(tmp_path, difficulty)
+    kw = dict(epochs=1, batch=3, inputs_file=path, threads=1)
+    with pytest.raises(SystemExit, match="inputs.npz.*antialias=False"):
+        difficulty.run_cnn(None, studies, labels, antialias=True, **kw)
+    z = dict(np.load(path))
+    aa = str(tmp_path / "inputs_aa.npz")
+    np.savez(aa, antialias=np.array(True), **z)
+    r = difficulty.run_cnn(None, studies, labels, antialias=True, seed=3, **{**kw, "inputs_file": aa})
+    assert r["setup"]["antialias"] is True and r["setup"]["seed"] == 3
+    with pytest.raises(SystemExit, match="inputs_aa.npz.*antialias=True"):
+        difficulty.run_cnn(None, studies, labels, **{**kw, "inputs_file": aa})
+
+
 @pytest.mark.parametrize("argv, why", [
     (["--only-cnn", "--skip-cnn"], "nothing left to measure"),
     (["--only-cnn", "--skip-labels-only", "--aux-weight", "0"], "needs --aux-weight > 0"),
     (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
     (["--min-positives", "-1"], "--min-positives must be >= 0"),
     (["--rotate-deg", "90"], "rotate_deg must be in"),
     (["--scale", "0.7"], "scale in"),

@@ -26,6 +26,7 @@ from neurovfm.privacy.keys import Keyer
 from neurovfm.probe.embed import EmbedConfig, FeatureStore, embed
 from neurovfm.probe.heads import HeadConfig
 from neurovfm.probe.train import HeadTrainConfig, load_head, predict
+from neurovfm.tokens.cache import TokenCache
 from neurovfm.synth.archive import write_archive
 from neurovfm.synth.rekey import rekey_archive
 
@@ -578,6 +579,30 @@ def test_cli_cnn_seed_ensemble(world, tmp_path):
         assert e["head"] == "3-D CNN, end to end (mean logit of 2 seeds)"
     assert cli_main(base + ["--cnn-seeds", "2"]) == 2
     assert cli_main(base + ["--cnn-baseline", "--cnn-seeds", "0"]) == 2
+
+
+def test_cli_cnn_antialias_reaches_the_inputs_and_is_named(world, tmp_path):
+    """`--cnn-antialias` changes what the CNN sees (its study volumes differ) and says so in the
+    metrics; without `--cnn-baseline` it is refused instead of being ignored."""
+    from neurovfm.probe import cnn3d
+
+    f = world["feats"]
+    keys = FeatureStore(f["a"]).studies()[:2]
+    cache = TokenCache(world["cache"])
+    try:
+        plain, smooth = cnn3d.study_volumes(cache, keys), cnn3d.study_volumes(cache, keys, antialias=True)
+    finally:
+        cache.close()
+    for k in keys:
+        assert plain[k][0].shape == smooth[k][0].shape and not np.array_equal(plain[k][0], smooth[k][0])
+    out = str(tmp_path / "eval")
+    base = ["evaluate", "--features", f"a={f['a']}", "--labels", world["labels"], "--cache", world["cache"],
+            "--out", out, "--min-test-positives", "1", "--bootstrap", "100", "--epochs", "1", "--quiet"]
+    assert cli_main(base + ["--cnn-baseline", "--cnn-epochs", "1", "--cnn-antialias"]) == 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    for e in m["models"]["cnn3d"].values():
+        assert e["head"] == "3-D CNN, end to end, anti-aliased inputs"
+    assert cli_main(base + ["--cnn-antialias"]) == 2
 
 
 def test_cli_cnn_epochs_default_is_the_configs():

@@ -200,11 +200,16 @@ def study_mask(archive: str, rec: dict, centre: np.ndarray) -> np.ndarray:
 
 
 def build_cnn_data(cache, studies, cache_file: str | None = None, archive: str | None = None,
-                   records: dict | None = None) -> dict:
+                   records: dict | None = None, antialias: bool = False) -> dict:
     """study key -> (modality, channels [C, *GRID] float16, lesion bit field [*GRID] uint8).
-    Cached in ``cache_file`` (npz, no pickles); masks need ``archive`` and its keyed ``records``."""
+    Cached in ``cache_file`` (npz, no pickles; it records whether the volumes were anti-aliased
+    and is refused for the other setting); masks need ``archive`` and its keyed ``records``."""
     if cache_file and os.path.exists(cache_file):
         z = np.load(cache_file, allow_pickle=False)
+        made = bool(z["antialias"]) if "antialias" in z.files else False
+        if made != antialias:
+            raise SystemExit(f"{cache_file}: its volumes were built with antialias={made}, this run asks for "
+                             f"{antialias}; name another --inputs file")
         keys = list(z["keys"])
         if "m0" in z.files or archive is None:
             return {k: (str(m), z[f"v{i}"], z[f"m{i}"] if f"m{i}" in z.files else np.zeros(C.GRID, np.uint8))
@@ -212,14 +217,14 @@ def build_cnn_data(cache, studies, cache_file: str | None = None, archive: str |
     t0 = time.time()
     data = {}
     for sk, entries in studies.items():
-        mod, vol, centre = C.study_volume(cache, entries)
+        mod, vol, centre = C.study_volume(cache, entries, antialias)
         mask = study_mask(archive, records[sk], centre) if archive and records and sk in records else np.zeros(C.GRID, np.uint8)
         data[sk] = (mod, vol, mask)
     print(f"  cnn inputs: {len(data)} studies in {time.time() - t0:.0f} s", file=sys.stderr)
     if cache_file:
         keys = list(data)
         tmp = cache_file + ".tmp.npz"
-        np.savez(tmp, keys=np.array(keys), mods=np.array([data[k][0] for k in keys]),
+        np.savez(tmp, keys=np.array(keys), mods=np.array([data[k][0] for k in keys]), antialias=np.array(antialias),
                  **{f"v{i}": data[k][1] for i, k in enumerate(keys)}, **{f"m{i}": data[k][2] for i, k in enumerate(keys)})
         os.replace(tmp, cache_file)
     return data
@@ -242,7 +247,8 @@ def train_subset(labels: dict, keys: list[str], fraction: float, seed: int = 0) 
 def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, lr: float = 1e-3,
             inputs_file: str | None = None, threads: int | None = None, aux_weight: float = 0.0,
             archive: str | None = None, records: dict | None = None, train_fraction: float = 1.0,
-            min_positives: int = 0, seeds: int = 1, rotate_deg: float = 0.0, scale: float = 0.0) -> dict:
+            min_positives: int = 0, seeds: int = 1, rotate_deg: float = 0.0, scale: float = 0.0,
+            antialias: bool = False) -> dict:
     """One small 3-D CNN per modality, trained on the train split's labels only (and, with
     ``aux_weight`` > 0, the train split's lesion masks as a second, voxel-level target); the epoch
     with the best validation macro AUROC is kept; the test split is scored once, at the end.
@@ -257,7 +263,7 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, not {seeds}")
     run_epochs = max(1, int(round(epochs / train_fraction)))
-    data = build_cnn_data(cache, studies, inputs_file, archive, records)
+    data = build_cnn_data(cache, studies, inputs_file, archive, records, antialias)
     cfg = C.CNNConfig(epochs=run_epochs, batch=batch, lr=lr, seed=seed, threads=threads, aux_weight=aux_weight,
                       rotate_deg=rotate_deg, scale=scale, ensemble=seeds)
     age = {k: float(studies[k][0].age_years or 60) for k in data}
@@ -300,7 +306,7 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
             res["members"].append({"seed": seed + i, "macro": e["macro"], "CT": e["CT"]["macro"], "MR": e["MR"]["macro"]})
     res["val_best"] = best
     res["history"] = history
-    res["setup"] = {"grid": C.GRID, "grid_mm": C.GRID_MM, "ct_channels": C.CT_CHANNELS, "mr_channels": C.MR_CHANNELS,
+    res["setup"] = {"grid": C.GRID, "grid_mm": C.GRID_MM, "antialias": antialias, "ct_channels": C.CT_CHANNELS, "mr_channels": C.MR_CHANNELS,
                     "batch": batch, "lr": lr, "epochs": run_epochs, "seed": seed, "seeds": seeds,
                     "aux_weight": aux_weight, "rotate_deg": rotate_deg, "scale": scale,
                     "train_fraction": train_fraction, "n_train_studies": n_train,
@@ -380,11 +386,14 @@ def main() -> int:
     ap.add_argument("--min-positives", type=int, default=0,
                     help="multi-task: the CNNs also learn every other label of their modality with at least this many "
                          "positive training studies (the epoch is still chosen on the headline labels); 0: headline only")
+    ap.add_argument("--seed", type=int, default=0, help="the CNN's seed (the first of an ensemble's)")
     ap.add_argument("--seeds", type=int, default=1,
                     help="an ensemble: train this many CNNs per modality (consecutive seeds) and average their logits")
     ap.add_argument("--rotate-deg", type=float, default=0.0,
                     help="augmentation: random rotation up to this many degrees about S-I (half about the other axes)")
     ap.add_argument("--scale", type=float, default=0.0, help="augmentation: random isotropic zoom in 1 +- this")
+    ap.add_argument("--antialias", action="store_true",
+                    help="box-average each series to the CNN grid's spacing before sampling it (cnn3d._resample)")
     ap.add_argument("--skip-labels-only", action="store_true",
                     help="train only the mask-supervised CNN (needs --aux-weight > 0)")
     a = ap.parse_args()
@@ -394,6 +403,8 @@ def main() -> int:
         ap.error("--skip-labels-only leaves only the mask-supervised CNN: it needs --aux-weight > 0")
     if a.seeds < 1:
         ap.error(f"--seeds must be >= 1, not {a.seeds}")
+    if a.seed < 0:
+        ap.error(f"--seed must be >= 0, not {a.seed}")
     if a.min_positives < 0:
         ap.error(f"--min-positives must be >= 0, not {a.min_positives}")
     try:  # the network's own checks, before minutes of loading and the histogram baseline
@@ -433,7 +444,8 @@ def main() -> int:
             t0 = time.time()
             res[name] = run_cnn(cache, studies, labels, a.epochs, inputs_file=a.inputs, threads=a.threads,
                                 aux_weight=w, archive=a.archive, records=records, train_fraction=a.train_fraction,
-                                min_positives=a.min_positives, seeds=a.seeds, rotate_deg=a.rotate_deg, scale=a.scale)
+                                min_positives=a.min_positives, seed=a.seed, seeds=a.seeds, rotate_deg=a.rotate_deg, scale=a.scale,
+                                antialias=a.antialias)
             res[name]["seconds"] = time.time() - t0
     for name in ("histogram_lr", "histogram_lr_with_age", "cnn", "cnn_mask_aux"):
         if name not in res:
