@@ -186,3 +186,43 @@ def test_bench_refuses_bad_options_before_reading_anything(difficulty, monkeypat
     with pytest.raises(SystemExit):
         difficulty.main()
     assert why in capsys.readouterr().err and not out.exists()
+
+
+def _difficulty_result(path, seed: int, macro_ct: float, macro_mr: float, epochs: int = 100):
+    """A difficulty.py-shaped result file with one mask-supervised CNN result."""
+    auroc = {h: macro_ct for h in ("a", "b")}
+    r = {"CT": {"macro": macro_ct, "auroc": auroc}, "MR": {"macro": macro_mr, "auroc": {h: macro_mr for h in ("a", "b")}},
+         "macro": (macro_ct + macro_mr) / 2,
+         "setup": {"seed": seed, "epochs": epochs, "aux_weight": 1.0, "grid": [40, 72, 60], "train_fraction": 1.0,
+                   "training_labels": {"CT": ["a", "b"], "MR": ["a", "b"]}}}
+    path.write_text(json.dumps({"command": f"difficulty.py --seed {seed}", "cnn_mask_aux": r}))
+    return str(path)
+
+
+def test_paired_seeds_differences_and_t_interval(tmp_path, monkeypatch, capsys):
+    """Seeds are paired by the seed each file records (not by argument order); the record holds each
+    seed's difference, their t interval and each run's own command; mismatched or unpaired runs are refused
+    with the file named and nothing written."""
+    ps = _load("paired_seeds")
+    a = [_difficulty_result(tmp_path / f"a{s}.json", s, 0.80 + 0.01 * s, 0.70 + 0.02 * s) for s in range(3)]
+    b = [_difficulty_result(tmp_path / f"b{s}.json", s, 0.78 + 0.01 * s, 0.71 + 0.02 * s) for s in (2, 0, 1)]
+    out = tmp_path / "rec.json"
+    monkeypatch.setattr("sys.argv", ["paired_seeds.py", "--a", *a, "--b", *b, "--names", "aa,pt", "--out", str(out)])
+    assert ps.main() == 0
+    rec = json.loads(out.read_text())
+    assert rec["seeds"] == [0, 1, 2]
+    assert [r["CT"]["difference"] for r in rec["per_seed"]] == pytest.approx([0.02, 0.02, 0.02])
+    t = rec["difference_t95"]["MR"]
+    assert t["estimate"] == pytest.approx(-0.01) and t["low"] == pytest.approx(-0.01) and t["df"] == 2
+    assert rec["mean"]["aa"]["CT"] == pytest.approx(0.81) and rec["per_label_mean"]["pt"]["MR"]["a"] == pytest.approx(0.73)
+    assert [r["command"] for r in rec["runs"]["pt"]] == [f"difficulty.py --seed {s}" for s in range(3)]
+    bad = _difficulty_result(tmp_path / "b_e30.json", 1, 0.7, 0.7, epochs=30)
+    for files_a, files_b, why in (
+            (a, [b[1], bad], "b_e30.json differ in 'epochs'"),
+            ([a[0]], [b[1]], "at least two seeds"),
+            ([a[0], a[0]], b, "a0.json: seed 0 is already given"),
+            (a, [str(tmp_path / "missing.json")], "missing.json: not a readable")):
+        out2 = tmp_path / "none.json"
+        monkeypatch.setattr("sys.argv", ["paired_seeds.py", "--a", *files_a, "--b", *files_b, "--out", str(out2)])
+        assert ps.main() == 2
+        assert why in capsys.readouterr().err and not out2.exists()
