@@ -549,7 +549,7 @@ def test_cnn_baseline_through_evaluate(world, tmp_path):
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert set(m["models"]) == {"a", CNN_NAME} and set(m["comparisons"]) == {f"a - {CNN_NAME}"}
     for mod, e in m["models"][CNN_NAME].items():
-        assert e["head"] == "3-D CNN, end to end" and e["test_studies"] == m["models"]["a"][mod]["test_studies"]
+        assert e["head"] == "3-D CNN, end to end, anti-aliased inputs" and e["test_studies"] == m["models"]["a"][mod]["test_studies"]
         assert [r for r in e["labels"] if r.get("auroc") is not None], mod
         assert len(e["history"]) == 2 and e["attention_on_nonbrain_tokens"] is None
     fs = FeatureStore(f["a"])
@@ -576,21 +576,22 @@ def test_cli_cnn_seed_ensemble(world, tmp_path):
     assert cli_main(base + ["--cnn-baseline", "--cnn-epochs", "1", "--cnn-seeds", "2"]) == 0
     m = json.load(open(os.path.join(out, "metrics.json")))
     for e in m["models"]["cnn3d"].values():
-        assert e["head"] == "3-D CNN, end to end (mean logit of 2 seeds)"
+        assert e["head"] == "3-D CNN, end to end, anti-aliased inputs (mean logit of 2 seeds)"
     assert cli_main(base + ["--cnn-seeds", "2"]) == 2
     assert cli_main(base + ["--cnn-baseline", "--cnn-seeds", "0"]) == 2
 
 
-def test_cli_cnn_antialias_reaches_the_inputs_and_is_named(world, tmp_path):
-    """`--cnn-antialias` changes what the CNN sees (its study volumes differ) and says so in the
-    metrics; without `--cnn-baseline` it is refused instead of being ignored."""
+def test_cli_cnn_sampling_reaches_the_inputs_and_is_named(world, tmp_path):
+    """Anti-aliased inputs are the default and named in the metrics; `--cnn-point-sampled` changes
+    what the CNN sees (its study volumes differ) and keeps the old name; without `--cnn-baseline`
+    it is refused instead of being ignored."""
     from neurovfm.probe import cnn3d
 
     f = world["feats"]
     keys = FeatureStore(f["a"]).studies()[:2]
     cache = TokenCache(world["cache"])
     try:
-        plain, smooth = cnn3d.study_volumes(cache, keys), cnn3d.study_volumes(cache, keys, antialias=True)
+        plain, smooth = cnn3d.study_volumes(cache, keys, antialias=False), cnn3d.study_volumes(cache, keys)
     finally:
         cache.close()
     for k in keys:
@@ -598,11 +599,12 @@ def test_cli_cnn_antialias_reaches_the_inputs_and_is_named(world, tmp_path):
     out = str(tmp_path / "eval")
     base = ["evaluate", "--features", f"a={f['a']}", "--labels", world["labels"], "--cache", world["cache"],
             "--out", out, "--min-test-positives", "1", "--bootstrap", "100", "--epochs", "1", "--quiet"]
-    assert cli_main(base + ["--cnn-baseline", "--cnn-epochs", "1", "--cnn-antialias"]) == 0
-    m = json.load(open(os.path.join(out, "metrics.json")))
-    for e in m["models"]["cnn3d"].values():
-        assert e["head"] == "3-D CNN, end to end, anti-aliased inputs"
-    assert cli_main(base + ["--cnn-antialias"]) == 2
+    for flags, name in (([], "3-D CNN, end to end, anti-aliased inputs"),
+                        (["--cnn-point-sampled"], "3-D CNN, end to end")):
+        assert cli_main(base + ["--cnn-baseline", "--cnn-epochs", "1", *flags]) == 0
+        m = json.load(open(os.path.join(out, "metrics.json")))
+        assert {e["head"] for e in m["models"]["cnn3d"].values()} == {name}
+    assert cli_main(base + ["--cnn-point-sampled"]) == 2
 
 
 def test_cli_cnn_epochs_default_is_the_configs():
