@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +18,8 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "synth")
 
 
 def _load(name: str):
+    if BENCH not in sys.path:  # the scripts import their folder's helpers, as when run from it
+        sys.path.insert(0, BENCH)
     spec = importlib.util.spec_from_file_location(f"bench_synth_{name}", os.path.join(BENCH, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -188,13 +191,15 @@ def test_bench_refuses_bad_options_before_reading_anything(difficulty, monkeypat
     assert why in capsys.readouterr().err and not out.exists()
 
 
-def _difficulty_result(path, seed: int, macro_ct: float, macro_mr: float, epochs: int = 100):
-    """A difficulty.py-shaped result file with one mask-supervised CNN result."""
+def _difficulty_result(path, seed: int, macro_ct: float, macro_mr: float, epochs: int = 100, drop: str = ""):
+    """A difficulty.py-shaped result file with one mask-supervised CNN result (``drop``: leave out
+    the MRI result's field of that name, as an unfinished run would)."""
     auroc = {h: macro_ct for h in ("a", "b")}
     r = {"CT": {"macro": macro_ct, "auroc": auroc}, "MR": {"macro": macro_mr, "auroc": {h: macro_mr for h in ("a", "b")}},
          "macro": (macro_ct + macro_mr) / 2,
          "setup": {"seed": seed, "epochs": epochs, "aux_weight": 1.0, "grid": [40, 72, 60], "train_fraction": 1.0,
                    "training_labels": {"CT": ["a", "b"], "MR": ["a", "b"]}}}
+    r["MR"].pop(drop, None)
     path.write_text(json.dumps({"command": f"difficulty.py --seed {seed}", "cnn_mask_aux": r}))
     return str(path)
 
@@ -221,7 +226,8 @@ def test_paired_seeds_differences_and_t_interval(tmp_path, monkeypatch, capsys):
             (a, [b[1], bad], "b_e30.json differ in 'epochs'"),
             ([a[0]], [b[1]], "at least two seeds"),
             ([a[0], a[0]], b, "a0.json: seed 0 is already given"),
-            (a, [str(tmp_path / "missing.json")], "missing.json: not a readable")):
+            (a, [str(tmp_path / "missing.json")], "missing.json: cannot read"),
+            (a, [_difficulty_result(tmp_path / "no_auroc.json", 0, 0.7, 0.7, drop="auroc")], "no_auroc.json: no finished")):
         out2 = tmp_path / "none.json"
         monkeypatch.setattr("sys.argv", ["paired_seeds.py", "--a", *files_a, "--b", *files_b, "--out", str(out2)])
         assert ps.main() == 2

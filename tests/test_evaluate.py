@@ -599,11 +599,15 @@ def test_cli_cnn_sampling_reaches_the_inputs_and_is_named(world, tmp_path):
     out = str(tmp_path / "eval")
     base = ["evaluate", "--features", f"a={f['a']}", "--labels", world["labels"], "--cache", world["cache"],
             "--out", out, "--min-test-positives", "1", "--bootstrap", "100", "--epochs", "1", "--quiet"]
+    scores = []
     for flags, name in (([], "3-D CNN, end to end, anti-aliased inputs"),
                         (["--cnn-point-sampled"], "3-D CNN, end to end")):
         assert cli_main(base + ["--cnn-baseline", "--cnn-epochs", "1", *flags]) == 0
         m = json.load(open(os.path.join(out, "metrics.json")))
         assert {e["head"] for e in m["models"]["cnn3d"].values()} == {name}
+        with open(os.path.join(out, "predictions.csv")) as fh:
+            scores.append([r["prob_raw"] for r in csv.DictReader(fh) if r["model"] == "cnn3d"])
+    assert scores[0] and len(scores[0]) == len(scores[1]) and scores[0] != scores[1]  # the flag reached the inputs
     assert cli_main(base + ["--cnn-point-sampled"]) == 2
 
 

@@ -17,31 +17,22 @@ import json
 import sys
 
 import numpy as np
+from result_file import ResultFileError, read_cnn_result  # this folder
 
 
-class CurveInputError(ValueError):
-    """A results file that cannot be a point of the curve (named in the message)."""
+CurveInputError = ResultFileError  # a results file that cannot be a point of the curve (named in the message)
 
 
 def points(paths: list[str]) -> list[dict]:
     """One point per difficulty.py JSON file, sorted by train fraction."""
     out = []
     for path in paths:
-        try:
-            with open(path) as fh:
-                res = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise CurveInputError(f"{path}: cannot read a difficulty.py result ({exc})") from None
-        try:
-            r = res["cnn"]
-            setup = r["setup"]
-            out.append({"file": path, "train_fraction": float(setup["train_fraction"]), "epochs": setup["epochs"],
-                        "n_train_studies": setup["n_train_studies"],
-                        "macro": r["macro"], "CT": r["CT"]["macro"], "MR": r["MR"]["macro"],
-                        "per_label": {m: r[m]["auroc"] for m in ("CT", "MR")}})
-        except (KeyError, TypeError) as exc:
-            raise CurveInputError(f"{path}: no labels-only CNN result with its training-set size (missing {exc}); "
-                                  "make it with difficulty.py without --skip-cnn") from None
+        _, r = read_cnn_result(path, "cnn", ("train_fraction", "epochs", "n_train_studies"))
+        setup = r["setup"]
+        out.append({"file": path, "train_fraction": float(setup["train_fraction"]), "epochs": setup["epochs"],
+                    "n_train_studies": setup["n_train_studies"],
+                    "macro": r["macro"], "CT": r["CT"]["macro"], "MR": r["MR"]["macro"],
+                    "per_label": {m: r[m]["auroc"] for m in ("CT", "MR")}})
     fractions = [p["train_fraction"] for p in out]
     if len(set(fractions)) != len(fractions):
         raise CurveInputError(f"two results share a train fraction: {sorted(fractions)}")

@@ -17,28 +17,22 @@ import os
 import sys
 
 import numpy as np
+from result_file import MODS, ResultFileError, read_cnn_result  # this folder
 
 from neurovfm.eval.metrics import replicate_t_interval
 
-MODS = ("CT", "MR")
+SETUP_KEYS = ("seed", "epochs", "aux_weight", "grid", "train_fraction", "training_labels")
 
 
-class RecordError(ValueError):
-    """A result file that cannot enter the comparison, named with the reason."""
+class RecordError(ResultFileError):
+    """Result files that cannot be compared (unpaired seeds, different settings), named with the reason."""
 
 
 def load_runs(paths: list[str], variant: str) -> dict[int, dict]:
     """seed -> {"file", "command", "setup", "result"} for ``variant`` in each difficulty.py file."""
     out: dict[int, dict] = {}
     for p in paths:
-        try:
-            with open(p) as fh:
-                d = json.load(fh)
-        except (OSError, ValueError) as e:
-            raise RecordError(f"{p}: not a readable difficulty.py result ({e})") from None
-        r = d.get(variant) if isinstance(d, dict) else None
-        if not isinstance(r, dict) or "setup" not in r or not all(m in r for m in MODS):
-            raise RecordError(f"{p}: has no finished '{variant}' result")
+        d, r = read_cnn_result(p, variant, SETUP_KEYS)
         seed = int(r["setup"]["seed"])
         if seed in out:
             raise RecordError(f"{p}: seed {seed} is already given by {out[seed]['file']}")
@@ -56,7 +50,7 @@ def compare(a: dict[int, dict], b: dict[int, dict], names: tuple[str, str]) -> d
         raise RecordError(f"needs at least two seeds run in both settings, got {seeds} "
                           f"(A: {sorted(a)}, B: {sorted(b)})")
     for s in seeds:
-        for key in ("epochs", "aux_weight", "grid", "train_fraction", "training_labels"):
+        for key in SETUP_KEYS[1:]:
             if not _same(a[s], b[s], key):
                 raise RecordError(f"seed {s}: {a[s]['file']} and {b[s]['file']} differ in '{key}' "
                                   f"({a[s]['setup'].get(key)} vs {b[s]['setup'].get(key)}): not a paired comparison")
@@ -99,7 +93,7 @@ def main() -> int:
         ap.error(f"--names needs two different names, got {a.names!r}")
     try:
         res = compare(load_runs(a.a, a.variant), load_runs(a.b, a.variant), names)
-    except RecordError as e:
+    except ResultFileError as e:
         print(f"paired_seeds: {e}", file=sys.stderr)
         return 2
     res = {"command": "python bench/synth/paired_seeds.py " + " ".join(sys.argv[1:]), "variant": a.variant, **res}

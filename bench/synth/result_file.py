@@ -1,0 +1,35 @@
+"""Reading difficulty.py's result files: one reader for every script that collects them
+(learning_curve.py, paired_seeds.py), so a missing, corrupt or unfinished file is refused the same
+way everywhere, with its name and what is missing, instead of a KeyError from deep inside."""
+
+from __future__ import annotations
+
+import json
+
+MODS = ("CT", "MR")
+
+
+class ResultFileError(ValueError):
+    """A difficulty.py result that cannot be used, named with the reason."""
+
+
+def read_cnn_result(path: str, variant: str, setup_keys: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(the whole file, its ``variant`` result: "cnn" or "cnn_mask_aux") after checking that the
+    result is finished: macro AUROC overall and per modality, per-label AUROCs, and ``setup_keys``."""
+    try:
+        with open(path) as fh:
+            whole = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ResultFileError(f"{path}: cannot read a difficulty.py result ({exc})") from None
+    r = whole.get(variant) if isinstance(whole, dict) else None
+    try:
+        float(r["macro"])
+        for m in MODS:
+            float(r[m]["macro"])
+            dict(r[m]["auroc"])
+        for k in setup_keys:
+            r["setup"][k]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ResultFileError(f"{path}: no finished '{variant}' result (missing {exc}); make it with "
+                              "difficulty.py without --skip-cnn") from None
+    return whole, r
