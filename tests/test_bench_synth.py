@@ -169,6 +169,36 @@ def test_inputs_file_is_refused_for_the_other_sampling(difficulty, tmp_path):
         difficulty.run_cnn(None, studies, labels, **{**kw, "inputs_file": aa})
 
 
+def test_inputs_file_is_refused_for_another_grid_and_scores_are_kept(difficulty, tmp_path):
+    """An --inputs file built on the 3 mm grid is refused for a 2 mm run (its volumes would not fit
+    the network's grid), with the file named; a run keeps each validation and test study's
+    headline scores (and no training study's), so two settings can be compared study by study."""
+    labels, studies, path = _cnn_world(tmp_path, difficulty)
+    kw = dict(epochs=1, batch=3, inputs_file=path, threads=1)
+    with pytest.raises(SystemExit, match="inputs.npz.*3 mm grid.*2 mm"):
+        difficulty.run_cnn(None, studies, labels, inplane_mm=2.0, **kw)
+    r = difficulty.run_cnn(None, studies, labels, **kw)
+    sc = r["scores"]
+    assert sc["labels"] == list(difficulty.HEADLINE)
+    for split in ("test", "val"):
+        assert set(sc[split]) == {k for k in labels if labels[k]["split"] == split}
+        for k, v in sc[split].items():
+            assert len(v["score"]) == len(difficulty.HEADLINE) and all(np.isfinite(v["score"]))
+            assert v["y"] == list(labels[k]["y"]) and (v["modality"], v["patient"]) == (labels[k]["modality"], labels[k]["patient"])
+    # the stored test scores are the ones the reported AUROCs come from
+    from neurovfm.eval.metrics import auroc
+    checked = 0
+    for mod in ("CT", "MR"):
+        ks = [k for k in sc["test"] if labels[k]["modality"] == mod]
+        for j, h in enumerate(difficulty.HEADLINE):
+            yv = np.array([labels[k]["y"][j] for k in ks])
+            if 0 < yv.sum() < len(yv):
+                assert r[mod]["auroc"][h] == pytest.approx(auroc(yv, np.array([sc["test"][k]["score"][j] for k in ks])))
+                checked += 1
+    assert checked >= 4
+    assert r["setup"]["grid"] == C.GRID and r["setup"]["grid_mm"] == C.GRID_MM
+
+
 @pytest.mark.parametrize("argv, why", [
     (["--only-cnn", "--skip-cnn"], "nothing left to measure"),
     (["--only-cnn", "--skip-labels-only", "--aux-weight", "0"], "needs --aux-weight > 0"),
@@ -178,6 +208,7 @@ def test_inputs_file_is_refused_for_the_other_sampling(difficulty, tmp_path):
     (["--rotate-deg", "90"], "rotate_deg must be in"),
     (["--scale", "0.7"], "scale in"),
     (["--epochs", "0"], "epochs must be >= 1"),
+    (["--inplane-mm", "0.5"], "in-plane spacing must be in"),
 ])
 def test_bench_refuses_bad_options_before_reading_anything(difficulty, monkeypatch, tmp_path, capsys, argv, why):
     """Refused at once with the reason (ARCHIVE and CACHE do not even exist): an option set that
@@ -232,3 +263,54 @@ def test_paired_seeds_differences_and_t_interval(tmp_path, monkeypatch, capsys):
         monkeypatch.setattr("sys.argv", ["paired_seeds.py", "--a", *files_a, "--b", *files_b, "--out", str(out2)])
         assert ps.main() == 2
         assert why in capsys.readouterr().err and not out2.exists()
+
+
+def _scored_result(path, seed: int, signal: float, grid=(40, 72, 60), n: int = 120, drop_study: bool = False):
+    """A difficulty.py-shaped result whose per-study test scores carry ``signal`` (labels and
+    patients fixed across files: 2 studies per patient, so resampling is by patient)."""
+    rng = np.random.default_rng(100)
+    y = rng.integers(0, 2, (2 * n, 2)).astype(float)
+    noise = np.random.default_rng(seed + 1000 * int(signal * 10)).normal(0, 1, y.shape)
+    s = signal * y + noise
+    test = {f"s{i}": {"modality": "CT" if i < n else "MR", "patient": f"p{i // 2}", "y": list(y[i]), "score": list(s[i])}
+            for i in range(2 * n) if not (drop_study and i == 0)}
+    from neurovfm.eval.metrics import auroc
+    r = {"setup": {"seed": seed, "epochs": 100, "aux_weight": 1.0, "grid": list(grid), "train_fraction": 1.0,
+                   "training_labels": {"CT": ["a", "b"], "MR": ["a", "b"]}},
+         "scores": {"labels": ["a", "b"], "test": test, "val": {}}}
+    for m in ("CT", "MR"):
+        ks = [k for k in test if test[k]["modality"] == m]
+        yy, ss = np.array([test[k]["y"] for k in ks]), np.array([test[k]["score"] for k in ks])
+        per = {h: auroc(yy[:, j], ss[:, j]) for j, h in enumerate("ab")}
+        r[m] = {"macro": float(np.mean(list(per.values()))), "auroc": per}
+    r["macro"] = (r["CT"]["macro"] + r["MR"]["macro"]) / 2
+    path.write_text(json.dumps({"command": f"difficulty.py --seed {seed}", "cnn_mask_aux": r}))
+    return str(path), r
+
+
+def test_paired_seeds_study_bootstrap_one_seed_and_a_varied_grid(tmp_path, monkeypatch, capsys):
+    """Files that keep their per-study scores are compared on the same patient resamples, which
+    needs only one seed: the estimate is A's macro AUROC minus B's, a clearly stronger A has an
+    interval above zero, and no t interval is claimed from one seed. Runs on different grids are
+    refused unless --vary grid names the compared setting; runs that scored other studies are refused."""
+    ps = _load("paired_seeds")
+    fa, ra = _scored_result(tmp_path / "fine.json", 0, 2.0, grid=(40, 108, 90))
+    fb, rb = _scored_result(tmp_path / "coarse.json", 0, 0.5)
+    out = tmp_path / "rec.json"
+    base = ["paired_seeds.py", "--a", fa, "--b", fb, "--names", "2mm,3mm", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", base)
+    assert ps.main() == 2 and "differ in 'grid'" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr("sys.argv", base + ["--vary", "grid"])
+    assert ps.main() == 0
+    rec = json.loads(out.read_text())
+    assert rec["difference_t95"] is None and rec["varied"] == "grid"
+    for m in ("CT", "MR"):
+        sb = rec["study_bootstrap"][m]
+        assert sb["estimate"] == pytest.approx(ra[m]["macro"] - rb[m]["macro"])
+        assert 0 < sb["low"] < sb["estimate"] < sb["high"] and sb["patients"] == 60 and sb["test_studies"] == 120
+    for extra, why in ((["--vary", "colour"], "not a compared setting"),):
+        monkeypatch.setattr("sys.argv", base + extra)
+        assert ps.main() == 2 and why in capsys.readouterr().err
+    fc, _ = _scored_result(tmp_path / "short.json", 0, 0.5, grid=(40, 108, 90), drop_study=True)
+    monkeypatch.setattr("sys.argv", ["paired_seeds.py", "--a", fa, "--b", fc, "--out", str(tmp_path / "x.json")])
+    assert ps.main() == 2 and "short.json scored other CT test studies" in capsys.readouterr().err

@@ -43,18 +43,18 @@ def test_bad_selection_is_refused():
             C.train_cnn(vols, age, y, train, val, val, cfg, select=bad)
 
 
-def _blob_at(mm_xyz):
+def _blob_at(mm_xyz, grid=C.DEFAULT_GRID):
     """A one-voxel-wide bright spot at a physical offset (R, A, S in mm) from the grid centre."""
-    x = torch.zeros((1, 1) + C.GRID)
-    idx = [int(round((n - 1) / 2 + mm / sp)) for n, mm, sp in zip(C.GRID, mm_xyz[::-1], C.GRID_MM)]
+    x = torch.zeros((1, 1) + grid.shape)
+    idx = [int(round((n - 1) / 2 + mm / sp)) for n, mm, sp in zip(grid.shape, mm_xyz[::-1], grid.mm)]
     x[0, 0, idx[0], idx[1], idx[2]] = 1.0
     return torch.nn.functional.max_pool3d(x, 3, 1, 1)  # 3 voxels wide, so it survives resampling
 
 
-def _centre_mm(x):
-    """Intensity-weighted centre of a [1, 1, *GRID] volume in mm from the grid centre (x=R, y=A, z=S)."""
+def _centre_mm(x, grid=C.DEFAULT_GRID):
+    """Intensity-weighted centre of a [1, 1, *grid.shape] volume in mm from the grid centre (x=R, y=A, z=S)."""
     w = x[0, 0].numpy().astype(float)
-    axes = [(np.arange(n) - (n - 1) / 2) * sp for n, sp in zip(C.GRID, C.GRID_MM)]
+    axes = [(np.arange(n) - (n - 1) / 2) * sp for n, sp in zip(grid.shape, grid.mm)]
     d, h, ww = np.meshgrid(*axes, indexing="ij")
     return np.array([(ww * w).sum(), (h * w).sum(), (d * w).sum()]) / w.sum()
 
@@ -71,13 +71,15 @@ def test_identity_warp_changes_nothing():
     ((90.0, 0.0, 0.0), 1.0, (0.0, 24.0, 0.0), [[1, 0, 0], [0, 0, -1], [0, 1, 0]]),   # about L-R: anterior -> superior
     ((0.0, 0.0, 0.0), 1.2, (30.0, -20.0, 12.0), np.eye(3) * 1.2),                    # zoom: distances x 1.2
 ])
-def test_rotation_and_zoom_move_the_head_in_millimetres(angles, zoom, start, motion):
-    """Rotations are rigid in millimetres on the anisotropic grid (3 mm in-plane, 4 mm slices):
+@pytest.mark.parametrize("inplane", [3.0, 2.0])
+def test_rotation_and_zoom_move_the_head_in_millimetres(angles, zoom, start, motion, inplane):
+    """Rotations are rigid in millimetres on the anisotropic grid (3 or 2 mm in-plane, 4 mm slices):
     a point keeps its distance from the centre and lands where the rotation says (a rotation
     written in normalised units would stretch 30 mm right into 36 mm anterior)."""
-    blob = _blob_at(start)
-    moved = C.warp(blob, C.affine_theta(angles, zoom=zoom)[None])
-    np.testing.assert_allclose(_centre_mm(moved), np.asarray(motion, float) @ _centre_mm(blob), atol=1.0)
+    grid = C.StudyGrid.of(inplane)
+    blob = _blob_at(start, grid)
+    moved = C.warp(blob, C.affine_theta(angles, zoom=zoom, grid=grid)[None])
+    np.testing.assert_allclose(_centre_mm(moved, grid), np.asarray(motion, float) @ _centre_mm(blob, grid), atol=1.0)
 
 
 def test_random_affine_is_seeded_and_bounded():
@@ -152,3 +154,70 @@ def test_antialiased_resampling_keeps_the_signal_and_cuts_the_noise():
     assert 2.5 < sd_plain / sd_smooth < 3.5
     assert abs(smooth[inner].mean() - 0.5) < 0.01 and abs(clean[inner].mean() - 0.5) < 1e-5
     assert clean.max() > 0.85  # the block survives the averaging
+
+
+@pytest.mark.parametrize("inplane, shape", [(3.0, (40, 72, 60)), (2.0, (40, 108, 90)), (1.5, (40, 144, 120))])
+def test_study_grid_keeps_the_field_of_view(inplane, shape):
+    """Every spacing covers the same 160 x 216 x 180 mm around the head; 3 mm is the records' grid."""
+    g = C.StudyGrid.of(inplane)
+    assert g.shape == shape and g.mm == (4.0, inplane, inplane)
+    assert np.allclose(np.array(g.shape) * np.array(g.mm), C.FIELD_MM)
+    assert C.StudyGrid.of() == C.DEFAULT_GRID and (C.GRID, C.GRID_MM) == ((40, 72, 60), (4.0, 3.0, 3.0))
+    assert C.CNNConfig(inplane_mm=inplane).grid == g
+
+
+@pytest.mark.parametrize("bad", [0.5, 7.0])
+def test_study_grid_spacing_is_validated(bad):
+    with pytest.raises(ValueError, match="in-plane spacing"):
+        C.CNNConfig(inplane_mm=bad)
+
+
+@pytest.mark.parametrize("inplane", [3.0, 2.0])
+def test_mid_level_shape_is_what_the_network_makes(inplane):
+    """The voxel head's class balance pools the masks to ``mid_shape``: it must be the shape the
+    network's mid level really has on that grid."""
+    grid = C.StudyGrid.of(inplane)
+    net = C.StudyCNN(2, 3, n_aux=2).eval()
+    with torch.no_grad():
+        logits, seg = net(torch.zeros((1, 2) + grid.shape), torch.zeros(1))
+    assert logits.shape == (1, 3) and tuple(seg.shape[2:]) == C.mid_shape(grid)
+
+
+def test_a_block_lands_at_the_same_millimetres_on_either_grid():
+    """Resampling is in millimetres: a 12 mm block about 30 mm right and 20 mm anterior of the
+    centre sits where it is on the 3 mm and on the 2 mm grid."""
+    shape = (40, 216, 180)  # 4 x 1 x 1 mm
+    vol = np.zeros(shape, np.float32)
+    aff = _series_affine(origin=(-90.0 + 0.5, -108.0 + 0.5, -80.0 + 2.0))
+    inv = np.linalg.inv(aff)
+    i, j, k = np.rint(inv[:3, :3] @ np.array([30.0, 20.0, 0.0]) + inv[:3, 3]).astype(int)
+    vol[i - 1:i + 2, j - 6:j + 6, k - 6:k + 6] = 1.0
+    where = aff[:3, :3] @ np.array([i, j - 0.5, k - 0.5]) + aff[:3, 3]  # the block's centre, RAS mm
+    for inplane in (3.0, 2.0):
+        grid = C.StudyGrid.of(inplane)
+        out = C._resample(vol[None], aff, np.zeros(3), antialias=True, grid=grid)
+        assert out.shape == (1,) + grid.shape
+        np.testing.assert_allclose(_centre_mm(torch.from_numpy(out[None]), grid), where, atol=1.0)
+
+
+def test_volumes_on_another_grid_are_refused():
+    train, val, vols, y, age = _world(n_train=4, n_val=2)
+    with pytest.raises(ValueError, match="2 mm grid"):
+        C.train_cnn(vols, age, y, train, val, val, C.CNNConfig(epochs=1, batch=2, threads=1, inplane_mm=2.0))
+
+
+def test_mask_supervised_training_on_the_finer_grid():
+    """The voxel head trains on the 2 mm grid: masks at that grid, pooled to its own mid level."""
+    grid = C.StudyGrid.of(2.0)
+    rng = np.random.default_rng(0)
+    keys = [f"s{i}" for i in range(6)]
+    vols = {k: rng.random((1,) + grid.shape).astype(np.float16) for k in keys}
+    masks = {k: np.zeros(grid.shape, np.uint8) for k in keys}
+    for i, k in enumerate(keys):
+        masks[k][18:22, 50:56, 40:46] = i % 2
+    y = {k: np.array([i % 2, (i // 2) % 2], np.float32) for i, k in enumerate(keys)}
+    age = {k: 50.0 for k in keys}
+    cfg = C.CNNConfig(epochs=1, batch=2, threads=1, aux_weight=1.0, inplane_mm=2.0)
+    res = C.train_cnn(vols, age, y, keys[:4], keys[4:], keys, cfg, masks=masks, n_aux=1)
+    assert set(res.logits) == set(keys) and res.voxel_max[keys[0]].shape == (1,)
+    assert all(np.isfinite(h["train_loss"]) for h in res.history)

@@ -583,8 +583,9 @@ def test_cli_cnn_seed_ensemble(world, tmp_path):
 
 def test_cli_cnn_sampling_reaches_the_inputs_and_is_named(world, tmp_path):
     """Anti-aliased inputs are the default and named in the metrics; `--cnn-point-sampled` changes
-    what the CNN sees (its study volumes differ) and keeps the old name; without `--cnn-baseline`
-    it is refused instead of being ignored."""
+    what the CNN sees (its study volumes differ) and keeps the old name; `--cnn-inplane-mm 2` puts
+    them on the finer grid and says so; without `--cnn-baseline` either flag is refused instead of
+    being ignored."""
     from neurovfm.probe import cnn3d
 
     f = world["feats"]
@@ -592,23 +593,29 @@ def test_cli_cnn_sampling_reaches_the_inputs_and_is_named(world, tmp_path):
     cache = TokenCache(world["cache"])
     try:
         plain, smooth = cnn3d.study_volumes(cache, keys, antialias=False), cnn3d.study_volumes(cache, keys)
+        fine = cnn3d.study_volumes(cache, keys, grid=cnn3d.StudyGrid.of(2.0))
     finally:
         cache.close()
     for k in keys:
         assert plain[k][0].shape == smooth[k][0].shape and not np.array_equal(plain[k][0], smooth[k][0])
+        assert fine[k][0].shape == smooth[k][0].shape[:1] + (40, 108, 90)
     out = str(tmp_path / "eval")
     base = ["evaluate", "--features", f"a={f['a']}", "--labels", world["labels"], "--cache", world["cache"],
             "--out", out, "--min-test-positives", "1", "--bootstrap", "100", "--epochs", "1", "--quiet"]
     scores = []
     for flags, name in (([], "3-D CNN, end to end, anti-aliased inputs"),
-                        (["--cnn-point-sampled"], "3-D CNN, end to end")):
+                        (["--cnn-point-sampled"], "3-D CNN, end to end"),
+                        (["--cnn-inplane-mm", "2"], "3-D CNN, end to end, anti-aliased inputs, 2 mm grid")):
         assert cli_main(base + ["--cnn-baseline", "--cnn-epochs", "1", *flags]) == 0
         m = json.load(open(os.path.join(out, "metrics.json")))
         assert {e["head"] for e in m["models"]["cnn3d"].values()} == {name}
         with open(os.path.join(out, "predictions.csv")) as fh:
             scores.append([r["prob_raw"] for r in csv.DictReader(fh) if r["model"] == "cnn3d"])
-    assert scores[0] and len(scores[0]) == len(scores[1]) and scores[0] != scores[1]  # the flag reached the inputs
+    assert scores[0] and len(scores[0]) == len(scores[1]) == len(scores[2])
+    assert scores[0] != scores[1] and scores[0] != scores[2]  # the flags reached the inputs
     assert cli_main(base + ["--cnn-point-sampled"]) == 2
+    assert cli_main(base + ["--cnn-inplane-mm", "2"]) == 2
+    assert cli_main(base + ["--cnn-baseline", "--cnn-inplane-mm", "0.5"]) == 2
 
 
 def test_cli_cnn_epochs_default_is_the_configs():
@@ -617,7 +624,7 @@ def test_cli_cnn_epochs_default_is_the_configs():
     from neurovfm.probe.cnn3d import CNNConfig
 
     a = build_parser().parse_args(["evaluate", "--features", "x=y", "--labels", "l.csv", "--out", "o"])
-    assert a.cnn_epochs == CNNConfig().epochs
+    assert a.cnn_epochs == CNNConfig().epochs and a.cnn_inplane_mm == CNNConfig().inplane_mm
 
 
 def _write_eval(folder: str, name: str, rng, y: np.ndarray, patients: list[str], signal: float, labels: list[str]):

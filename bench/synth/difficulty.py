@@ -170,7 +170,7 @@ def finding_bits(rec: dict) -> dict[int, int]:
     return out
 
 
-def study_mask(archive: str, rec: dict, centre: np.ndarray) -> np.ndarray:
+def study_mask(archive: str, rec: dict, centre: np.ndarray, grid: C.StudyGrid = C.DEFAULT_GRID) -> np.ndarray:
     """The study's lesion bit field (uint8, bit i = AUX[i]) on the CNN grid around ``centre``.
     Read from the finest non-bone series' mask (all series of a study share the patient frame);
     each grid voxel ORs 8 samples +-1/4 voxel apart so lesions thinner than a voxel are kept."""
@@ -178,7 +178,7 @@ def study_mask(archive: str, rec: dict, centre: np.ndarray) -> np.ndarray:
 
     bits = finding_bits(rec)
     if not bits:
-        return np.zeros(C.GRID, np.uint8)
+        return np.zeros(grid.shape, np.uint8)
     s = min((s for s in rec["series"] if s["kind"] != "bone"), key=lambda s: s["thickness_mm"])
     img = nib.load(os.path.join(archive, s["mask"]))
     idx = np.asarray(img.dataobj).astype(np.int64)
@@ -186,13 +186,13 @@ def study_mask(archive: str, rec: dict, centre: np.ndarray) -> np.ndarray:
     for k, b in bits.items():
         lut[k] = b
     vol = lut[np.clip(idx, 0, None)]
-    out = np.zeros(C.GRID, np.uint8)
+    out = np.zeros(grid.shape, np.uint8)
     inv = np.linalg.inv(img.affine)
-    base = C.grid_ras(centre)
+    base = C.grid_ras(centre, grid)
     for dz in (-0.25, 0.25):
         for dy in (-0.25, 0.25):
             for dx in (-0.25, 0.25):
-                ras = base + np.array([dx * C.GRID_MM[2], dy * C.GRID_MM[1], dz * C.GRID_MM[0]])
+                ras = base + np.array([dx * grid.mm[2], dy * grid.mm[1], dz * grid.mm[0]])
                 ijk = np.rint(ras @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
                 ok = np.all((ijk >= 0) & (ijk < np.array(vol.shape)), axis=-1)
                 out[ok] |= vol[ijk[ok][:, 0], ijk[ok][:, 1], ijk[ok][:, 2]]
@@ -200,31 +200,35 @@ def study_mask(archive: str, rec: dict, centre: np.ndarray) -> np.ndarray:
 
 
 def build_cnn_data(cache, studies, cache_file: str | None = None, archive: str | None = None,
-                   records: dict | None = None, antialias: bool = False) -> dict:
-    """study key -> (modality, channels [C, *GRID] float16, lesion bit field [*GRID] uint8).
+                   records: dict | None = None, antialias: bool = False, grid: C.StudyGrid = C.DEFAULT_GRID) -> dict:
+    """study key -> (modality, channels [C, *grid.shape] float16, lesion bit field [*grid.shape] uint8).
     Cached in ``cache_file`` (npz, no pickles; it records whether the volumes were anti-aliased
-    and is refused for the other setting); masks need ``archive`` and its keyed ``records``."""
+    and their in-plane spacing, and is refused for another setting); masks need ``archive`` and
+    its keyed ``records``."""
     if cache_file and os.path.exists(cache_file):
         z = np.load(cache_file, allow_pickle=False)
         made = bool(z["antialias"]) if "antialias" in z.files else False
-        if made != antialias:
-            raise SystemExit(f"{cache_file}: its volumes were built with antialias={made}, this run asks for "
-                             f"{antialias}; name another --inputs file")
+        made_mm = float(z["inplane_mm"]) if "inplane_mm" in z.files else C.DEFAULT_GRID.mm[1]
+        if made != antialias or made_mm != grid.mm[1]:
+            raise SystemExit(f"{cache_file}: its volumes were built with antialias={made} on a {made_mm:g} mm grid, "
+                             f"this run asks for antialias={antialias} on {grid.mm[1]:g} mm; name another --inputs file")
         keys = list(z["keys"])
         if "m0" in z.files or archive is None:
-            return {k: (str(m), z[f"v{i}"], z[f"m{i}"] if f"m{i}" in z.files else np.zeros(C.GRID, np.uint8))
+            return {k: (str(m), z[f"v{i}"], z[f"m{i}"] if f"m{i}" in z.files else np.zeros(grid.shape, np.uint8))
                     for i, (k, m) in enumerate(zip(keys, z["mods"]))}
     t0 = time.time()
     data = {}
     for sk, entries in studies.items():
-        mod, vol, centre = C.study_volume(cache, entries, antialias)
-        mask = study_mask(archive, records[sk], centre) if archive and records and sk in records else np.zeros(C.GRID, np.uint8)
+        mod, vol, centre = C.study_volume(cache, entries, antialias, grid)
+        mask = (study_mask(archive, records[sk], centre, grid) if archive and records and sk in records
+                else np.zeros(grid.shape, np.uint8))
         data[sk] = (mod, vol, mask)
     print(f"  cnn inputs: {len(data)} studies in {time.time() - t0:.0f} s", file=sys.stderr)
     if cache_file:
         keys = list(data)
         tmp = cache_file + ".tmp.npz"
         np.savez(tmp, keys=np.array(keys), mods=np.array([data[k][0] for k in keys]), antialias=np.array(antialias),
+                 inplane_mm=np.array(grid.mm[1]),
                  **{f"v{i}": data[k][1] for i, k in enumerate(keys)}, **{f"m{i}": data[k][2] for i, k in enumerate(keys)})
         os.replace(tmp, cache_file)
     return data
@@ -248,7 +252,7 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
             inputs_file: str | None = None, threads: int | None = None, aux_weight: float = 0.0,
             archive: str | None = None, records: dict | None = None, train_fraction: float = 1.0,
             min_positives: int = 0, seeds: int = 1, rotate_deg: float = 0.0, scale: float = 0.0,
-            antialias: bool = False) -> dict:
+            antialias: bool = False, inplane_mm: float = 3.0) -> dict:
     """One small 3-D CNN per modality, trained on the train split's labels only (and, with
     ``aux_weight`` > 0, the train split's lesion masks as a second, voxel-level target); the epoch
     with the best validation macro AUROC is kept; the test split is scored once, at the end.
@@ -257,15 +261,18 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
     ``min_positives`` > 0 also trains on every other label of the modality with at least that
     many positive training studies (multi-task); the epoch is still chosen on the headline labels.
     ``seeds`` > 1 trains that many networks (seeds ``seed``, ``seed`` + 1, ...) on the same data
-    and scores their mean logit (each member's test macro AUROC is reported too)."""
+    and scores their mean logit (each member's test macro AUROC is reported too). ``inplane_mm``:
+    the grid's in-plane spacing (``cnn3d.StudyGrid``). The result keeps every validation and test
+    study's headline logits with its modality, keyed patient and labels (``scores``), so two
+    settings can be compared on the same patient resamples (paired_seeds.py)."""
     if not 0 < train_fraction <= 1:
         raise ValueError(f"train fraction must be in (0, 1], not {train_fraction}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, not {seeds}")
     run_epochs = max(1, int(round(epochs / train_fraction)))
-    data = build_cnn_data(cache, studies, inputs_file, archive, records, antialias)
     cfg = C.CNNConfig(epochs=run_epochs, batch=batch, lr=lr, seed=seed, threads=threads, aux_weight=aux_weight,
-                      rotate_deg=rotate_deg, scale=scale, ensemble=seeds)
+                      rotate_deg=rotate_deg, scale=scale, ensemble=seeds, inplane_mm=inplane_mm)
+    data = build_cnn_data(cache, studies, inputs_file, archive, records, antialias, cfg.grid)
     age = {k: float(studies[k][0].age_years or 60) for k in data}
     scores, seg_scores, history, best, n_train, cols = {}, {}, {}, {}, {}, {}
     member_scores: list[dict] = [{} for _ in range(seeds)]
@@ -305,8 +312,12 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
             e = evaluate(m, labels)
             res["members"].append({"seed": seed + i, "macro": e["macro"], "CT": e["CT"]["macro"], "MR": e["MR"]["macro"]})
     res["val_best"] = best
+    res["scores"] = {"labels": list(HEADLINE),
+                     **{split: {k: {"modality": labels[k]["modality"], "patient": labels[k]["patient"],
+                                    "y": [float(x) for x in labels[k]["y"]], "score": [float(x) for x in v]}
+                                for k, v in scores.items() if labels[k]["split"] == split} for split in ("val", "test")}}
     res["history"] = history
-    res["setup"] = {"grid": C.GRID, "grid_mm": C.GRID_MM, "antialias": antialias, "ct_channels": C.CT_CHANNELS, "mr_channels": C.MR_CHANNELS,
+    res["setup"] = {"grid": cfg.grid.shape, "grid_mm": cfg.grid.mm, "antialias": antialias, "ct_channels": C.CT_CHANNELS, "mr_channels": C.MR_CHANNELS,
                     "batch": batch, "lr": lr, "epochs": run_epochs, "seed": seed, "seeds": seeds,
                     "aux_weight": aux_weight, "rotate_deg": rotate_deg, "scale": scale,
                     "train_fraction": train_fraction, "n_train_studies": n_train,
@@ -316,8 +327,9 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
                              "conv, conv] (32, 64, 128), BatchNorm, max + log-sum-exp + mean pooling, age, linear head; "
                              "AdamW, warmup + cosine, class-balanced BCE, left-right flip / shift / intensity jitter, "
                              "flip-averaged scores"
-                             + ("; voxel head (1x1x1 conv on the 64-channel, 12 x 12 x 16 mm level) trained "
-                                "on max-pooled lesion masks with class-balanced BCE" if aux_weight > 0 else "")}
+                             + (f"; voxel head (1x1x1 conv on the 64-channel level, {4 * cfg.grid.mm[0]:g} x "
+                                f"{8 * cfg.grid.mm[1]:g} x {8 * cfg.grid.mm[2]:g} mm voxels) trained on max-pooled "
+                                "lesion masks with class-balanced BCE" if aux_weight > 0 else "")}
     return res
 
 
@@ -394,6 +406,8 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=0.0, help="augmentation: random isotropic zoom in 1 +- this")
     ap.add_argument("--antialias", action="store_true",
                     help="box-average each series to the CNN grid's spacing before sampling it (cnn3d._resample)")
+    ap.add_argument("--inplane-mm", type=float, default=3.0,
+                    help="the CNN grid's in-plane spacing in mm (slices stay 4 mm); 2 keeps thinner findings, ~2x cost")
     ap.add_argument("--skip-labels-only", action="store_true",
                     help="train only the mask-supervised CNN (needs --aux-weight > 0)")
     a = ap.parse_args()
@@ -408,7 +422,8 @@ def main() -> int:
     if a.min_positives < 0:
         ap.error(f"--min-positives must be >= 0, not {a.min_positives}")
     try:  # the network's own checks, before minutes of loading and the histogram baseline
-        C.CNNConfig(epochs=a.epochs, rotate_deg=a.rotate_deg, scale=a.scale, aux_weight=max(a.aux_weight, 0))
+        C.CNNConfig(epochs=a.epochs, rotate_deg=a.rotate_deg, scale=a.scale, aux_weight=max(a.aux_weight, 0),
+                    inplane_mm=a.inplane_mm)
     except ValueError as e:
         ap.error(str(e))
     if not 0 < a.train_fraction <= 1:
@@ -445,7 +460,7 @@ def main() -> int:
             res[name] = run_cnn(cache, studies, labels, a.epochs, inputs_file=a.inputs, threads=a.threads,
                                 aux_weight=w, archive=a.archive, records=records, train_fraction=a.train_fraction,
                                 min_positives=a.min_positives, seed=a.seed, seeds=a.seeds, rotate_deg=a.rotate_deg, scale=a.scale,
-                                antialias=a.antialias)
+                                antialias=a.antialias, inplane_mm=a.inplane_mm)
             res[name]["seconds"] = time.time() - t0
     for name in ("histogram_lr", "histogram_lr_with_age", "cnn", "cnn_mask_aux"):
         if name not in res:

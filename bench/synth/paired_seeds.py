@@ -2,11 +2,15 @@
 and of setting B, paired on the CNN's seed (same archive, epochs and variant otherwise).
 
     python bench/synth/paired_seeds.py --variant cnn_mask_aux --a A_S0.json A_S1.json ... \
-        --b B_S0.json B_S1.json ... [--names antialias,point] --out RECORD.json
+        --b B_S0.json B_S1.json ... [--names antialias,point] [--vary grid] --out RECORD.json
 
 Each seed gives one difference of test macro AUROC (both modalities, and each), so the seed-level
 t interval (eval.metrics.replicate_t_interval) says whether A beats B beyond what a seed moves; the
-per-label means show where. The record keeps each file's own command, so each run reproduces.
+per-label means show where. Files that keep their per-study test scores (difficulty.py since
+2026-12-05) also get the test sample's side: the seed-averaged difference per modality on the same
+patient resamples (eval.metrics.replicate_paired_bootstrap), which needs only one seed. Settings
+other than the seed must match, except the one named by ``--vary`` (e.g. ``grid`` to compare grid
+spacings). The record keeps each file's own command, so each run reproduces.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 import numpy as np
 from result_file import MODS, ResultFileError, read_cnn_result  # this folder
 
-from neurovfm.eval.metrics import replicate_t_interval
+from neurovfm.eval.metrics import replicate_paired_bootstrap, replicate_t_interval
 
 SETUP_KEYS = ("seed", "epochs", "aux_weight", "grid", "train_fraction", "training_labels")
 
@@ -44,14 +48,46 @@ def _same(a: dict, b: dict, key: str) -> bool:
     return json.dumps(a["setup"].get(key), sort_keys=True) == json.dumps(b["setup"].get(key), sort_keys=True)
 
 
-def compare(a: dict[int, dict], b: dict[int, dict], names: tuple[str, str]) -> dict:
+def _has_scores(run: dict) -> bool:
+    test = (run["result"].get("scores") or {}).get("test")
+    return isinstance(test, dict) and bool(test) and all(isinstance(v, dict) and "score" in v for v in test.values())
+
+
+def study_bootstrap(a: dict[int, dict], b: dict[int, dict], seeds: list[int], n: int = 2000) -> dict:
+    """Per modality: mean over seeds of A's test macro AUROC minus B's, every run scored on the
+    same patient resamples of the test split (the runs must have scored the same studies)."""
+    out = {}
+    ref = a[seeds[0]]
+    for mod in MODS:
+        keys = sorted(k for k, v in ref["result"]["scores"]["test"].items() if v["modality"] == mod)
+        for side in (a, b):
+            for s in seeds:
+                got = sorted(k for k, v in side[s]["result"]["scores"]["test"].items() if v["modality"] == mod)
+                if got != keys:
+                    raise RecordError(f"{side[s]['file']} scored other {mod} test studies than {ref['file']}: "
+                                      "not the same archive and split")
+        test = ref["result"]["scores"]["test"]
+        y = np.array([test[k]["y"] for k in keys], float)
+        groups = [test[k]["patient"] for k in keys]
+        sc = [[np.array([side[s]["result"]["scores"]["test"][k]["score"] for k in keys], float) for s in seeds]
+              for side in (a, b)]
+        r = replicate_paired_bootstrap(y, sc[0], sc[1], groups, n=n, seed=0)
+        out[mod] = {k: r[k] for k in ("estimate", "low", "high", "p_value", "a", "b", "resamples")} | {
+            "test_studies": len(keys), "patients": len(set(groups))}
+    return out
+
+
+def compare(a: dict[int, dict], b: dict[int, dict], names: tuple[str, str], vary: str | None = None) -> dict:
     seeds = sorted(set(a) & set(b))
-    if len(seeds) < 2:
-        raise RecordError(f"needs at least two seeds run in both settings, got {seeds} "
-                          f"(A: {sorted(a)}, B: {sorted(b)})")
+    scored = bool(seeds) and all(_has_scores(side[s]) for side in (a, b) for s in seeds)
+    if len(seeds) < 2 and not (seeds and scored):
+        raise RecordError(f"needs at least two seeds run in both settings, or one whose files keep their per-study "
+                          f"scores, got {seeds} (A: {sorted(a)}, B: {sorted(b)})")
+    if vary is not None and vary not in SETUP_KEYS[1:]:
+        raise RecordError(f"--vary {vary!r}: not a compared setting (one of {', '.join(SETUP_KEYS[1:])})")
     for s in seeds:
         for key in SETUP_KEYS[1:]:
-            if not _same(a[s], b[s], key):
+            if key != vary and not _same(a[s], b[s], key):
                 raise RecordError(f"seed {s}: {a[s]['file']} and {b[s]['file']} differ in '{key}' "
                                   f"({a[s]['setup'].get(key)} vs {b[s]['setup'].get(key)}): not a paired comparison")
     labels = list(a[seeds[0]]["result"]["CT"]["auroc"])
@@ -65,8 +101,9 @@ def compare(a: dict[int, dict], b: dict[int, dict], names: tuple[str, str]) -> d
             row[part] = {names[0]: va, names[1]: vb, "difference": va - vb}
             diffs[part].append(va - vb)
         per_seed.append(row)
-    out = {"seeds": seeds, "names": list(names), "per_seed": per_seed,
-           "mean": {}, "difference_t95": {p: replicate_t_interval(d) for p, d in diffs.items()},
+    out = {"seeds": seeds, "names": list(names), "varied": vary, "per_seed": per_seed,
+           "mean": {}, "difference_t95": ({p: replicate_t_interval(d) for p, d in diffs.items()} if len(seeds) > 1 else None),
+           "study_bootstrap": study_bootstrap(a, b, seeds) if scored else None,
            "per_label_mean": {}, "runs": {names[0]: [a[s] | {"result": None} for s in seeds],
                                           names[1]: [b[s] | {"result": None} for s in seeds]}}
     for side, runs in zip(names, (a, b)):
@@ -86,13 +123,14 @@ def main() -> int:
     ap.add_argument("--a", nargs="+", required=True, help="setting A's difficulty.py result files, one per seed")
     ap.add_argument("--b", nargs="+", required=True, help="setting B's files, the same seeds")
     ap.add_argument("--names", default="A,B", help="the two settings' names, comma-separated")
+    ap.add_argument("--vary", help="the one setting allowed to differ between A and B (e.g. grid)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     names = tuple(a.names.split(","))
     if len(names) != 2 or len(set(names)) != 2 or not all(names):
         ap.error(f"--names needs two different names, got {a.names!r}")
     try:
-        res = compare(load_runs(a.a, a.variant), load_runs(a.b, a.variant), names)
+        res = compare(load_runs(a.a, a.variant), load_runs(a.b, a.variant), names, a.vary)
     except ResultFileError as e:
         print(f"paired_seeds: {e}", file=sys.stderr)
         return 2
@@ -100,8 +138,11 @@ def main() -> int:
     for row in res["per_seed"]:
         print(f"seed {row['seed']}: " + "  ".join(
             f"{p} {row[p][names[0]]:.3f} vs {row[p][names[1]]:.3f} ({row[p]['difference']:+.3f})" for p in ("macro", "CT", "MR")))
-    for p, t in res["difference_t95"].items():
+    for p, t in (res["difference_t95"] or {}).items():
         print(f"{names[0]} - {names[1]} {p}: {t['estimate']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] (t, {len(res['seeds'])} seeds)")
+    for p, t in (res["study_bootstrap"] or {}).items():
+        print(f"{names[0]} - {names[1]} {p}: {t['estimate']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] "
+              f"(patient bootstrap, {t['patients']} patients, {len(res['seeds'])} seed(s))")
     tmp = a.out + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(tmp, "w") as fh:

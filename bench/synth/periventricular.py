@@ -1,5 +1,5 @@
 """Why is CT small vessel disease invisible to the CNN? Density of the periventricular band on the
-CNN's own inputs (3 x 3 x 4 mm, brain window), inside vs outside the lesion masks and across heads.
+CNN's own inputs (3 x 3 x 4 mm or the file's finer grid, brain window), inside vs outside the lesion masks and across heads.
 
     python bench/synth/periventricular.py ARCHIVE INPUTS.npz   (NEUROVFM_SITE_SECRET as for the cache)
 
@@ -23,7 +23,7 @@ from difficulty import AUX  # the voxel-target bits of the inputs file (this fol
 from neurovfm.eval.metrics import auroc
 from neurovfm.ingest.policy import PreprocessPolicy
 from neurovfm.privacy.keys import Keyer
-from neurovfm.probe.cnn3d import CT_CHANNELS, GRID_MM
+from neurovfm.probe.cnn3d import CT_CHANNELS, StudyGrid
 
 LABEL = "small_vessel_ischemic_disease"
 BIT = AUX.index(LABEL)
@@ -44,6 +44,7 @@ def main() -> int:
     with open(os.path.join(archive, "labels.csv"), newline="") as fh:
         pos = {keyer.study(r["study_uid"]): r.get(LABEL) == "1" for r in csv.DictReader(fh)}
     z = np.load(inputs, allow_pickle=False)
+    grid_mm = StudyGrid.of(float(z["inplane_mm"]) if "inplane_mm" in z.files else 3.0).mm  # older files: 3 mm
     inside, y, shift = [], [], []
     for i, (key, mod) in enumerate(zip(z["keys"], z["mods"])):
         if mod != "CT" or str(key) not in pos:
@@ -51,7 +52,7 @@ def main() -> int:
         v = z[f"v{i}"][0].astype(np.float32)
         inner = ndimage.binary_erosion(v > 0, iterations=4)
         csf = ndimage.gaussian_filter(v, 0.7) < CSF_LEVEL
-        d = ndimage.distance_transform_edt(~csf, sampling=GRID_MM)
+        d = ndimage.distance_transform_edt(~csf, sampling=grid_mm)
         soft = inner & (v < 0.8)
         y.append(pos[str(key)])
         shift.append(v[soft & (d > 0) & (d <= 6)].mean() - v[soft & (d > 9) & (d <= 20)].mean())

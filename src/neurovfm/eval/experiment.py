@@ -159,8 +159,10 @@ CNN_NAME = "cnn3d"
 
 def cnn_head_name(cnn) -> str:
     """How the CNN baseline is named in the metrics: an ensemble says how many networks it averages,
-    and anti-aliased inputs are named (the same network scores differently on them)."""
+    and anti-aliased inputs and a grid finer or coarser than 3 mm are named (the same network
+    scores differently on them)."""
     return ("3-D CNN, end to end" + (", anti-aliased inputs" if cnn and cnn.antialias else "")
+            + (f", {cnn.inplane_mm:g} mm grid" if cnn and cnn.inplane_mm != 3.0 else "")
             + (f" (mean logit of {cnn.ensemble} seeds)" if cnn and cnn.ensemble > 1 else ""))
 
 
@@ -180,7 +182,7 @@ def fit_cnn_modality(table: StudyTable, cache_dir: str, cfg: EvalConfig, progres
     tr, va, te = (table.index(s) for s in ("train", "val", "test"))
     cache = TokenCache(cache_dir)
     try:
-        vols = cnn3d.study_volumes(cache, table.study_keys, cfg.cnn.antialias)
+        vols = cnn3d.study_volumes(cache, table.study_keys, cfg.cnn.antialias, cfg.cnn.grid)
     finally:
         cache.close()
     missing = [k for k in table.study_keys if k not in vols]

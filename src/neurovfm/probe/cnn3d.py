@@ -33,11 +33,32 @@ from neurovfm.probe.train import torch_threads, val_macro_auroc
 from neurovfm.tokens.cache import TokenCache
 from neurovfm.tokens.patches import unpatchify
 
-GRID = (40, 72, 60)  # slices (S-I, 4 mm) x A-P x L-R (3 mm): 160 x 216 x 180 mm
-GRID_MM = (4.0, 3.0, 3.0)
+FIELD_MM = (160.0, 216.0, 180.0)  # S-I x A-P x L-R: the head and some margin, whatever the spacing
 CT_CHANNELS = ("brain", "blood", "bone")
 MR_CHANNELS = ("T1", "T1C", "T2", "FLAIR", "DWI", "ADC", "SWI", "PD")
 MR_REFERENCE_ORDER = ("T2", "FLAIR", "T1", "PD", "DWI", "T1C", "ADC", "SWI")  # whose head centre the grid uses
+
+
+@dataclass(frozen=True)
+class StudyGrid:
+    """The study grid: voxel counts and spacing (mm) along S-I, A-P, L-R, always covering
+    ``FIELD_MM``. Finer in-plane spacing keeps thin findings (a 2-5 mm periventricular rim) from
+    being averaged away, at the cost of (3 / in-plane mm)^2 more voxels."""
+
+    shape: tuple[int, int, int]
+    mm: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, inplane_mm: float = 3.0, slice_mm: float = 4.0) -> "StudyGrid":
+        if not (1.0 <= inplane_mm <= 6.0 and 1.0 <= slice_mm <= 8.0):
+            raise ValueError(f"CNN grid: in-plane spacing must be in [1, 6] mm and slices in [1, 8] mm, "
+                             f"not {inplane_mm} / {slice_mm}")
+        mm = (float(slice_mm), float(inplane_mm), float(inplane_mm))
+        return cls(tuple(int(round(f / s)) for f, s in zip(FIELD_MM, mm)), mm)
+
+
+DEFAULT_GRID = StudyGrid.of()  # 40 x 72 x 60 voxels of 4 x 3 x 3 mm (every record before 2026-12-05)
+GRID, GRID_MM = DEFAULT_GRID.shape, DEFAULT_GRID.mm
 
 
 @dataclass
@@ -61,6 +82,13 @@ class CNNConfig:
     # falls ~3x; on the default archive better in all 3 seeds (+0.028 mean test macro AUROC,
     # mask-supervised) and steadier across seeds. False: the point sampling of records before 2026-12-05
     antialias: bool = True
+    # the grid's in-plane spacing (mm; slices stay 4 mm): 3 is the cost limit on 2 CPU cores,
+    # 2 costs ~2x (StudyGrid)
+    inplane_mm: float = 3.0
+
+    @property
+    def grid(self) -> StudyGrid:
+        return StudyGrid.of(self.inplane_mm)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch < 2:
@@ -71,6 +99,7 @@ class CNNConfig:
             raise ValueError("CNN baseline: rotate_deg must be in [0, 45] and scale in [0, 0.5)")
         if self.ensemble < 1:
             raise ValueError(f"CNN baseline: ensemble must be >= 1 network, not {self.ensemble}")
+        self.grid  # noqa: B018 - validates the spacing
 
 
 # -- study volumes on one grid ------------------------------------------------------------------------
@@ -91,34 +120,35 @@ def _dense(cache: TokenCache, e, names=None) -> tuple[np.ndarray, np.ndarray, np
     return vols, e.grid_affine_array @ np.linalg.inv(s), coords
 
 
-def grid_ras(centre: np.ndarray) -> np.ndarray:
-    """RAS mm of every voxel of the study grid around ``centre``: [*GRID, 3]."""
-    axes = [(np.arange(n) - (n - 1) / 2) * mm for n, mm in zip(GRID, GRID_MM)]
+def grid_ras(centre: np.ndarray, grid: StudyGrid = DEFAULT_GRID) -> np.ndarray:
+    """RAS mm of every voxel of the study grid around ``centre``: [*grid.shape, 3]."""
+    axes = [(np.arange(n) - (n - 1) / 2) * mm for n, mm in zip(grid.shape, grid.mm)]
     z, y, x = np.meshgrid(*axes, indexing="ij")
     return np.stack([x, y, z], -1) + centre  # R, A, S
 
 
-def antialias_widths(affine: np.ndarray) -> tuple[int, int, int]:
+def antialias_widths(affine: np.ndarray, grid: StudyGrid = DEFAULT_GRID) -> tuple[int, int, int]:
     """Odd box widths (voxels) per axis of a series' grid that average it to about the study
-    grid's finest spacing before sampling: 1 mm in-plane -> 3, 4 mm slices -> 1 (left alone)."""
+    grid's finest spacing before sampling: 1 mm in-plane -> 3 (at 3 mm), 4 mm slices -> 1 (left alone)."""
     spacing = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
-    target = min(GRID_MM)
+    target = min(grid.mm)
     return tuple(int(2 * np.floor(max(target / max(s, 1e-6), 1.0) / 2) + 1) for s in spacing)
 
 
-def _resample(vols: np.ndarray, affine: np.ndarray, centre: np.ndarray, antialias: bool = False) -> np.ndarray:
-    """[V, D, H, W] in its own voxel space -> [V, *GRID] on the RAS grid around ``centre``.
+def _resample(vols: np.ndarray, affine: np.ndarray, centre: np.ndarray, antialias: bool = False,
+              grid: StudyGrid = DEFAULT_GRID) -> np.ndarray:
+    """[V, D, H, W] in its own voxel space -> [V, *grid.shape] on the RAS grid around ``centre``.
     Bilinear sampling of a 1 mm series at 3 mm reads 1 voxel in 9 of every slice: its noise stays
     at full strength and thin structures alias. ``antialias`` first box-averages each axis to the
     grid's spacing (``antialias_widths``), so every voxel counts and noise falls about 3x."""
     if antialias:
-        k = antialias_widths(affine)
+        k = antialias_widths(affine, grid)
         if max(k) > 1:
             t = torch.from_numpy(np.ascontiguousarray(vols, np.float32))[None]
             vols = F.avg_pool3d(t, k, stride=1, padding=tuple(w // 2 for w in k),
                                 count_include_pad=False)[0].numpy()
     inv = np.linalg.inv(affine)
-    ijk = grid_ras(centre) @ inv[:3, :3].T + inv[:3, 3]  # voxel (d, h, w) coordinates
+    ijk = grid_ras(centre, grid) @ inv[:3, :3].T + inv[:3, 3]  # voxel (d, h, w) coordinates
     shape = np.array(vols.shape[1:], float)
     norm = 2 * ijk / np.maximum(shape - 1, 1) - 1  # grid_sample wants (x=w, y=h, z=d)
     g = torch.from_numpy(norm[..., ::-1].copy()).float()[None]
@@ -126,9 +156,10 @@ def _resample(vols: np.ndarray, affine: np.ndarray, centre: np.ndarray, antialia
     return out[0].numpy()
 
 
-def study_volume(cache: TokenCache, entries: list, antialias: bool = True) -> tuple[str, np.ndarray, np.ndarray]:
-    """A study's co-registered channels on the grid (float16 [C, *GRID]) and the grid's RAS centre
-    (the mean of the reference series' foreground token centres); ``antialias``: see ``_resample``."""
+def study_volume(cache: TokenCache, entries: list, antialias: bool = True,
+                 grid: StudyGrid = DEFAULT_GRID) -> tuple[str, np.ndarray, np.ndarray]:
+    """A study's co-registered channels on ``grid`` (float16 [C, *grid.shape]) and the grid's RAS
+    centre (the mean of the reference series' foreground token centres); ``antialias``: see ``_resample``."""
     mod = entries[0].modality
     if mod == "CT":
         soft = [e for e in entries if e.kernel == "soft"] or entries
@@ -141,16 +172,17 @@ def study_volume(cache: TokenCache, entries: list, antialias: bool = True) -> tu
     tok = coords.astype(float) * patch + (patch - 1) / 2
     centre = (tok @ aff[:3, :3].T + aff[:3, 3]).mean(0)
     if mod == "CT":
-        return mod, _resample(vols, aff, centre, antialias).astype(np.float16), centre
-    out = np.zeros((len(MR_CHANNELS),) + GRID, np.float16)
+        return mod, _resample(vols, aff, centre, antialias, grid).astype(np.float16), centre
+    out = np.zeros((len(MR_CHANNELS),) + grid.shape, np.float16)
     for e in entries:
         if e.sequence in MR_CHANNELS:
             v, a, _ = _dense(cache, e)
-            out[MR_CHANNELS.index(e.sequence)] = _resample(v, a, centre, antialias)[0]
+            out[MR_CHANNELS.index(e.sequence)] = _resample(v, a, centre, antialias, grid)[0]
     return mod, out, centre
 
 
-def study_volumes(cache: TokenCache, study_keys: list[str], antialias: bool = True) -> dict[str, tuple[np.ndarray, float]]:
+def study_volumes(cache: TokenCache, study_keys: list[str], antialias: bool = True,
+                  grid: StudyGrid = DEFAULT_GRID) -> dict[str, tuple[np.ndarray, float]]:
     """study key -> (channels, age in years or NaN) for the studies in the cache."""
     by: dict[str, list] = {}
     for e in cache.series():
@@ -160,7 +192,7 @@ def study_volumes(cache: TokenCache, study_keys: list[str], antialias: bool = Tr
     for k in study_keys:
         if k in by:
             age = by[k][0].age_years
-            out[k] = (study_volume(cache, by[k], antialias)[1], float(age) if age is not None else float("nan"))
+            out[k] = (study_volume(cache, by[k], antialias, grid)[1], float(age) if age is not None else float("nan"))
     return out
 
 
@@ -170,7 +202,7 @@ def _block(a: int, b: int, stride=1) -> nn.Sequential:
 
 
 class StudyCNN(nn.Module):
-    """3 mm input -> 6 mm in-plane at the stem; pooled features + age -> one logit per label. Age
+    """3 mm input -> 6 mm in-plane at the stem (2 mm -> 4 mm); pooled features + age -> one logit per label. Age
     goes in because atrophy is labelled 'advanced for age', as a radiologist reads it. ``seg`` is
     the voxel head on the mid-level features (trained only when lesion masks are given)."""
 
@@ -191,12 +223,14 @@ class StudyCNN(nn.Module):
         return self.head(torch.cat([self.drop(pooled), age[:, None]], 1)), self.seg(mid)
 
 
-def affine_theta(angles_deg: tuple[float, float, float], zoom: float = 1.0) -> torch.Tensor:
+def affine_theta(angles_deg: tuple[float, float, float], zoom: float = 1.0,
+                 grid: StudyGrid = DEFAULT_GRID) -> torch.Tensor:
     """The ``F.affine_grid`` matrix [3, 4] of a rotation by ``angles_deg`` about L-R, A-P and S-I
     (in that order of application) and a zoom (> 1 enlarges the head), built in millimetres and
     expressed in normalised coordinates: the grid's voxels are not cubes, so a rotation written in
     normalised units would shear the head."""
-    half = torch.tensor([GRID[2] * GRID_MM[2], GRID[1] * GRID_MM[1], GRID[0] * GRID_MM[0]], dtype=torch.float64) / 2
+    (d, h, w), (dm, hm, wm) = grid.shape, grid.mm
+    half = torch.tensor([w * wm, h * hm, d * dm], dtype=torch.float64) / 2
     (cx, cy, cz), (sx, sy, sz) = np.cos(np.deg2rad(angles_deg)), np.sin(np.deg2rad(angles_deg))
     rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float64)
     ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float64)
@@ -208,23 +242,25 @@ def affine_theta(angles_deg: tuple[float, float, float], zoom: float = 1.0) -> t
     return out.float()
 
 
-def random_affine(n: int, rotate_deg: float, scale: float, rng: np.random.Generator) -> torch.Tensor:
+def random_affine(n: int, rotate_deg: float, scale: float, rng: np.random.Generator,
+                  grid: StudyGrid = DEFAULT_GRID) -> torch.Tensor:
     """``n`` random ``affine_theta`` matrices [n, 3, 4]: up to ``rotate_deg`` about S-I and half of
     it about the other two axes, zoom in 1 +- ``scale``."""
     lim = np.array([rotate_deg / 2, rotate_deg / 2, rotate_deg])
-    return torch.stack([affine_theta(tuple(rng.uniform(-1, 1, 3) * lim), float(rng.uniform(1 - scale, 1 + scale)))
+    return torch.stack([affine_theta(tuple(rng.uniform(-1, 1, 3) * lim), float(rng.uniform(1 - scale, 1 + scale)), grid)
                         for _ in range(n)])
 
 
 def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """Resample a batch [N, C, *GRID] through ``theta`` (from ``random_affine``); outside is 0."""
+    """Resample a batch [N, C, D, H, W] through ``theta`` (from ``random_affine``); outside is 0."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def mid_shape() -> tuple[int, int, int]:
-    """Spatial shape of the mid level (after the stride-2 stem and two 2x pools)."""
-    d, h, w = GRID[0], (GRID[1] + 1) // 2, (GRID[2] + 1) // 2
+def mid_shape(grid: StudyGrid = DEFAULT_GRID) -> tuple[int, int, int]:
+    """Spatial shape of the mid level (after the stride-2 stem and two 2x pools): 16 x 24 x 24 mm
+    voxels on the 3 mm grid, 16 x 16 x 16 mm on the 2 mm one."""
+    d, h, w = grid.shape[0], (grid.shape[1] + 1) // 2, (grid.shape[2] + 1) // 2
     for _ in range(2):
         d, h, w = d // 2, h // 2, w // 2
     return d, h, w
@@ -247,14 +283,18 @@ def train_cnn(volumes: dict[str, np.ndarray], age: dict[str, float], y: dict[str
     """Fit on ``train`` (labels [C], NaN = unknown, left out of the loss), keep the epoch with the
     best macro AUROC on ``val`` over the label columns ``select`` (default: all of them), and score
     ``score`` once with it. Training on more labels than are selected on lets rarer findings
-    (subtypes, mimics) shape the features. ``masks``: study key -> uint8 bit field [*GRID]
-    (bit i = voxel head i) when ``cfg.aux_weight`` > 0."""
+    (subtypes, mimics) shape the features. ``volumes`` are on ``cfg.grid``. ``masks``: study key
+    -> uint8 bit field [*cfg.grid.shape] (bit i = voxel head i) when ``cfg.aux_weight`` > 0."""
     if len(train) < 2 or not val:
         raise ValueError("CNN baseline: needs at least 2 train studies and 1 validation study")
     n_labels = len(next(iter(y.values())))
     select = list(range(n_labels)) if select is None else list(select)
     if not select or min(select) < 0 or max(select) >= n_labels:
         raise ValueError(f"CNN baseline: selection columns {select} are not among the {n_labels} labels")
+    bad = next((k for k, v in volumes.items() if tuple(v.shape[1:]) != cfg.grid.shape), None)
+    if bad is not None:
+        raise ValueError(f"CNN baseline: study {bad}'s volume is {tuple(volumes[bad].shape[1:])}, not the "
+                         f"{cfg.inplane_mm:g} mm grid's {cfg.grid.shape}; resample it with that grid")
     with torch_threads(cfg.threads or os.cpu_count() or 1):
         if cfg.ensemble == 1:
             return _train(volumes, age, y, train, val, score, cfg, masks, n_aux, log, select)
@@ -298,7 +338,7 @@ def _train(volumes, age, y, train, val, score, cfg: CNNConfig, masks, n_aux, log
         x = torch.from_numpy(np.stack([volumes[k] for k in ks]).astype(np.float32))
         m = None
         if use_aux:
-            m = torch.from_numpy(np.stack([masks.get(k, np.zeros(GRID, np.uint8)) for k in ks]).astype(np.int32))
+            m = torch.from_numpy(np.stack([masks.get(k, np.zeros(cfg.grid.shape, np.uint8)) for k in ks]).astype(np.int32))
             m = ((m[:, None] & bitw[None, :, None, None, None]) > 0).float()
         if augment:
             if rs.random() < 0.5:  # left-right: study-level labels are side-free
@@ -309,7 +349,7 @@ def _train(volumes, age, y, train, val, score, cfg: CNNConfig, masks, n_aux, log
             x = torch.roll(x, shifts=shifts, dims=(2, 3, 4))
             m = torch.roll(m, shifts=shifts, dims=(2, 3, 4)) if m is not None else None
             if cfg.rotate_deg > 0 or cfg.scale > 0:
-                theta = random_affine(len(ks), cfg.rotate_deg, cfg.scale, rs)
+                theta = random_affine(len(ks), cfg.rotate_deg, cfg.scale, rs, cfg.grid)
                 x = warp(x, theta)
                 m = warp(m, theta, "nearest") if m is not None else None
             x = x * float(rs.uniform(0.92, 1.08)) + float(rs.normal(0, 0.02))
@@ -320,7 +360,7 @@ def _train(volumes, age, y, train, val, score, cfg: CNNConfig, masks, n_aux, log
             frac = torch.zeros(n_aux)
             for i in range(0, len(train), 16):
                 _, m = batch_of(train[i:i + 16], False)
-                frac += F.adaptive_max_pool3d(m, mid_shape()).mean((0, 2, 3, 4)) * len(train[i:i + 16])
+                frac += F.adaptive_max_pool3d(m, mid_shape(cfg.grid)).mean((0, 2, 3, 4)) * len(train[i:i + 16])
             frac /= len(train)
         seg_w = ((1 - frac) / frac.clamp_min(1e-4)).clamp(1, 50)
 
