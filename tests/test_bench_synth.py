@@ -314,3 +314,40 @@ def test_paired_seeds_study_bootstrap_one_seed_and_a_varied_grid(tmp_path, monke
     fc, _ = _scored_result(tmp_path / "short.json", 0, 0.5, grid=(40, 108, 90), drop_study=True)
     monkeypatch.setattr("sys.argv", ["paired_seeds.py", "--a", fa, "--b", fc, "--out", str(tmp_path / "x.json")])
     assert ps.main() == 2 and "short.json scored other CT test studies" in capsys.readouterr().err
+
+
+def test_score_ensemble_is_the_mean_logit_and_checks_its_members(tmp_path, monkeypatch, capsys):
+    """The ensemble scores each test study by its members' mean logit (recomputed here by hand);
+    each member's macro is recomputed from its kept scores; files without scores, with other test
+    studies, or whose scores disagree with their reported AUROC are refused by name, nothing written."""
+    from neurovfm.eval.metrics import auroc
+
+    se = _load("score_ensemble")
+    f1, r1 = _scored_result(tmp_path / "s0.json", 0, 1.0)
+    f2, r2 = _scored_result(tmp_path / "s1.json", 1, 1.0, grid=(40, 108, 90))
+    out = tmp_path / "ens.json"
+    monkeypatch.setattr("sys.argv", ["score_ensemble.py", f1, f2, "--out", str(out)])
+    assert se.main() == 0
+    rec = json.loads(out.read_text())
+    t1, t2 = r1["scores"]["test"], r2["scores"]["test"]
+    for m in ("CT", "MR"):
+        ks = sorted(k for k in t1 if t1[k]["modality"] == m)
+        y = np.array([t1[k]["y"] for k in ks])
+        s = np.array([(np.array(t1[k]["score"]) + np.array(t2[k]["score"])) / 2 for k in ks])
+        want = np.mean([auroc(y[:, j], s[:, j]) for j in range(2)])
+        assert rec["ensemble"][m]["macro"] == pytest.approx(want)
+        assert [mm[m] for mm in rec["members"]] == pytest.approx([r1[m]["macro"], r2[m]["macro"]])
+    assert rec["ensemble"]["macro"] > rec["member_mean"]["macro"]  # independent noise averages out
+    old = _difficulty_result(tmp_path / "old.json", 2, 0.8, 0.8)
+    short, _ = _scored_result(tmp_path / "short.json", 3, 1.0, drop_study=True)
+    tampered = json.loads(open(f1).read())
+    tampered["cnn_mask_aux"]["macro"] += 0.01
+    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+    for files, why in (([f1, old], "old.json: keeps no per-study test scores"),
+                       ([f1, short], "short.json: scored other test studies"),
+                       ([f1, str(tmp_path / "tampered.json")], "tampered.json: its kept scores give"),
+                       ([f1], "at least two result files")):
+        out2 = tmp_path / "none.json"
+        monkeypatch.setattr("sys.argv", ["score_ensemble.py", *files, "--out", str(out2)])
+        assert se.main() == 2
+        assert why in capsys.readouterr().err and not out2.exists()

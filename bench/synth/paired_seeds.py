@@ -21,7 +21,7 @@ import os
 import sys
 
 import numpy as np
-from result_file import MODS, ResultFileError, read_cnn_result  # this folder
+from result_file import MODS, ResultFileError, read_cnn_result, test_scores  # this folder
 
 from neurovfm.eval.metrics import replicate_paired_bootstrap, replicate_t_interval
 
@@ -49,8 +49,11 @@ def _same(a: dict, b: dict, key: str) -> bool:
 
 
 def _has_scores(run: dict) -> bool:
-    test = (run["result"].get("scores") or {}).get("test")
-    return isinstance(test, dict) and bool(test) and all(isinstance(v, dict) and "score" in v for v in test.values())
+    try:
+        test_scores(run["file"], run["result"])
+    except ResultFileError:
+        return False
+    return True
 
 
 def study_bootstrap(a: dict[int, dict], b: dict[int, dict], seeds: list[int], n: int = 2000) -> dict:

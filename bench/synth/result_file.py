@@ -33,3 +33,13 @@ def read_cnn_result(path: str, variant: str, setup_keys: tuple[str, ...] = ()) -
         raise ResultFileError(f"{path}: no finished '{variant}' result (missing {exc}); make it with "
                               "difficulty.py without --skip-cnn") from None
     return whole, r
+
+
+def test_scores(path: str, result: dict) -> dict[str, dict]:
+    """The per-study test scores a difficulty.py result keeps (since 2026-12-05): study key ->
+    {"modality", "patient", "y", "score"}; older files have none and are refused by name."""
+    test = (result.get("scores") or {}).get("test")
+    if not (isinstance(test, dict) and test and all(isinstance(v, dict) and {"modality", "patient", "y", "score"} <= set(v)
+                                                     for v in test.values())):
+        raise ResultFileError(f"{path}: keeps no per-study test scores (made before 2026-12-05); rerun its command")
+    return test
