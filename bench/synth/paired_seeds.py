@@ -21,7 +21,7 @@ import os
 import sys
 
 import numpy as np
-from result_file import MODS, ResultFileError, read_cnn_result, test_scores  # this folder
+from result_file import MODS, ResultFileError, read_cnn_result, test_scores, write_record  # this folder
 
 from neurovfm.eval.metrics import replicate_paired_bootstrap, replicate_t_interval
 
@@ -146,11 +146,7 @@ def main() -> int:
     for p, t in (res["study_bootstrap"] or {}).items():
         print(f"{names[0]} - {names[1]} {p}: {t['estimate']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] "
               f"(patient bootstrap, {t['patients']} patients, {len(res['seeds'])} seed(s))")
-    tmp = a.out + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(tmp, "w") as fh:
-        json.dump(res, fh, indent=2)
-    os.replace(tmp, a.out)
+    write_record(a.out, res)
     return 0
 
 

@@ -5,6 +5,7 @@ way everywhere, with its name and what is missing, instead of a KeyError from de
 from __future__ import annotations
 
 import json
+import os
 
 MODS = ("CT", "MR")
 
@@ -43,3 +44,12 @@ def test_scores(path: str, result: dict) -> dict[str, dict]:
                                                      for v in test.values())):
         raise ResultFileError(f"{path}: keeps no per-study test scores (made before 2026-12-05); rerun its command")
     return test
+
+
+def write_record(path: str, record: dict) -> None:
+    """Write a record JSON atomically (temporary file, then rename): a failed run leaves the old one."""
+    tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w") as fh:
+        json.dump(record, fh, indent=2)
+    os.replace(tmp, path)

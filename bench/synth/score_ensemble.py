@@ -12,12 +12,11 @@ and each member's command, so every run reproduces.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
-from result_file import MODS, ResultFileError, read_cnn_result, test_scores  # this folder
+from result_file import MODS, ResultFileError, read_cnn_result, test_scores, write_record  # this folder
 
 from neurovfm.eval.metrics import auroc
 
@@ -84,11 +83,7 @@ def main() -> int:
     print(f"ensemble of {len(res['members'])}: macro {e['macro']:.3f} (CT {e['CT']['macro']:.3f}, MR {e['MR']['macro']:.3f})")
     for mod in MODS:
         print(f"  {mod}: " + "  ".join(f"{h}={v:.2f}" for h, v in e[mod]["auroc"].items()))
-    tmp = a.out + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(tmp, "w") as fh:
-        json.dump(res, fh, indent=2)
-    os.replace(tmp, a.out)
+    write_record(a.out, res)
     return 0
 
 
