@@ -407,7 +407,7 @@ def main() -> int:
     ap.add_argument("--antialias", action="store_true",
                     help="box-average each series to the CNN grid's spacing before sampling it (cnn3d._resample)")
     ap.add_argument("--inplane-mm", type=float, default=3.0,
-                    help="the CNN grid's in-plane spacing in mm (slices stay 4 mm); 2 keeps thinner findings, ~2x cost")
+                    help="the CNN grid's in-plane spacing in mm (slices stay 4 mm); 2 keeps thinner findings, ~2.7x the time")
     ap.add_argument("--skip-labels-only", action="store_true",
                     help="train only the mask-supervised CNN (needs --aux-weight > 0)")
     a = ap.parse_args()

@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "averages: noise ~3x lower, better in 3 of 3 seeds); reproduces records made before 2026-12-05")
     s.add_argument("--cnn-inplane-mm", type=float, default=3.0,  # = CNNConfig.inplane_mm
                    help="the CNN grid's in-plane spacing in mm (slices stay 4 mm; 1-6): 2 keeps thinner findings "
-                        "for about twice the time")
+                        "for about 2.7x the time on CPU")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_evaluate)
