@@ -311,6 +311,14 @@ def test_paired_seeds_study_bootstrap_one_seed_and_a_varied_grid(tmp_path, monke
     for extra, why in ((["--vary", "colour"], "not a compared setting"),):
         monkeypatch.setattr("sys.argv", base + extra)
         assert ps.main() == 2 and why in capsys.readouterr().err
+    # anti-aliasing is a compared setting too (a file without it was point-sampled): pairing runs that
+    # differ in it and in the grid would credit the grid with both changes
+    d = json.loads(open(fa).read())
+    d["cnn_mask_aux"]["setup"]["antialias"] = True
+    (tmp_path / "fine_aa.json").write_text(json.dumps(d))
+    monkeypatch.setattr("sys.argv", ["paired_seeds.py", "--a", str(tmp_path / "fine_aa.json"), "--b", fb, "--vary", "grid",
+                                     "--out", str(tmp_path / "y.json")])
+    assert ps.main() == 2 and "differ in 'antialias' (True vs False)" in capsys.readouterr().err
     fc, _ = _scored_result(tmp_path / "short.json", 0, 0.5, grid=(40, 108, 90), drop_study=True)
     monkeypatch.setattr("sys.argv", ["paired_seeds.py", "--a", fa, "--b", fc, "--out", str(tmp_path / "x.json")])
     assert ps.main() == 2 and "short.json scored other CT test studies" in capsys.readouterr().err
@@ -343,7 +351,11 @@ def test_score_ensemble_is_the_mean_logit_and_checks_its_members(tmp_path, monke
     tampered = json.loads(open(f1).read())
     tampered["cnn_mask_aux"]["macro"] += 0.01
     (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+    short_scores = json.loads(open(f2).read())
+    next(iter(short_scores["cnn_mask_aux"]["scores"]["test"].values()))["score"].pop()
+    (tmp_path / "cut.json").write_text(json.dumps(short_scores))
     for files, why in (([f1, old], "old.json: keeps no per-study test scores"),
+                       ([f1, str(tmp_path / "cut.json")], "cut.json: study s0's kept scores do not match the 2 labels"),
                        ([f1, short], "short.json: scored other test studies"),
                        ([f1, str(tmp_path / "tampered.json")], "tampered.json: its kept scores give"),
                        ([f1], "at least two result files")):

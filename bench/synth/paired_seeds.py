@@ -25,7 +25,11 @@ from result_file import MODS, ResultFileError, read_cnn_result, test_scores, wri
 
 from neurovfm.eval.metrics import replicate_paired_bootstrap, replicate_t_interval
 
-SETUP_KEYS = ("seed", "epochs", "aux_weight", "grid", "train_fraction", "training_labels")
+SETUP_KEYS = ("seed", "epochs", "aux_weight", "grid", "train_fraction", "training_labels")  # every file has them
+# compared between A and B unless named by --vary; files older than the anti-aliasing setting lack
+# "antialias" and were point-sampled, so a missing value reads as False
+COMPARED = SETUP_KEYS[1:] + ("antialias",)
+DEFAULTS = {"antialias": False}
 
 
 class RecordError(ResultFileError):
@@ -44,8 +48,12 @@ def load_runs(paths: list[str], variant: str) -> dict[int, dict]:
     return out
 
 
+def _setting(run: dict, key: str):
+    return run["setup"].get(key, DEFAULTS.get(key))
+
+
 def _same(a: dict, b: dict, key: str) -> bool:
-    return json.dumps(a["setup"].get(key), sort_keys=True) == json.dumps(b["setup"].get(key), sort_keys=True)
+    return json.dumps(_setting(a, key), sort_keys=True) == json.dumps(_setting(b, key), sort_keys=True)
 
 
 def _has_scores(run: dict) -> bool:
@@ -86,13 +94,14 @@ def compare(a: dict[int, dict], b: dict[int, dict], names: tuple[str, str], vary
     if len(seeds) < 2 and not (seeds and scored):
         raise RecordError(f"needs at least two seeds run in both settings, or one whose files keep their per-study "
                           f"scores, got {seeds} (A: {sorted(a)}, B: {sorted(b)})")
-    if vary is not None and vary not in SETUP_KEYS[1:]:
-        raise RecordError(f"--vary {vary!r}: not a compared setting (one of {', '.join(SETUP_KEYS[1:])})")
+    if vary is not None and vary not in COMPARED:
+        raise RecordError(f"--vary {vary!r}: not a compared setting (one of {', '.join(COMPARED)})")
     for s in seeds:
-        for key in SETUP_KEYS[1:]:
+        for key in COMPARED:
             if key != vary and not _same(a[s], b[s], key):
                 raise RecordError(f"seed {s}: {a[s]['file']} and {b[s]['file']} differ in '{key}' "
-                                  f"({a[s]['setup'].get(key)} vs {b[s]['setup'].get(key)}): not a paired comparison")
+                                  f"({_setting(a[s], key)} vs {_setting(b[s], key)}): not a paired comparison"
+                                  + ("" if vary else f"; name it with --vary {key} if it is the compared setting"))
     labels = list(a[seeds[0]]["result"]["CT"]["auroc"])
     per_seed, diffs = [], {"macro": [], "CT": [], "MR": []}
     for s in seeds:
@@ -106,7 +115,7 @@ def compare(a: dict[int, dict], b: dict[int, dict], names: tuple[str, str], vary
         per_seed.append(row)
     out = {"seeds": seeds, "names": list(names), "varied": vary, "per_seed": per_seed,
            "mean": {}, "difference_t95": ({p: replicate_t_interval(d) for p, d in diffs.items()} if len(seeds) > 1 else None),
-           "study_bootstrap": study_bootstrap(a, b, seeds) if scored else None,
+           "study_bootstrap": study_bootstrap(a, b, seeds) if scored else None,  # main() says why when None
            "per_label_mean": {}, "runs": {names[0]: [a[s] | {"result": None} for s in seeds],
                                           names[1]: [b[s] | {"result": None} for s in seeds]}}
     for side, runs in zip(names, (a, b)):
@@ -143,6 +152,9 @@ def main() -> int:
             f"{p} {row[p][names[0]]:.3f} vs {row[p][names[1]]:.3f} ({row[p]['difference']:+.3f})" for p in ("macro", "CT", "MR")))
     for p, t in (res["difference_t95"] or {}).items():
         print(f"{names[0]} - {names[1]} {p}: {t['estimate']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] (t, {len(res['seeds'])} seeds)")
+    if res["study_bootstrap"] is None:
+        print("no patient bootstrap: not every file keeps its per-study test scores (difficulty.py before "
+              "2026-12-05); the seed-level t interval is the only one", file=sys.stderr)
     for p, t in (res["study_bootstrap"] or {}).items():
         print(f"{names[0]} - {names[1]} {p}: {t['estimate']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] "
               f"(patient bootstrap, {t['patients']} patients, {len(res['seeds'])} seed(s))")

@@ -39,10 +39,15 @@ def read_cnn_result(path: str, variant: str, setup_keys: tuple[str, ...] = ()) -
 def test_scores(path: str, result: dict) -> dict[str, dict]:
     """The per-study test scores a difficulty.py result keeps (since 2026-12-05): study key ->
     {"modality", "patient", "y", "score"}; older files have none and are refused by name."""
-    test = (result.get("scores") or {}).get("test")
+    kept = result.get("scores") or {}
+    test = kept.get("test")
     if not (isinstance(test, dict) and test and all(isinstance(v, dict) and {"modality", "patient", "y", "score"} <= set(v)
                                                      for v in test.values())):
         raise ResultFileError(f"{path}: keeps no per-study test scores (made before 2026-12-05); rerun its command")
+    n = len(kept.get("labels") or [])
+    bad = next((k for k, v in test.items() if not n or len(v["score"]) != n or len(v["y"]) != n), None)
+    if bad is not None:
+        raise ResultFileError(f"{path}: study {bad}'s kept scores do not match the {n} labels the file names")
     return test
 
 

@@ -130,7 +130,9 @@ def grid_ras(centre: np.ndarray, grid: StudyGrid = DEFAULT_GRID) -> np.ndarray:
 
 def antialias_widths(affine: np.ndarray, grid: StudyGrid = DEFAULT_GRID) -> tuple[int, int, int]:
     """Odd box widths (voxels) per axis of a series' grid that average it to about the study
-    grid's finest spacing before sampling: 1 mm in-plane -> 3 (at 3 mm), 4 mm slices -> 1 (left alone)."""
+    grid's finest spacing before sampling: 1 mm in-plane -> 3 (at 3 mm), 4 mm slices -> 1 (left alone).
+    Odd, so the box stays centred: on a 2 mm grid a 1 mm series still gets a 3 mm box (the finer
+    grid then samples the same smoothing more densely)."""
     spacing = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
     target = min(grid.mm)
     return tuple(int(2 * np.floor(max(target / max(s, 1e-6), 1.0) / 2) + 1) for s in spacing)
