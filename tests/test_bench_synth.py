@@ -363,3 +363,65 @@ def test_score_ensemble_is_the_mean_logit_and_checks_its_members(tmp_path, monke
         monkeypatch.setattr("sys.argv", ["score_ensemble.py", *files, "--out", str(out2)])
         assert se.main() == 2
         assert why in capsys.readouterr().err and not out2.exists()
+
+
+def test_by_attribute_splits_a_label_by_grade_and_refuses_other_archives(tmp_path, monkeypatch, capsys):
+    """Each grade's positives are scored against all of the modality's negatives (checked against a
+    hand computation): a grade the scores separate gets a high AUROC, one they miss sits near 0.5;
+    the all-positives AUROC must match the file's; studies of another archive or secret are refused
+    by name, and nothing is written."""
+    from neurovfm.eval.metrics import auroc
+    from neurovfm.privacy.keys import Keyer
+
+    ba = _load("by_attribute")
+    monkeypatch.setenv("NEUROVFM_SITE_SECRET", "test-secret")
+    keyer = Keyer.from_site()
+    rng = np.random.default_rng(3)
+    recs, test = [], {}
+    for i in range(160):
+        mod = "CT" if i % 2 else "MR"
+        grade = (0, 1, 2)[i % 3]  # 0: no finding
+        y = [1.0 if grade else 0.0]
+        score = rng.normal() + (3.0 if grade == 2 else 0.0)  # grade 2 separated, grade 1 not
+        recs.append({"study_uid": f"1.2.{i}", "findings": [{"label": "svd", "fazekas": grade}] if grade else []})
+        test[keyer.study(f"1.2.{i}")] = {"modality": mod, "patient": f"p{i}", "y": y, "score": [score]}
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "findings.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    r = {"setup": {"seed": 0}, "scores": {"labels": ["svd"], "test": test, "val": {}}}
+    for m in ("CT", "MR"):
+        ks = [k for k in test if test[k]["modality"] == m]
+        r[m] = {"macro": 0.0, "auroc": {"svd": auroc(np.array([test[k]["y"][0] for k in ks]),
+                                                     np.array([test[k]["score"][0] for k in ks]))}}
+    r["macro"] = 0.0
+    res_file = tmp_path / "r.json"
+    res_file.write_text(json.dumps({"command": "difficulty.py", "cnn_mask_aux": r}))
+    out = tmp_path / "rec.json"
+    argv = ["by_attribute.py", str(archive), str(res_file), "--label", "svd", "--attribute", "fazekas"]
+    monkeypatch.setattr("sys.argv", argv + ["--out", str(out)])
+    assert ba.main() == 0
+    rec = json.loads(out.read_text())
+    for m in ("CT", "MR"):
+        ks = [k for k in test if test[k]["modality"] == m]
+        neg = [test[k]["score"][0] for k in ks if test[k]["y"][0] == 0]
+        g2 = [test[k]["score"][0] for k in ks if test[k]["y"][0] == 1 and
+              next(x for x in recs if keyer.study(x["study_uid"]) == k)["findings"][0]["fazekas"] == 2]
+        got = rec["per_file"]["r.json"][m]
+        assert got["2"]["auroc"] == pytest.approx(auroc(np.r_[np.zeros(len(neg)), np.ones(len(g2))], np.r_[neg, g2]))
+        assert got["2"]["n"] == len(g2) and got["n_negative"] == len(neg)
+        assert got["2"]["auroc"] > 0.9 and 0.25 < got["1"]["auroc"] < 0.75
+        assert got["all"]["auroc"] == pytest.approx(r[m]["auroc"]["svd"])
+    # the wrong secret keys other studies; a label the file does not score; a file that disagrees
+    r2 = json.loads(res_file.read_text())
+    r2["cnn_mask_aux"]["CT"]["auroc"]["svd"] += 0.01
+    (tmp_path / "bad.json").write_text(json.dumps(r2))
+    for env, args, why in (("other-secret", [str(res_file)], "has no svd finding in this archive"),
+                           ("test-secret", [str(res_file), "--label", "atrophy"], "scores no 'atrophy'"),
+                           ("test-secret", [str(tmp_path / "bad.json")], "bad.json: its kept CT scores give")):
+        monkeypatch.setenv("NEUROVFM_SITE_SECRET", env)
+        out2 = tmp_path / "none.json"
+        full = ["by_attribute.py", str(archive), *args[:1], "--label", "svd", "--attribute", "fazekas",
+                *args[1:], "--out", str(out2)]
+        monkeypatch.setattr("sys.argv", full)
+        assert ba.main() == 2
+        assert why in capsys.readouterr().err and not out2.exists()
