@@ -355,12 +355,6 @@ class Painter:
                   2: ((4.0, (0.6, 0.6, 0.2, 1.6)), (8, 16), (2.0, 4.5)),
                   3: ((5.5, (0.8, 0.7, 0.4, 1.8)), (12, 24), (3.0, 6.5))}
     SVD_DEGREE = {1: "mild", 2: "moderate", 3: "extensive"}
-    # Deep white-matter confluence (the deep half of the Fazekas score): 2 "beginning confluence", 3 "large
-    # confluent areas" - irregular patches in the corona radiata and centrum semiovale, clear of the
-    # ventricle wall, so that on 5 mm CT the burden is not only a halo that partial volume folds into the
-    # ventricle. Volume range (mL) of the patches, on top of the rim and foci.
-    SVD_CONFLUENT_ML = {2: (3.0, 8.0), 3: (10.0, 25.0)}
-    SVD_CONFLUENT_WALL_MM = (6.0, 30.0)  # distance from the ventricle wall of the deep zone
 
     def _svd_grade(self) -> int:
         """Grade rises with age: most 50-year-olds with the finding are grade 1, most 85-year-olds 2-3."""
@@ -368,11 +362,10 @@ class Painter:
         p2 = 0.35
         return int(self.rng.choice(3, p=[1 - p2 - p3, p2, p3])) + 1
 
-    def _smooth_field(self, sigma_mm: float, rng: np.random.Generator | None = None) -> np.ndarray:
+    def _smooth_field(self, sigma_mm: float) -> np.ndarray:
         """Smooth random field in [-1, 1] on the template grid (drawn coarse, then upsampled)."""
         step = 4
-        rng = self.rng if rng is None else rng
-        coarse = ndimage.gaussian_filter(rng.normal(0, 1, tuple(-(-n // step) for n in GRID_SHAPE)),
+        coarse = ndimage.gaussian_filter(self.rng.normal(0, 1, tuple(-(-n // step) for n in GRID_SHAPE)),
                                          sigma_mm / step)
         coarse /= max(float(np.abs(coarse).max()), 1e-6)
         up = ndimage.zoom(coarse.astype(np.float32), step, order=1)
@@ -399,8 +392,6 @@ class Painter:
             radii = np.array([1.0, 1.0, 1.0]) * self.rng.uniform(r_lo, r_hi) * self.rng.uniform(0.8, 1.25, 3)
             sl, part = _blob(c, radii, self.rng, 0.3)
             total[sl] = np.maximum(total[sl], part)
-        if grade in self.SVD_CONFLUENT_ML:
-            total = np.maximum(total, self._confluent_wm(grade, vd))
         if total.sum() < 50:
             return
         add_tissue(self.s.tissues, "wm_lesion", total * 0.9, from_=("wm", "gm"))
@@ -408,24 +399,6 @@ class Painter:
                         2 * max(rim_mm, r_hi), None, {"degree": self.SVD_DEGREE[grade], "fazekas": grade})
         les.location = "periventricular and deep white matter"
         _mark(self.s, total, les.index)
-
-    def _confluent_wm(self, grade: int, wall_mm: np.ndarray) -> np.ndarray:
-        """Soft mask of confluent deep white-matter patches of the grade's volume.
-
-        Drawn from the head's own stream (``subject.seed``), not the painter's, so adding it left every
-        other draw of an archive - and so every study without grade 2-3 disease - exactly as it was.
-        """
-        rng = np.random.default_rng([self.s.seed, 61])
-        near, far = self.SVD_CONFLUENT_WALL_MM
-        zone = np.clip((self.s.tissues["wm"] - 0.3) / 0.4, 0, 1) * ((wall_mm > near) & (wall_mm < far))
-        lo, hi = self.SVD_CONFLUENT_ML[grade]
-        inside = zone > 0.5
-        if not inside.any():
-            return np.zeros(GRID_SHAPE, np.float32)
-        field = self._smooth_field(6.0, rng)
-        share = min(float(rng.uniform(lo, hi)) * 1000.0 / inside.sum(), 0.9)  # 1 mm voxels
-        cut = float(np.quantile(field[inside], 1.0 - share))
-        return (np.clip((field - cut) / 0.1 + 0.5, 0, 1) * zone).astype(np.float32)
 
     def demyelination(self):
         """Ovoid lesions perpendicular to the ventricles (Dawson's fingers), periventricular."""
