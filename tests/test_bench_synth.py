@@ -425,3 +425,12 @@ def test_by_attribute_splits_a_label_by_grade_and_refuses_other_archives(tmp_pat
         monkeypatch.setattr("sys.argv", full)
         assert ba.main() == 2
         assert why in capsys.readouterr().err and not out2.exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "findings.jsonl").write_text(json.dumps({"findings": [{"label": "svd", "fazekas": 1}]}) + "\n")
+    monkeypatch.setenv("NEUROVFM_SITE_SECRET", "test-secret")
+    monkeypatch.setattr("sys.argv", ["by_attribute.py", str(broken), str(res_file), "--label", "svd",
+                                     "--attribute", "fazekas", "--out", str(tmp_path / "none.json")])
+    assert ba.main() == 2
+    assert "record 1 is not a `neurovfm synth` finding record" in capsys.readouterr().err
+    assert not (tmp_path / "none.json").exists()

@@ -35,10 +35,14 @@ def finding_attributes(archive: str, label: str, attribute: str, keyer: Keyer) -
     except (OSError, ValueError) as exc:
         raise ResultFileError(f"{path}: cannot read the archive's findings ({exc})") from None
     out = {}
-    for r in recs:
-        vals = [f.get(attribute) for f in r.get("findings", []) if f.get("label") == label]
-        if vals:
-            out[keyer.study(r["study_uid"])] = str(next((v for v in vals if v is not None), "none"))
+    for n, r in enumerate(recs, 1):
+        try:
+            vals = [f.get(attribute) for f in r.get("findings", []) if f.get("label") == label]
+            if vals:
+                out[keyer.study(r["study_uid"])] = str(next((v for v in vals if v is not None), "none"))
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise ResultFileError(f"{path}: record {n} is not a `neurovfm synth` finding record "
+                                  f"(missing or malformed {exc})") from None
     return out
 
 

@@ -10,7 +10,9 @@ per-label means show where. Files that keep their per-study test scores (difficu
 2026-12-05) also get the test sample's side: the seed-averaged difference per modality on the same
 patient resamples (eval.metrics.replicate_paired_bootstrap), which needs only one seed. Settings
 other than the seed must match, except the one named by ``--vary`` (e.g. ``grid`` to compare grid
-spacings). The record keeps each file's own command, so each run reproduces.
+spacings). Two archives made with the same seed hold the same studies, so a generator change can be
+compared the same way (the study keys are checked). The record keeps each file's own command, so each
+run reproduces.
 """
 
 from __future__ import annotations
