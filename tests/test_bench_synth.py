@@ -209,6 +209,8 @@ def test_inputs_file_is_refused_for_another_grid_and_scores_are_kept(difficulty,
     (["--scale", "0.7"], "scale in"),
     (["--epochs", "0"], "epochs must be >= 1"),
     (["--inplane-mm", "0.5"], "in-plane spacing must be in"),
+    (["--seg-to-head"], "--seg-to-head applies to the mask-supervised CNN only"),
+    (["--seg-to-head", "--skip-labels-only", "--aux-weight", "0"], "needs --aux-weight > 0"),
 ])
 def test_bench_refuses_bad_options_before_reading_anything(difficulty, monkeypatch, tmp_path, capsys, argv, why):
     """Refused at once with the reason (ARCHIVE and CACHE do not even exist): an option set that

@@ -221,3 +221,43 @@ def test_mask_supervised_training_on_the_finer_grid():
     res = C.train_cnn(vols, age, y, keys[:4], keys[4:], keys, cfg, masks=masks, n_aux=1)
     assert set(res.logits) == set(keys) and res.voxel_max[keys[0]].shape == (1,)
     assert all(np.isfinite(h["train_loss"]) for h in res.history)
+
+
+def test_seg_to_head_reads_each_voxel_classs_peak():
+    """With ``seg_to_head`` the study logits move by exactly the head's weight on a voxel class when
+    that class's map is raised everywhere by 1 (its maximum rises by 1); without it they do not move."""
+    torch.manual_seed(0)
+    x, age = torch.rand((2, 2) + C.GRID), torch.zeros(2)
+    for linked in (True, False):
+        net = C.StudyCNN(2, 3, n_aux=2, seg_to_head=linked).eval()
+        assert net.head.in_features == 3 * 128 + 1 + (2 if linked else 0)
+        with torch.no_grad():
+            before, seg0 = net(x, age)
+            net.seg.bias[1] += 1.0
+            after, seg1 = net(x, age)
+        torch.testing.assert_close(seg1[:, 1], seg0[:, 1] + 1.0)
+        expected = before + (net.head.weight[:, -1][None] if linked else 0.0)
+        torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_seg_to_head_leaves_the_voxel_head_to_the_masks():
+    """The study loss does not train the voxel head (the peaks are detached): its gradient from a
+    classification loss alone is zero, while the head's weights on the peaks do get a gradient."""
+    torch.manual_seed(0)
+    net = C.StudyCNN(2, 3, n_aux=2, seg_to_head=True)
+    logits, _ = net(torch.rand((2, 2) + C.GRID), torch.zeros(2))
+    F = torch.nn.functional
+    F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)).backward()
+    assert net.seg.weight.grad is None or float(net.seg.weight.grad.abs().max()) == 0.0
+    assert float(net.head.weight.grad[:, -2:].abs().max()) > 0
+
+
+def test_seg_to_head_needs_the_mask_supervised_voxel_head():
+    with pytest.raises(ValueError, match="needs aux_weight > 0"):
+        C.CNNConfig(seg_to_head=True)
+    with pytest.raises(ValueError, match="n_aux >= 1"):
+        C.StudyCNN(2, 3, n_aux=0, seg_to_head=True)
+    train, val, vols, y, age = _world(n_train=4, n_val=2)
+    with pytest.raises(ValueError, match="needs lesion masks"):
+        C.train_cnn(vols, age, y, train, val, val, C.CNNConfig(epochs=1, batch=2, threads=1, aux_weight=1.0,
+                                                               seg_to_head=True))

@@ -22,6 +22,7 @@ Also reports the per-lesion contrast-to-noise distribution from the archive's ma
 
     python bench/synth/difficulty.py ARCHIVE CACHE [--epochs 100] [--inputs FILE.npz] [--aux-weight 1] [--only-cnn]
         [--train-fraction 1] [--seeds 1] [--min-positives 0] [--rotate-deg 0 --scale 0] [--skip-labels-only]
+        [--seg-to-head]
         [--out bench/results/synth_difficulty.json]
 
 Is the gap the baseline's? ``--seeds N`` trains N networks per modality and averages their
@@ -252,7 +253,7 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
             inputs_file: str | None = None, threads: int | None = None, aux_weight: float = 0.0,
             archive: str | None = None, records: dict | None = None, train_fraction: float = 1.0,
             min_positives: int = 0, seeds: int = 1, rotate_deg: float = 0.0, scale: float = 0.0,
-            antialias: bool = False, inplane_mm: float = 3.0) -> dict:
+            antialias: bool = False, inplane_mm: float = 3.0, seg_to_head: bool = False) -> dict:
     """One small 3-D CNN per modality, trained on the train split's labels only (and, with
     ``aux_weight`` > 0, the train split's lesion masks as a second, voxel-level target); the epoch
     with the best validation macro AUROC is kept; the test split is scored once, at the end.
@@ -262,7 +263,8 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
     many positive training studies (multi-task); the epoch is still chosen on the headline labels.
     ``seeds`` > 1 trains that many networks (seeds ``seed``, ``seed`` + 1, ...) on the same data
     and scores their mean logit (each member's test macro AUROC is reported too). ``inplane_mm``:
-    the grid's in-plane spacing (``cnn3d.StudyGrid``). The result keeps every validation and test
+    the grid's in-plane spacing (``cnn3d.StudyGrid``). ``seg_to_head``: the study head also reads the
+    voxel head's peaks (``cnn3d.CNNConfig.seg_to_head``; needs ``aux_weight`` > 0). The result keeps every validation and test
     study's headline logits with its modality, keyed patient and labels (``scores``), so two
     settings can be compared on the same patient resamples (paired_seeds.py)."""
     if not 0 < train_fraction <= 1:
@@ -271,7 +273,8 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
         raise ValueError(f"seeds must be >= 1, not {seeds}")
     run_epochs = max(1, int(round(epochs / train_fraction)))
     cfg = C.CNNConfig(epochs=run_epochs, batch=batch, lr=lr, seed=seed, threads=threads, aux_weight=aux_weight,
-                      rotate_deg=rotate_deg, scale=scale, ensemble=seeds, inplane_mm=inplane_mm)
+                      rotate_deg=rotate_deg, scale=scale, ensemble=seeds, inplane_mm=inplane_mm,
+                      seg_to_head=seg_to_head)
     data = build_cnn_data(cache, studies, inputs_file, archive, records, antialias, cfg.grid)
     age = {k: float(studies[k][0].age_years or 60) for k in data}
     scores, seg_scores, history, best, n_train, cols = {}, {}, {}, {}, {}, {}
@@ -319,7 +322,7 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
     res["history"] = history
     res["setup"] = {"grid": cfg.grid.shape, "grid_mm": cfg.grid.mm, "antialias": antialias, "ct_channels": C.CT_CHANNELS, "mr_channels": C.MR_CHANNELS,
                     "batch": batch, "lr": lr, "epochs": run_epochs, "seed": seed, "seeds": seeds,
-                    "aux_weight": aux_weight, "rotate_deg": rotate_deg, "scale": scale,
+                    "aux_weight": aux_weight, "seg_to_head": seg_to_head, "rotate_deg": rotate_deg, "scale": scale,
                     "train_fraction": train_fraction, "n_train_studies": n_train,
                     "training_labels": cols, "min_positives": min_positives,
                     "aux_labels": AUX if aux_weight > 0 else [],
@@ -329,7 +332,9 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
                              "flip-averaged scores"
                              + (f"; voxel head (1x1x1 conv on the 64-channel level, {4 * cfg.grid.mm[0]:g} x "
                                 f"{8 * cfg.grid.mm[1]:g} x {8 * cfg.grid.mm[2]:g} mm voxels) trained on max-pooled "
-                                "lesion masks with class-balanced BCE" if aux_weight > 0 else "")}
+                                "lesion masks with class-balanced BCE" if aux_weight > 0 else "")
+                             + ("; the study head also reads the voxel head's detached per-class maxima"
+                                if seg_to_head else "")}
     return res
 
 
@@ -408,6 +413,9 @@ def main() -> int:
                     help="box-average each series to the CNN grid's spacing before sampling it (cnn3d._resample)")
     ap.add_argument("--inplane-mm", type=float, default=3.0,
                     help="the CNN grid's in-plane spacing in mm (slices stay 4 mm); 2 keeps thinner findings, ~2.7x the time")
+    ap.add_argument("--seg-to-head", action="store_true",
+                    help="the mask-supervised CNN's study head also reads its voxel head's per-class peaks "
+                         "(cnn3d.CNNConfig.seg_to_head); needs --aux-weight > 0 and --skip-labels-only")
     ap.add_argument("--skip-labels-only", action="store_true",
                     help="train only the mask-supervised CNN (needs --aux-weight > 0)")
     a = ap.parse_args()
@@ -415,6 +423,8 @@ def main() -> int:
         ap.error("nothing left to measure: --only-cnn with --skip-cnn skips every baseline")
     if a.skip_labels_only and a.aux_weight <= 0:
         ap.error("--skip-labels-only leaves only the mask-supervised CNN: it needs --aux-weight > 0")
+    if a.seg_to_head and not (a.skip_labels_only and a.aux_weight > 0):
+        ap.error("--seg-to-head applies to the mask-supervised CNN only: it needs --aux-weight > 0 and --skip-labels-only")
     if a.seeds < 1:
         ap.error(f"--seeds must be >= 1, not {a.seeds}")
     if a.seed < 0:
@@ -460,7 +470,7 @@ def main() -> int:
             res[name] = run_cnn(cache, studies, labels, a.epochs, inputs_file=a.inputs, threads=a.threads,
                                 aux_weight=w, archive=a.archive, records=records, train_fraction=a.train_fraction,
                                 min_positives=a.min_positives, seed=a.seed, seeds=a.seeds, rotate_deg=a.rotate_deg, scale=a.scale,
-                                antialias=a.antialias, inplane_mm=a.inplane_mm)
+                                antialias=a.antialias, inplane_mm=a.inplane_mm, seg_to_head=a.seg_to_head)
             res[name]["seconds"] = time.time() - t0
     for name in ("histogram_lr", "histogram_lr_with_age", "cnn", "cnn_mask_aux"):
         if name not in res:
