@@ -436,3 +436,27 @@ def test_by_attribute_splits_a_label_by_grade_and_refuses_other_archives(tmp_pat
     assert ba.main() == 2
     assert "record 1 is not a `neurovfm synth` finding record" in capsys.readouterr().err
     assert not (tmp_path / "none.json").exists()
+
+
+def test_mask_supervised_run_keeps_the_voxel_heads_maxima(difficulty, tmp_path):
+    """With masks the kept per-study scores also hold the voxel head's maxima, one per AUX class in
+    the named order, and they are the scores the reported voxel-head AUROCs come from."""
+    from neurovfm.eval.metrics import auroc
+
+    labels, studies, path = _cnn_world(tmp_path, difficulty)
+    r = difficulty.run_cnn(None, studies, labels, epochs=1, batch=3, inputs_file=path, threads=1, aux_weight=1.0)
+    sc = r["scores"]
+    assert sc["voxel_labels"] == list(difficulty.AUX)
+    checked = 0
+    for mod in ("CT", "MR"):
+        ks = [k for k in sc["test"] if labels[k]["modality"] == mod]
+        for j, h in enumerate(difficulty.AUX):
+            assert all(len(sc["test"][k]["voxel_max"]) == len(difficulty.AUX) for k in ks)
+            yv = np.array([labels[k]["y"][difficulty.HEADLINE.index(h)] for k in ks])
+            if 0 < yv.sum() < len(yv):
+                got = auroc(yv, np.array([sc["test"][k]["voxel_max"][j] for k in ks]))
+                assert r["voxel_head_max"][mod]["auroc"][h] == pytest.approx(got)
+                checked += 1
+    assert checked >= 3 and all("voxel_max" in v for v in sc["val"].values())
+    plain = difficulty.run_cnn(None, studies, labels, epochs=1, batch=3, inputs_file=path, threads=1)
+    assert "voxel_labels" not in plain["scores"] and not any("voxel_max" in v for v in plain["scores"]["test"].values())

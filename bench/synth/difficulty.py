@@ -266,7 +266,8 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
     the grid's in-plane spacing (``cnn3d.StudyGrid``). ``seg_to_head``: the study head also reads the
     voxel head's peaks (``cnn3d.CNNConfig.seg_to_head``; needs ``aux_weight`` > 0). The result keeps every validation and test
     study's headline logits with its modality, keyed patient and labels (``scores``), so two
-    settings can be compared on the same patient resamples (paired_seeds.py)."""
+    settings can be compared on the same patient resamples (paired_seeds.py); with masks also the
+    voxel head's per-class maxima (``voxel_max``, classes in ``scores["voxel_labels"]``)."""
     if not 0 < train_fraction <= 1:
         raise ValueError(f"train fraction must be in (0, 1], not {train_fraction}")
     if seeds < 1:
@@ -317,8 +318,13 @@ def run_cnn(cache, studies, labels, epochs: int, seed: int = 0, batch: int = 8, 
     res["val_best"] = best
     res["scores"] = {"labels": list(HEADLINE),
                      **{split: {k: {"modality": labels[k]["modality"], "patient": labels[k]["patient"],
-                                    "y": [float(x) for x in labels[k]["y"]], "score": [float(x) for x in v]}
+                                    "y": [float(x) for x in labels[k]["y"]], "score": [float(x) for x in v],
+                                    # the voxel head's flip-averaged maximum per AUX class (a fusion of the two
+                                    # scores can then be fitted on validation and scored on test after the fact)
+                                    **({"voxel_max": [float(x) for x in seg_scores[k]]} if aux_weight > 0 else {})}
                                 for k, v in scores.items() if labels[k]["split"] == split} for split in ("val", "test")}}
+    if aux_weight > 0:
+        res["scores"]["voxel_labels"] = list(AUX)
     res["history"] = history
     res["setup"] = {"grid": cfg.grid.shape, "grid_mm": cfg.grid.mm, "antialias": antialias, "ct_channels": C.CT_CHANNELS, "mr_channels": C.MR_CHANNELS,
                     "batch": batch, "lr": lr, "epochs": run_epochs, "seed": seed, "seeds": seeds,
