@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from neurovfm.eval.metrics import auroc
 from neurovfm.probe import cnn3d as C
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "synth")
@@ -460,3 +461,70 @@ def test_mask_supervised_run_keeps_the_voxel_heads_maxima(difficulty, tmp_path):
     assert checked >= 3 and all("voxel_max" in v for v in sc["val"].values())
     plain = difficulty.run_cnn(None, studies, labels, epochs=1, batch=3, inputs_file=path, threads=1)
     assert "voxel_labels" not in plain["scores"] and not any("voxel_max" in v for v in plain["scores"]["test"].values())
+
+
+def _fusion_file(path, macro_ct=None):
+    """A difficulty.py-shaped result keeping head scores and voxel maxima: labels a (with a voxel
+    class) and b (without); 6 validation and 6 test studies per modality, one patient each."""
+    rng = np.random.default_rng(1)
+    sc = {"labels": ["a", "b"], "voxel_labels": ["a"], "val": {}, "test": {}}
+    for split in ("val", "test"):
+        for mod in ("CT", "MR"):
+            for i in range(6):
+                y = [float(i % 2), float(i // 3)]
+                sc[split][f"{split}{mod}{i}"] = {"modality": mod, "patient": f"p{split}{mod}{i}", "y": y,
+                                                 "score": [float(x) for x in rng.normal(size=2)],
+                                                 "voxel_max": [float(y[0] * 2 + rng.normal(0, 0.3))]}
+    r = {"scores": sc, "setup": {}}
+    for mod in ("CT", "MR"):
+        ks = sorted(k for k, v in sc["test"].items() if v["modality"] == mod)
+        per = {h: auroc(np.array([sc["test"][k]["y"][j] for k in ks]), np.array([sc["test"][k]["score"][j] for k in ks]))
+               for j, h in enumerate(("a", "b"))}
+        r[mod] = {"macro": float(np.mean(list(per.values()))) if macro_ct is None or mod == "MR" else macro_ct, "auroc": per}
+    r["macro"] = (r["CT"]["macro"] + r["MR"]["macro"]) / 2
+    path.write_text(json.dumps({"command": "difficulty.py --seed 0", "cnn_mask_aux": r}))
+    return str(path), sc
+
+
+def test_fusion_standardises_on_validation_and_leaves_labels_without_voxels(tmp_path):
+    """The fused score of a label with a voxel class is the mean of the head's and the voxel
+    maximum's scores, each standardised by the validation split's mean and SD of its modality; a
+    label without one keeps the head's score; a voxel maximum that carries the label lifts AUROC."""
+    fv = _load("fuse_voxel")
+    path, sc = _fusion_file(tmp_path / "r.json")
+    res = fv.run([path], "cnn_mask_aux")
+    fz = fv.fuse_one(fv.load(path, "cnn_mask_aux"))
+    for mod in ("CT", "MR"):
+        val = [v for v in sc["val"].values() if v["modality"] == mod]
+        h = np.array([v["score"][0] for v in val])
+        x = np.array([v["voxel_max"][0] for v in val])
+        k = fz[mod]["keys"][2]
+        t = sc["test"][k]
+        expect = ((t["score"][0] - h.mean()) / h.std() + (t["voxel_max"][0] - x.mean()) / x.std()) / 2
+        assert fz[mod]["fused"][2, 0] == pytest.approx(expect)
+        np.testing.assert_array_equal(fz[mod]["fused"][:, 1], fz[mod]["head"][:, 1])
+        got = res["files"][0]
+        assert got["fused"][mod]["auroc"]["a"] > got["head"][mod]["auroc"]["a"] + 0.2  # the voxel maximum carries a
+        assert got["fused"][mod]["auroc"]["b"] == got["head"][mod]["auroc"]["b"]
+        assert res["files"][0]["head"][mod]["macro"] == pytest.approx(json.loads((tmp_path / "r.json").read_text())
+                                                                      ["cnn_mask_aux"][mod]["macro"])
+
+
+def test_fusion_refuses_files_without_voxel_maxima_or_with_other_scores(tmp_path, monkeypatch, capsys):
+    fv = _load("fuse_voxel")
+    path, sc = _fusion_file(tmp_path / "r.json")
+    d = json.loads((tmp_path / "r.json").read_text())
+    for v in d["cnn_mask_aux"]["scores"]["test"].values():
+        v.pop("voxel_max")
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    bad, _ = _fusion_file(tmp_path / "bad.json", macro_ct=0.99)
+    out = tmp_path / "rec.json"
+    for f, why in ((tmp_path / "old.json", "old.json: keeps no voxel-head maxima"), (bad, "bad.json: its kept CT scores")):
+        monkeypatch.setattr("sys.argv", ["fuse_voxel.py", str(f), "--out", str(out)])
+        assert fv.main() == 2
+        assert why in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr("sys.argv", ["fuse_voxel.py", path, path, "--out", str(out)])
+    assert fv.main() == 0
+    rec = json.loads(out.read_text())
+    assert rec["ensemble"]["fused"]["macro"] == pytest.approx(rec["files"][0]["fused"]["macro"])
+    assert rec["paired_bootstrap"]["fused_minus_head"]["CT"]["estimate"] > 0
