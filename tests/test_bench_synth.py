@@ -528,3 +528,23 @@ def test_fusion_refuses_files_without_voxel_maxima_or_with_other_scores(tmp_path
     rec = json.loads(out.read_text())
     assert rec["ensemble"]["fused"]["macro"] == pytest.approx(rec["files"][0]["fused"]["macro"])
     assert rec["paired_bootstrap"]["fused_minus_head"]["CT"]["estimate"] > 0
+
+
+def test_paired_seeds_compares_the_seg_to_head_setting(tmp_path, monkeypatch, capsys):
+    """A study head that reads the voxel peaks is another setting: paired against a file made before
+    the option existed (read as off) it is refused unless --vary seg_to_head names it."""
+    ps = _load("paired_seeds")
+    on = []
+    for s in (0, 1):
+        p = _difficulty_result(tmp_path / f"on{s}.json", s, 0.8, 0.8)
+        d = json.loads(open(p).read())
+        d["cnn_mask_aux"]["setup"]["seg_to_head"] = True
+        open(p, "w").write(json.dumps(d))
+        on.append(p)
+    old = [_difficulty_result(tmp_path / f"old{s}.json", s, 0.8, 0.8) for s in (0, 1)]
+    out = tmp_path / "rec.json"
+    monkeypatch.setattr("sys.argv", ["paired_seeds.py", "--a", *on, "--b", *old, "--out", str(out)])
+    assert ps.main() == 2
+    assert "differ in 'seg_to_head' (True vs False)" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr("sys.argv", ["paired_seeds.py", "--a", *on, "--b", *old, "--vary", "seg_to_head", "--out", str(out)])
+    assert ps.main() == 0 and json.loads(out.read_text())["varied"] == "seg_to_head"

@@ -26,8 +26,9 @@ import sys
 
 import numpy as np
 from result_file import MODS, ResultFileError, read_cnn_result, test_scores, write_record  # this folder
+from score_ensemble import score  # this folder: difficulty.py's macro over kept scores
 
-from neurovfm.eval.metrics import auroc, replicate_paired_bootstrap
+from neurovfm.eval.metrics import replicate_paired_bootstrap
 
 KINDS = ("head", "fused", "fitted")
 
@@ -81,21 +82,11 @@ def fuse_one(run: dict) -> dict[str, dict]:
     return out
 
 
-def macro(y: np.ndarray, s: np.ndarray, labels: list[str]) -> tuple[float, dict[str, float]]:
-    per = {h: auroc(y[:, j], s[:, j]) for j, h in enumerate(labels)}
-    return float(np.nanmean(list(per.values()))), per
-
-
 def summarise(fz: dict[str, dict], labels: list[str]) -> dict:
-    res = {}
-    for kind in KINDS:
-        part = {}
-        for mod in MODS:
-            m, per = macro(fz[mod]["y"], fz[mod][kind], labels)
-            part[mod] = {"macro": m, "auroc": per}
-        part["macro"] = float(np.mean([part[m]["macro"] for m in MODS]))
-        res[kind] = part
-    return res
+    """Test macro AUROC per modality and their mean for each kind of score (score_ensemble.score)."""
+    return {kind: score({k: {"modality": mod, "y": list(y)} for mod in MODS for k, y in zip(fz[mod]["keys"], fz[mod]["y"])},
+                        {k: row for mod in MODS for k, row in zip(fz[mod]["keys"], fz[mod][kind])}, labels)
+            for kind in KINDS}
 
 
 def run(paths: list[str], variant: str) -> dict:
@@ -110,7 +101,9 @@ def run(paths: list[str], variant: str) -> dict:
             if fused and fz[mod]["keys"] != fused[0][mod]["keys"]:
                 raise ResultFileError(f"{r['file']} scored other {mod} test studies than {runs[0]['file']}: "
                                       "not the same archive and split")
-            m, _ = macro(fz[mod]["y"], fz[mod]["head"], labels)
+        own = summarise(fz, labels)["head"]
+        for mod in MODS:
+            m = own[mod]["macro"]
             if abs(m - float(r["result"][mod]["macro"])) > 1e-6:
                 raise ResultFileError(f"{r['file']}: its kept {mod} scores give macro AUROC {m:.4f}, the file reports "
                                       f"{float(r['result'][mod]['macro']):.4f}")

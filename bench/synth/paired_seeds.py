@@ -28,10 +28,10 @@ from result_file import MODS, ResultFileError, read_cnn_result, test_scores, wri
 from neurovfm.eval.metrics import replicate_paired_bootstrap, replicate_t_interval
 
 SETUP_KEYS = ("seed", "epochs", "aux_weight", "grid", "train_fraction", "training_labels")  # every file has them
-# compared between A and B unless named by --vary; files older than the anti-aliasing setting lack
-# "antialias" and were point-sampled, so a missing value reads as False
-COMPARED = SETUP_KEYS[1:] + ("antialias",)
-DEFAULTS = {"antialias": False}
+# compared between A and B unless named by --vary; files older than a setting lack it and ran without
+# it (point-sampled inputs; a study head that did not read the voxel peaks), so a missing value reads as False
+COMPARED = SETUP_KEYS[1:] + ("antialias", "seg_to_head")
+DEFAULTS = {"antialias": False, "seg_to_head": False}
 
 
 class RecordError(ResultFileError):

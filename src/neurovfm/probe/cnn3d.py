@@ -89,7 +89,8 @@ class CNNConfig:
     # the study head also reads the voxel head's peak per lesion class (its spatial maximum, flip-
     # averaged like the scores; detached, so the masks alone train the voxel head): on the default
     # archive the voxel head's maximum out-ranked the study head on MRI stroke and small vessel
-    # disease (0.80-0.83 vs 0.73-0.76; 0.67-0.75 vs 0.62-0.68). Needs aux_weight > 0
+    # disease (0.80-0.83 vs 0.73-0.76; 0.67-0.75 vs 0.62-0.68). Needs aux_weight > 0. Measured on the
+    # 2 mm grid: no gain (0.824 / 0.839 vs 0.830 / 0.830 for seeds 0 / 1), hence off by default
     seg_to_head: bool = False
 
     @property
