@@ -527,6 +527,11 @@ def test_fusion_refuses_files_without_voxel_maxima_or_with_other_scores(tmp_path
     assert fv.main() == 0
     rec = json.loads(out.read_text())
     assert rec["ensemble"]["fused"]["macro"] == pytest.approx(rec["files"][0]["fused"]["macro"])
+    for kind in ("head", "fused", "fitted"):  # the ensemble's macros, with patient-bootstrap intervals
+        iv = rec["intervals"][kind]
+        for part, want in (("CT", rec["ensemble"][kind]["CT"]["macro"]), ("MR", rec["ensemble"][kind]["MR"]["macro"]),
+                           ("mean", rec["ensemble"][kind]["macro"])):
+            assert iv[part]["estimate"] == pytest.approx(want) and iv[part]["low"] <= want <= iv[part]["high"]
     assert rec["paired_bootstrap"]["fused_minus_head"]["CT"]["estimate"] > 0
 
 

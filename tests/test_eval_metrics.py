@@ -111,6 +111,37 @@ def test_multilabel_and_paired_bootstrap():
     assert d0["low"] < 0 < d0["high"] and d0["p_value"] > 0.05
 
 
+def test_joint_macro_bootstrap_draws_a_patients_studies_together():
+    """CT and MRI parts that share patients: each part's interval is the one-part bootstrap's, and
+    the mean's resamples pair the parts by patient (two identical parts: the mean's interval is the
+    part's own; drawn independently it would be narrower)."""
+    rng = np.random.default_rng(7)
+    n = 160
+    pats = np.array([f"p{i // 2}" for i in range(n)])  # two studies per patient
+    y = (rng.random((n, 2)) < 0.35).astype(float)
+    s = y + rng.normal(0, 1.0, y.shape)
+    twin = M.joint_macro_bootstrap({"CT": (y, s, pats), "MR": (y, s, pats)}, n=400, seed=3)
+    one = M.bootstrap_ci_multilabel(y, s, pats, n=400, seed=3)["macro"]
+    for part in ("CT", "MR", "mean"):
+        assert (twin[part]["estimate"], twin[part]["low"], twin[part]["high"]) == pytest.approx(
+            (one["estimate"], one["low"], one["high"]))
+    # two different parts: estimates are the sklearn macros and their mean; only the shared patients tie them
+    y2 = (rng.random((60, 3)) < 0.4).astype(float)
+    s2 = y2 + rng.normal(0, 0.7, y2.shape)
+    p2 = np.concatenate([pats[:40:2], [f"q{i}" for i in range(40)]])  # 20 patients also in the first part
+    r = M.joint_macro_bootstrap({"CT": (y, s, pats), "MR": (y2, s2, p2)}, n=400, seed=3)
+    ct = np.mean([roc_auc_score(y[:, j], s[:, j]) for j in range(2)])
+    mr = np.mean([roc_auc_score(y2[:, j], s2[:, j]) for j in range(3)])
+    assert (r["CT"]["estimate"], r["MR"]["estimate"], r["mean"]["estimate"]) == pytest.approx((ct, mr, (ct + mr) / 2))
+    for part in ("CT", "MR", "mean"):
+        assert r[part]["low"] < r[part]["estimate"] < r[part]["high"] and r[part]["resamples"] == 400
+    w = M.patient_weights(np.concatenate([pats, p2]), 400, 3)  # the MRI part reads its own studies' weights
+    mr_samples = np.nanmean(M._per_label_samples(y2, s2, w[:, n:], M.auroc), axis=1)
+    assert (r["MR"]["low"], r["MR"]["high"]) == pytest.approx(tuple(np.quantile(mr_samples, [0.025, 0.975])))
+    with pytest.raises(ValueError):
+        M.joint_macro_bootstrap({})
+
+
 def test_replicate_paired_bootstrap_averages_seeds_on_shared_resamples():
     rng = np.random.default_rng(5)
     n = 240

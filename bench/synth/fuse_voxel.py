@@ -14,8 +14,9 @@ fitted on labels: the pre-declared primary). Secondary: a per-label logistic reg
 standardised scores fitted on the validation labels. Labels without a voxel class (atrophy) keep
 the study head's score. Reported: test macro AUROC per modality and their mean for head, fused and
 fitted, per file and for the files' mean (a seed ensemble), and the paired patient bootstrap of
-fused - head over all files (``eval.metrics.replicate_paired_bootstrap``). Each file's head-alone
-macro is checked against what it reports.
+fused - head over all files (``eval.metrics.replicate_paired_bootstrap``), and for the ensemble (or
+the one file) each kind's macro per modality and their mean with patient-bootstrap intervals
+(``eval.metrics.joint_macro_bootstrap``). Each file's head-alone macro is checked against what it reports.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from result_file import MODS, ResultFileError, read_cnn_result, test_scores, write_record  # this folder
 from score_ensemble import score  # this folder: difficulty.py's macro over kept scores
 
-from neurovfm.eval.metrics import replicate_paired_bootstrap
+from neurovfm.eval.metrics import joint_macro_bootstrap, replicate_paired_bootstrap
 
 KINDS = ("head", "fused", "fitted")
 
@@ -112,6 +113,11 @@ def run(paths: list[str], variant: str) -> dict:
                                        for r, f in zip(runs, fused)]}
     mean = {mod: {**fused[0][mod], **{k: np.mean([f[mod][k] for f in fused], 0) for k in KINDS}} for mod in MODS}
     out["ensemble"] = summarise(mean, labels) if len(fused) > 1 else None
+    # the reported model's (the ensemble's, or the one file's) macro with a patient-bootstrap interval: CT
+    # and MRI studies of one patient are drawn together, so the CT + MRI mean has an interval too
+    final = mean if len(fused) > 1 else fused[0]
+    out["intervals"] = {kind: joint_macro_bootstrap({mod: (final[mod]["y"], final[mod][kind], final[mod]["patients"])
+                                                     for mod in MODS}, n=2000, seed=0) for kind in KINDS}
     out["paired_bootstrap"] = {}
     for kind in ("fused", "fitted"):
         out["paired_bootstrap"][f"{kind}_minus_head"] = {}
@@ -139,6 +145,9 @@ def main() -> int:
     for name, f in rows:
         print(f"{name}: " + "  ".join(f"{k} {f[k]['macro']:.3f} (CT {f[k]['CT']['macro']:.3f}, MR {f[k]['MR']['macro']:.3f})"
                                       for k in KINDS))
+    for kind, iv in res["intervals"].items():
+        print(f"{'ensemble' if res['ensemble'] else 'file'} {kind}: " + "  ".join(
+            f"{part} {b['estimate']:.3f} [{b['low']:.3f}, {b['high']:.3f}]" for part, b in iv.items()))
     for kind, part in res["paired_bootstrap"].items():
         for mod, b in part.items():
             print(f"{kind} {mod}: {b['estimate']:+.3f} [{b['low']:+.3f}, {b['high']:+.3f}] (patient bootstrap, {b['patients']} patients)")

@@ -149,6 +149,35 @@ def bootstrap_ci_multilabel(y, s, groups, metric: Callable = auroc, n: int = 100
     return {"per_label": [_interval(e, samples[:, j], alpha) for j, e in enumerate(est)], "macro": macro}
 
 
+def joint_macro_bootstrap(parts: dict[str, tuple], metric: Callable = auroc, n: int = 1000, seed: int = 0,
+                          alpha: float = 0.05) -> dict[str, Any]:
+    """Macro metric of several study sets that share patients (CT and MRI studies of one test split):
+    each part's macro interval and the interval of the parts' mean, all from the same patient
+    resamples, so a patient drawn twice counts twice in every part (resampling each part on its own
+    would treat a patient's CT and MRI as independent). ``parts``: name -> (y [N, C], scores [N, C],
+    patient per study)."""
+    if not parts:
+        raise ValueError("joint_macro_bootstrap: needs at least one part")
+    names = list(parts)
+    ys = [np.asarray(parts[k][0], np.float64).reshape(len(parts[k][0]), -1) for k in names]
+    ss = [np.asarray(parts[k][1], np.float64).reshape(y.shape) for k, y in zip(names, ys)]
+    sizes = np.cumsum([0] + [len(y) for y in ys])
+    w = patient_weights([str(g) for k in names for g in parts[k][2]], n, seed)
+    import warnings
+
+    out, samples, ests = {}, [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i, (k, y, s) in enumerate(zip(names, ys, ss)):
+            samp = np.nanmean(_per_label_samples(y, s, w[:, sizes[i]:sizes[i + 1]], metric), axis=1)
+            est = float(np.nanmean([metric(y[:, j], s[:, j]) for j in range(y.shape[1])]))
+            out[k] = _interval(est, samp, alpha)
+            samples.append(samp)
+            ests.append(est)
+        out["mean"] = _interval(float(np.mean(ests)), np.mean(samples, axis=0), alpha)
+    return out
+
+
 def paired_bootstrap(y, s_a, s_b, groups, metric: Callable = auroc, n: int = 1000, seed: int = 0,
                      alpha: float = 0.05) -> dict[str, Any]:
     """Macro metric of model A minus model B on the same patient resamples: estimate, interval
