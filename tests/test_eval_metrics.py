@@ -140,6 +140,10 @@ def test_joint_macro_bootstrap_draws_a_patients_studies_together():
     assert (r["MR"]["low"], r["MR"]["high"]) == pytest.approx(tuple(np.quantile(mr_samples, [0.025, 0.975])))
     with pytest.raises(ValueError):
         M.joint_macro_bootstrap({})
+    with pytest.raises(ValueError, match="part 'MR' needs labels, scores and patients"):
+        M.joint_macro_bootstrap({"CT": (y, s, pats), "MR": (y2, s2, p2[:-1])})
+    with pytest.raises(ValueError, match="part 'MR'"):
+        M.joint_macro_bootstrap({"CT": (y, s, pats), "MR": (y2[:0], s2[:0], p2[:0])})
 
 
 def test_replicate_paired_bootstrap_averages_seeds_on_shared_resamples():

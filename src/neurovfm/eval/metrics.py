@@ -159,6 +159,11 @@ def joint_macro_bootstrap(parts: dict[str, tuple], metric: Callable = auroc, n: 
     if not parts:
         raise ValueError("joint_macro_bootstrap: needs at least one part")
     names = list(parts)
+    for k in names:
+        lens = {len(x) for x in parts[k]}
+        if len(parts[k]) != 3 or len(lens) != 1 or 0 in lens:
+            raise ValueError(f"joint_macro_bootstrap: part {k!r} needs labels, scores and patients for the same "
+                             f"studies (at least one); got lengths {sorted(len(x) for x in parts[k])}")
     ys = [np.asarray(parts[k][0], np.float64).reshape(len(parts[k][0]), -1) for k in names]
     ss = [np.asarray(parts[k][1], np.float64).reshape(y.shape) for k, y in zip(names, ys)]
     sizes = np.cumsum([0] + [len(y) for y in ys])
