@@ -21,12 +21,11 @@ the one file) each kind's macro per modality and their mean with patient-bootstr
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
-from result_file import MODS, ResultFileError, read_cnn_result, test_scores, write_record  # this folder
+from result_file import MODS, ResultFileError, files_main, read_cnn_result, test_scores  # this folder
 from score_ensemble import score  # this folder: difficulty.py's macro over kept scores
 
 from neurovfm.eval.metrics import joint_macro_bootstrap, replicate_paired_bootstrap
@@ -129,18 +128,7 @@ def run(paths: list[str], variant: str) -> dict:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="+", help="mask-supervised difficulty.py results that keep voxel-head maxima")
-    ap.add_argument("--variant", default="cnn_mask_aux")
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    try:
-        res = run(a.files, a.variant)
-    except ResultFileError as e:
-        print(f"fuse_voxel: {e}", file=sys.stderr)
-        return 2
-    res = {"command": "python bench/synth/fuse_voxel.py " + " ".join(sys.argv[1:]), "variant": a.variant, **res}
+def report(res: dict) -> None:
     rows = [(f["file"], f) for f in res["files"]] + ([("ensemble", res["ensemble"])] if res["ensemble"] else [])
     for name, f in rows:
         print(f"{name}: " + "  ".join(f"{k} {f[k]['macro']:.3f} (CT {f[k]['CT']['macro']:.3f}, MR {f[k]['MR']['macro']:.3f})"
@@ -151,8 +139,10 @@ def main() -> int:
     for kind, part in res["paired_bootstrap"].items():
         for mod, b in part.items():
             print(f"{kind} {mod}: {b['estimate']:+.3f} [{b['low']:+.3f}, {b['high']:+.3f}] (patient bootstrap, {b['patients']} patients)")
-    write_record(a.out, res)
-    return 0
+
+
+def main() -> int:
+    return files_main("fuse_voxel", __doc__, "mask-supervised difficulty.py results that keep voxel-head maxima", run, report)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,26 @@ def write_record(path: str, record: dict) -> None:
     with open(tmp, "w") as fh:
         json.dump(record, fh, indent=2)
     os.replace(tmp, path)
+
+
+def files_main(script: str, doc: str, files_help: str, compute, report) -> int:
+    """The command line of a script that collects result files into one record: ``FILES ... [--variant V]
+    --out RECORD``. ``compute(files, variant)`` builds the record (a ResultFileError refuses the run by
+    name, exit 2, nothing written); ``report(record)`` prints it; the record keeps the command that made it."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", help=files_help)
+    ap.add_argument("--variant", default="cnn_mask_aux", help="which result of the files: cnn or cnn_mask_aux")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    try:
+        res = compute(a.files, a.variant)
+    except ResultFileError as e:
+        print(f"{script}: {e}", file=sys.stderr)
+        return 2
+    res = {"command": f"python bench/synth/{script}.py " + " ".join(sys.argv[1:]), "variant": a.variant, **res}
+    report(res)
+    write_record(a.out, res)
+    return 0

@@ -11,12 +11,11 @@ and each member's command, so every run reproduces.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
-from result_file import MODS, ResultFileError, read_cnn_result, test_scores, write_record  # this folder
+from result_file import MODS, ResultFileError, files_main, read_cnn_result, test_scores  # this folder
 
 from neurovfm.eval.metrics import auroc
 
@@ -65,26 +64,17 @@ def ensemble(paths: list[str], variant: str) -> dict:
             "member_mean": {p: float(np.mean([m[p] for m in members])) for p in ("macro", *MODS)}}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="+", help="difficulty.py result files that keep per-study scores")
-    ap.add_argument("--variant", default="cnn_mask_aux", help="which result of the files: cnn or cnn_mask_aux")
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    try:
-        res = ensemble(a.files, a.variant)
-    except ResultFileError as e:
-        print(f"score_ensemble: {e}", file=sys.stderr)
-        return 2
-    res = {"command": "python bench/synth/score_ensemble.py " + " ".join(sys.argv[1:]), "variant": a.variant, **res}
+def report(res: dict) -> None:
     for m in res["members"]:
         print(f"{m['file']}: macro {m['macro']:.3f} (CT {m['CT']:.3f}, MR {m['MR']:.3f})")
     e = res["ensemble"]
     print(f"ensemble of {len(res['members'])}: macro {e['macro']:.3f} (CT {e['CT']['macro']:.3f}, MR {e['MR']['macro']:.3f})")
     for mod in MODS:
         print(f"  {mod}: " + "  ".join(f"{h}={v:.2f}" for h, v in e[mod]["auroc"].items()))
-    write_record(a.out, res)
-    return 0
+
+
+def main() -> int:
+    return files_main("score_ensemble", __doc__, "difficulty.py result files that keep per-study scores", ensemble, report)
 
 
 if __name__ == "__main__":
