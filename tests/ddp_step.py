@@ -26,7 +26,7 @@ grads = {f"grad.{k}": p.grad for k, p in tr.model.named_parameters() if p.grad i
 if tr.rank == 0:
     save_tensors(out, {**grads, **{f"w.{k}": v for k, v in tr.model.state_dict().items()},
                        "loss": torch.tensor([rec["loss"]], dtype=torch.float64),
-                       **({"var_cov": torch.tensor([rec["var_cov"]], dtype=torch.float64)} if "var_cov" in rec else {})})
+                       **{k: torch.tensor([rec[k]], dtype=torch.float64) for k in ("var_cov", "intensity_kl") if k in rec}})
 del tr, batch, grads  # the wrapped model goes before its process group
 shutdown_distributed()
 if joined_process_group():

@@ -26,7 +26,9 @@ from neurovfm.pretrain.config import ConfigError, OptimConfig, config_from_dict,
 from neurovfm.pretrain.data import (BatchLoader, DataConfig, DataConfigError, _augment, plan_epoch, select_studies,
                                     series_rng)
 from neurovfm.pretrain.jepa import (COVARIANCE_SHARE, JEPA, make_teacher, series_standardise, teacher_targets,
-                                   variance_covariance)
+                                   token_histograms, variance_covariance)
+from neurovfm.probe.embed import HISTOGRAM_VIEWS, HistogramFeaturizer
+from neurovfm.tokens.normalize import normalize
 from neurovfm.pretrain.loop import Pretrainer, lr_at, momentum_at, pretrain
 from neurovfm.pretrain.masks import MaskConfig, make_mask, tube_target
 
@@ -188,16 +190,22 @@ def test_batch_has_consistent_masks(small):
 
 
 # -- loss and schedules -------------------------------------------------------------------------------
-def test_loss_is_mean_smooth_l1_over_targets(small):
+def _batch_and_model(small, intensity_bins: int = 0):
+    """A batch of three series of the small cache and a freshly seeded JEPA for it."""
     _, cache, splits = small
     cfg = load_config_dict(cache, splits, "/nonexistent")
     series = [s for st in select_studies(cfg.data, 8) for s in st.series][:3]
     batch = BatchLoader(cfg.data, cfg.mask, 0).load(series, 0)
     torch.manual_seed(0)
-    m = JEPA(cfg.model.encoder_config(), cfg.model.predictor_config())
+    return cfg, batch, JEPA(cfg.model.encoder_config(), cfg.model.predictor_config(), intensity_bins=intensity_bins)
+
+
+def test_loss_is_mean_smooth_l1_over_targets(small):
+    cfg, batch, m = _batch_and_model(small)
     teacher = make_teacher(m.student)
     target, _ = teacher_targets(teacher, batch)
-    loss_sum, pred, z = m(batch, target)
+    loss_sum, pred, z, kl = m(batch, target)
+    assert kl is None  # no intensity head by default
     assert z.shape == (int(batch.ctx_idx.numel()), cfg.model.encoder_config().width)  # context features
     expect = torch.nn.functional.smooth_l1_loss(pred, target, reduction="mean") * target.shape[0]
     assert torch.allclose(loss_sum, expect, rtol=1e-5)
@@ -309,6 +317,60 @@ def test_var_cov_weight_changes_training_and_is_logged(small, tmp_path):
         config_from_dict({"optim": {"var_cov": -1}})
 
 
+@pytest.mark.parametrize("bins", [2, 32, 256])
+def test_token_histograms_match_the_histogram_baseline(bins):
+    """The auxiliary target's bins are the histogram baseline's: recovered from z-scored tokens of
+    series normalised with different views' statistics."""
+    g = np.random.default_rng(bins)
+    views = ["brain", "mr", "bone", "blood"]
+    lengths = [5, 3, 1, 4]
+    u8 = [g.integers(0, 256, size=(n, 64), dtype=np.uint8) for n in lengths]
+    u8[0][:, :8] = [0, 255, 7, 8, 127, 128, 248, 247]  # bin edges and the ends of the range
+    tokens = torch.cat([normalize(u, v) for u, v in zip(u8, views)])
+    cu = [0] + np.cumsum(lengths).tolist()
+    got = token_histograms(tokens, views, cu, bins)
+    ref = HistogramFeaturizer(bins)
+    for i, (u, v) in enumerate(zip(u8, views)):
+        block = HISTOGRAM_VIEWS.index(v) * bins
+        np.testing.assert_allclose(got[cu[i]:cu[i + 1]].numpy(), ref(u, v)[:, block:block + bins], atol=1e-7)
+    with pytest.raises(ValueError, match="3 views for 4 series"):
+        token_histograms(tokens, views[:3], cu, bins)
+
+
+def test_intensity_target_is_kl_to_each_context_tokens_histogram(small):
+    _, batch, m = _batch_and_model(small, intensity_bins=16)
+    target, _ = teacher_targets(make_teacher(m.student), batch)
+    _, _, z, kl = m(batch, target)
+    hist = token_histograms(batch.packed.tokens, batch.views, batch.packed.cu, 16)[batch.ctx_idx]
+    q = torch.softmax(m.intensity_head(z), -1).detach()
+    expect = sum(float((h[h > 0] * (h[h > 0].log() - qq[h > 0].log())).sum()) for h, qq in zip(hist, q))
+    assert kl.item() == pytest.approx(expect, rel=1e-4) and kl.item() > 0
+    assert torch.allclose(hist.sum(-1), torch.ones(len(hist)))
+
+
+def test_intensity_target_changes_training_is_learned_and_logged(small, tmp_path):
+    _, cache, splits = small
+    d = cfg_dict(cache, splits, str(tmp_path / "it"), epochs=3)
+    d["optim"] = {"intensity_target": 1.0, "intensity_bins": 16, "lr": 3e-3}
+    pretrain(config_from_dict(d), progress=False)
+    d["optim"] = {"lr": 3e-3}
+    d["run"]["out"] = str(tmp_path / "plain")
+    pretrain(config_from_dict(d), progress=False)
+    with open(os.path.join(str(tmp_path / "it"), "metrics.csv")) as fh:
+        kl = [float(r["intensity_kl"]) for r in csv.DictReader(fh)]
+    assert len(kl) >= 6 and min(kl) > 0
+    assert np.mean(kl[-2:]) < 0.8 * np.mean(kl[:2])  # the head and the features learn the target
+    wi, _ = _weights(str(tmp_path / "it"))
+    wp, _ = _weights(str(tmp_path / "plain"))
+    assert any(k.startswith("intensity_head") for k in wi) and not any(k.startswith("intensity_head") for k in wp)
+    assert not all(torch.equal(wi[k], wp[k]) for k in wp if k.startswith("student"))
+    enc = load_encoder(os.path.join(str(tmp_path / "it"), "model"))  # the exported encoder has no head
+    assert not any("intensity" in k for k in enc.state_dict())
+    for bad in ({"intensity_target": -0.1}, {"intensity_bins": 1}, {"intensity_bins": 300}):
+        with pytest.raises(ConfigError, match="intensity"):
+            config_from_dict({"optim": bad})
+
+
 def test_resume_from_a_checkpoint_older_than_a_new_setting(small, tmp_path):
     """A checkpoint written before an optimiser setting existed resumes when the run keeps that
     setting's default, and is refused when the run changes it."""
@@ -410,11 +472,12 @@ def test_killed_run_resumes_to_the_same_weights(small, tmp_path):
 @pytest.mark.parametrize("var_cov", [0.0, 1.0])
 def test_ddp_two_processes_match_one(small, tmp_path, var_cov):
     # with the variance-covariance term the statistic must be taken over both ranks' tokens
-    # (one term, gathered), not averaged over per-rank terms, for the step to match
+    # (one term, gathered), not averaged over per-rank terms, for the step to match; the
+    # intensity target (on with the term) is a mean over both ranks' context tokens
     _, cache, splits = small
     d = cfg_dict(cache, splits, str(tmp_path / "unused"))
     d["data"]["tokens_per_batch"] = 100000
-    d["optim"] = {"var_cov": var_cov}
+    d["optim"] = {"var_cov": var_cov, "intensity_target": 0.5 * var_cov}
     cfg = write_cfg(tmp_path / "ddp.yaml", d)
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), OMP_NUM_THREADS="1")
     one = str(tmp_path / "one.safetensors")
@@ -428,6 +491,7 @@ def test_ddp_two_processes_match_one(small, tmp_path, var_cov):
     assert torch.allclose(a["loss"], b["loss"], rtol=1e-6)
     if var_cov:
         assert a["var_cov"].item() > 0 and torch.allclose(a["var_cov"], b["var_cov"], rtol=1e-5)
+        assert a["intensity_kl"].item() > 0 and torch.allclose(a["intensity_kl"], b["intensity_kl"], rtol=1e-5)
     for k in a:
         if k.startswith("grad."):
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), k

@@ -255,7 +255,7 @@ def pretrain_rate(studies, device, amp, steps: int) -> dict:
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             target, _ = teacher_targets(teacher, batch)
-            loss, _, _ = model(batch, target)
+            loss, *_ = model(batch, target)
         opt.zero_grad()
         (loss / target.shape[0]).backward()
         opt.step()

@@ -59,6 +59,11 @@ class OptimConfig:
     # token layer-normed over its channels (the reference); "instance" = each channel standardised
     # over the tokens of its series, so what every token shares carries no weight in the loss
     target_norm: str = "layer"
+    # weight of a label-free auxiliary target (pretrain/jepa.py): a linear head on the student's
+    # context features predicts each context token's own intensity histogram (intensity_bins bins
+    # of its uint8 view), scored by KL divergence; 0 = the reference's loss alone
+    intensity_target: float = 0.0
+    intensity_bins: int = 32
 
     def __post_init__(self) -> None:
         if not 0 <= self.warmup_frac < 1:
@@ -69,6 +74,10 @@ class OptimConfig:
             raise ValueError("learning rates must be non-negative")
         if self.var_cov < 0:
             raise ValueError(f"var_cov must be >= 0, got {self.var_cov}")
+        if self.intensity_target < 0:
+            raise ValueError(f"intensity_target must be >= 0, got {self.intensity_target}")
+        if not 2 <= self.intensity_bins <= 256:
+            raise ValueError(f"intensity_bins must be in 2..256, got {self.intensity_bins}")
         if self.target_norm not in TARGET_NORMS:
             raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {self.target_norm!r}")
 

@@ -38,7 +38,7 @@ from neurovfm.tokens.cache import TokenCache, schema_hash
 
 CSV_FIELDS = ["step", "epoch", "batch", "loss", "lr", "momentum", "grad_norm", "tokens", "targets",
               "tokens_per_s", "teacher_std", "erank", "cosine", "ct_mr_probe_acc", "attn_air", "tokens_air",
-              "attn_bone", "tokens_bone", "var_cov"]
+              "attn_bone", "tokens_bone", "var_cov", "intensity_kl"]
 
 
 class CollapseWarning(UserWarning):
@@ -129,7 +129,8 @@ class Pretrainer:
             raise CheckpointError("an epoch has no batches for some rank: too few studies for this world size")
         self.total = sum(self.plans_len)
         enc_cfg = cfg.model.encoder_config()
-        self.model = JEPA(enc_cfg, cfg.model.predictor_config()).to(self.device)
+        bins = cfg.optim.intensity_bins if cfg.optim.intensity_target > 0 else 0
+        self.model = JEPA(enc_cfg, cfg.model.predictor_config(), intensity_bins=bins).to(self.device)
         self.teacher = make_teacher(self.model.student).to(self.device)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.baseline: dict[str, float] = {}
@@ -281,11 +282,14 @@ class Pretrainer:
             target, h = teacher_targets(self.teacher, batch, cfg.optim.target_norm)
         n_global = global_count(int(target.shape[0]), self.device)
         with autocast(cfg, self.device):
-            loss_sum, pred, z = self.wrapped(batch, target)
+            loss_sum, pred, z, kl_sum = self.wrapped(batch, target)
         loss = loss_sum * (self.world / n_global)
         reg = variance_covariance(gather_tokens(z)) if cfg.optim.var_cov > 0 else None
         if reg is not None:
             loss = loss + cfg.optim.var_cov * reg
+        if kl_sum is not None:  # a mean over every rank's context tokens, as the JEPA loss over targets
+            n_ctx = global_count(int(batch.ctx_idx.numel()), self.device)
+            loss = loss + cfg.optim.intensity_target * kl_sum * (self.world / n_ctx)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
@@ -298,6 +302,11 @@ class Pretrainer:
                "tokens": batch.n_tokens, "targets": int(target.shape[0])}
         if reg is not None:
             out["var_cov"] = float(reg.detach())
+        if kl_sum is not None:
+            kl_report = kl_sum.detach().double()
+            if self.world > 1:
+                dist.all_reduce(kl_report)
+            out["intensity_kl"] = float(kl_report) / n_ctx
         self._collect_probe(h, batch)
         fsdp = self.world > 1 and cfg.run.distributed == "fsdp"  # teacher forwards are collective there
         if (self.step + 1) % cfg.run.monitor_every == 0 and (self.rank == 0 or fsdp):
