@@ -647,6 +647,23 @@ def _write_eval(folder: str, name: str, rng, y: np.ndarray, patients: list[str],
         json.dump({"config": {"bootstrap": 200, "seed": 0}, "models": {name: entry}}, fh)
 
 
+def test_seed_replication_refuses_another_variant_in_the_same_out(tmp_path):
+    """PRETRAIN_SET is kept in OUT/settings.json on the first run; a rerun into that OUT with another
+    variant, or an item that is not key=value, stops (exit 2) before any work."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "eval",
+                          "seed_replication.sh")
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "settings.json").write_text(json.dumps({"pretrain_set": "optim.var_cov=1"}) + "\n")
+    env = dict(os.environ, PYTHON=sys.executable, NEUROVFM_BIN="/nonexistent", PRETRAIN_SET="optim.intensity_target=1.0")
+    r = subprocess.run(["bash", script, str(tmp_path / "data"), str(out)], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "made with other settings" in r.stderr, r.stderr
+    assert not (tmp_path / "data").exists() and json.loads((out / "settings.json").read_text())["pretrain_set"] == "optim.var_cov=1"
+    env["PRETRAIN_SET"] = "optim.var_cov"
+    r = subprocess.run(["bash", script, str(tmp_path / "data"), str(tmp_path / "other")], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "must be key=value" in r.stderr, r.stderr
+
+
 def test_replication_record_assembles_what_the_replication_wrote(tmp_path):
     """seed_replication.sh's last steps on planted models: pooled.json from the real
     paired_from_predictions.py, then the record; pretrained seeds planted clearly better than their
@@ -693,6 +710,23 @@ def test_replication_record_assembles_what_the_replication_wrote(tmp_path):
     os.makedirs(os.path.join(out, "pt_s7"))  # a stray run folder is not one of the compared seeds
     r = subprocess.run([sys.executable, os.path.join(here, "replication_record.py"), out], capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["seeds"] == [0, 1], r.stderr
+    # a variant's replication: its PRETRAIN_SET in the command, each seed's optimiser settings kept
+    optim = {"var_cov": 0.0, "intensity_target": 1.0}
+    os.makedirs(os.path.join(out, "pt_s0", "model"))
+    json.dump({"training": {"config": {"optim": optim}}}, open(os.path.join(out, "pt_s0", "model", "provenance.json"), "w"))
+    json.dump({"pretrain_set": "optim.intensity_target=1.0"}, open(os.path.join(out, "settings.json"), "w"))
+    r = subprocess.run([sys.executable, os.path.join(here, "replication_record.py"), out, "--data", "A"],
+                       capture_output=True, text=True)
+    var = json.loads(r.stdout)
+    assert var["command"].startswith("PRETRAIN_SET='optim.intensity_target=1.0' bench/eval/seed_replication.sh A")
+    assert var["pretraining"]["seed0"]["optim"] == optim and "optim" not in var["pretraining"]["seed1"]
+    assert var["pretrain_set"] == "optim.intensity_target=1.0" and rec["pretrain_set"] == ""
+    for damage in ('{"pretrain_set": 3}', "{not json"):
+        with open(os.path.join(out, "settings.json"), "w") as fh:
+            fh.write(damage)
+        r = subprocess.run([sys.executable, os.path.join(here, "replication_record.py"), out], capture_output=True, text=True)
+        assert r.returncode != 0 and "settings.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    os.remove(os.path.join(out, "settings.json"))
     bad = os.path.join(out, "eval_random_s1", "metrics.json")
     for damage in ("[1, 2]", "{not json", None):  # wrong shape, corrupt, missing: the file is named
         if damage is None:

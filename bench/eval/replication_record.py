@@ -6,6 +6,10 @@ AUROC with its patient-bootstrap interval, head and headline ECE (OUT/eval_*/met
 every comparison of OUT/pooled.json with the decision rule's verdict per modality.
 
     python bench/eval/replication_record.py OUT [--data DATA] [--out RECORD.json]
+
+A replication of a pretraining variant (OUT/settings.json with a non-empty PRETRAIN_SET) is recorded
+with that setting in its command, and every seed's summary carries the optimiser settings its model
+was trained with (from the model folder's provenance), so a record says which loss it measured.
 """
 
 from __future__ import annotations
@@ -71,6 +75,13 @@ def _json(path: str):
         return json.load(fh)
 
 
+def _optim_of(provenance: str) -> dict:
+    """{"optim": the optimiser settings the model was trained with}, or {} without a model folder."""
+    if not os.path.exists(provenance):
+        return {}
+    return {"optim": _named(provenance, lambda p: _json(p)["training"]["config"]["optim"])}
+
+
 def build(out_dir: str, data: str = "DATA") -> dict:
     pooled = _named(os.path.join(out_dir, "pooled.json"), _json)
     if not isinstance(pooled, dict) or not isinstance(pooled.get("comparisons"), dict):
@@ -83,17 +94,24 @@ def build(out_dir: str, data: str = "DATA") -> dict:
     models: dict = {}
     for name in ["histogram", *(f"{k}_s{s}" for s in seeds for k in ("ref", "random"))]:
         models.update(_named(os.path.join(out_dir, f"eval_{name}", "metrics.json"), model_summary))
+    settings_path = os.path.join(out_dir, "settings.json")
+    settings = _named(settings_path, _json) if os.path.exists(settings_path) else {"pretrain_set": ""}
+    if not isinstance(settings, dict) or not isinstance(settings.get("pretrain_set"), str):
+        raise ValueError(f"{settings_path}: not seed_replication.sh settings")
+    env = f"PRETRAIN_SET='{settings['pretrain_set']}' " if settings["pretrain_set"] else ""
     verdicts = {key: {mod: r["verdict"] for mod, r in comp.items()}
                 for key, comp in pooled["comparisons"].items() if key in pooled_keys}
     return {
-        "command": f"bench/eval/seed_replication.sh {data} OUT \"{' '.join(map(str, seeds))}\"; "
+        "command": f"{env}bench/eval/seed_replication.sh {data} OUT \"{' '.join(map(str, seeds))}\"; "
                    "python bench/eval/replication_record.py OUT",
         "protocol": "fixed before the first result (header of bench/eval/seed_replication.sh): per modality, mean "
                     "test macro AUROC of the pretrained seeds minus that of the random-init seeds; pretraining "
                     "helps only if both the patient-bootstrap and the seed-level t interval lie above zero",
         "seeds": seeds,
+        "pretrain_set": settings["pretrain_set"],
         "verdict": verdicts,
-        "pretraining": {f"seed{s}": _named(os.path.join(out_dir, f"pt_s{s}", "metrics.csv"), pretraining_summary)
+        "pretraining": {f"seed{s}": {**_named(os.path.join(out_dir, f"pt_s{s}", "metrics.csv"), pretraining_summary),
+                                     **_optim_of(os.path.join(out_dir, f"pt_s{s}", "model", "provenance.json"))}
                         for s in seeds},
         "models": models,
         "comparisons": pooled["comparisons"],

@@ -15,6 +15,15 @@
 # Per-seed pairs and pretrained-minus-histogram are secondary. pooled.json carries the rule's answer
 # per modality as "verdict" ("A better" = pretraining helps; eval.metrics.replication_verdict).
 #
+# PRETRAIN_SET="key=value ..." passes each item as `--set key=value` to every pretraining run (a
+# variant of the recorded config, e.g. PRETRAIN_SET="optim.intensity_target=1.0"); the random-init
+# twins and the histogram do not depend on it, so their folders may be linked in from an earlier OUT
+# (eval_random_sS, feat_random_sS, random_sS, feat_hist, eval_histogram) and are then not redone.
+# OUT/settings.json keeps PRETRAIN_SET; a rerun into that OUT with another PRETRAIN_SET is refused.
+# Each pretrained model folder receives its heads, calibration and thresholds (`evaluate
+# --save-model`), ready for `neurovfm analyze` and `neurovfm pointing`. THREADS (default 1) threads
+# per process.
+#
 # Every step is skipped when its output exists and pretraining runs in resumable chunks, so a
 # killed run continues where it stopped when started again. One lane of one thread per seed, at
 # most LANES=3 (more lanes than cores share them); about 4-5 hours on 2 cores for three seeds
@@ -25,10 +34,23 @@ SEEDS=${3:-0 1 2}
 LANES=${LANES:-3}; [[ "$LANES" =~ ^[1-9][0-9]*$ ]] || { echo "LANES must be a whole number >= 1, not '$LANES'" >&2; exit 2; }
 here=${NEUROVFM_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}; cd "$here"  # NEUROVFM_ROOT: run a copy of this file
 B=${NEUROVFM_BIN:-$here/.venv/bin/neurovfm}; PY=${PYTHON:-$here/.venv/bin/python}
-export NEUROVFM_SITE_SECRET=${NEUROVFM_SITE_SECRET:-bench-secret} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+THREADS=${THREADS:-1}; [[ "$THREADS" =~ ^[1-9][0-9]*$ ]] || { echo "THREADS must be a whole number >= 1, not '$THREADS'" >&2; exit 2; }
+export NEUROVFM_SITE_SECRET=${NEUROVFM_SITE_SECRET:-bench-secret} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=$THREADS
+PRETRAIN_SET=${PRETRAIN_SET:-}; read -r -a sets <<< "$PRETRAIN_SET"; extra=()
+for kv in "${sets[@]}"; do
+  [[ "$kv" == *=* ]] || { echo "PRETRAIN_SET items must be key=value, not '$kv'" >&2; exit 2; }
+  extra+=(--set "$kv")
+done
 C=$DATA/cache; L=$DATA/keyed/labels_keyed.csv
 export NEUROVFM_CACHE=$C NEUROVFM_SPLITS=$L
 mkdir -p "$OUT"
+settings=$("$PY" -c 'import json, sys; print(json.dumps({"pretrain_set": sys.argv[1]}))' "$PRETRAIN_SET")
+if [ -e "$OUT/settings.json" ]; then
+  [ "$(cat "$OUT/settings.json")" = "$settings" ] || {
+    echo "$OUT was made with other settings ($(cat "$OUT/settings.json")), not $settings: use another OUT" >&2; exit 2; }
+else
+  echo "$settings" > "$OUT/settings.json"
+fi
 step() { echo "$(date -u +%FT%TZ) $*"; }
 if [ ! -e "$L" ]; then
   step archive
@@ -37,17 +59,17 @@ if [ ! -e "$L" ]; then
   "$B" rekey "$DATA/archive" --out "$DATA/keyed" || exit 1
 fi
 pretrain() { scripts/pretrain_in_chunks.sh configs/pretrain_tiny_cpu.yaml "$OUT/pt_s$1" 300 --set run.seed="$1" \
-             >> "$OUT/pt_s$1.log" 2>&1; }
+             "${extra[@]}" >> "$OUT/pt_s$1.log" 2>&1; }
 embed() { [ -e "$3/.done" ] || { "$B" embed "$1" "$C" "$3" --splits-csv "$L" --quiet > "$2" 2>&1 && touch "$3/.done"; }; }
 evaluate() { [ -e "$OUT/eval_$1/metrics.json" ] || "$B" evaluate --features "$1=$2" --labels "$L" --cache "$C" \
-             --out "$OUT/eval_$1" --head auto --head-seeds 5 --quiet > "$OUT/eval_$1.log" 2>&1; }
+             --out "$OUT/eval_$1" --head auto --head-seeds 5 ${3:+--save-model "$3"} --quiet > "$OUT/eval_$1.log" 2>&1; }
 lane() {  # pretrain, embed and evaluate the given seeds in turn
   for s in "$@"; do
     step "pretrain seed $s"; pretrain "$s" || return 1
     embed "$OUT/pt_s$s/model" "$OUT/embed_ref_s$s.log" "$OUT/feat_ref_s$s" || return 1
     [ -e "$OUT/random_s$s/encoder.safetensors" ] || "$B" init-model "$OUT/random_s$s" --size tiny --seed "$s" || return 1
     embed "$OUT/random_s$s" "$OUT/embed_random_s$s.log" "$OUT/feat_random_s$s" || return 1
-    step "evaluate seed $s"; evaluate "ref_s$s" "$OUT/feat_ref_s$s"; evaluate "random_s$s" "$OUT/feat_random_s$s"
+    step "evaluate seed $s"; evaluate "ref_s$s" "$OUT/feat_ref_s$s" "$OUT/pt_s$s/model"; evaluate "random_s$s" "$OUT/feat_random_s$s"
   done
 }
 read -r -a all <<< "$SEEDS"
