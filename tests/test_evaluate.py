@@ -662,6 +662,9 @@ def test_seed_replication_refuses_another_variant_in_the_same_out(tmp_path):
     env["PRETRAIN_SET"] = "optim.var_cov"
     r = subprocess.run(["bash", script, str(tmp_path / "data"), str(tmp_path / "other")], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "must be key=value" in r.stderr, r.stderr
+    env.update(PRETRAIN_SET="", PYTHON=str(tmp_path / "no-python"))  # no settings written without a python
+    r = subprocess.run(["bash", script, str(tmp_path / "data"), str(tmp_path / "other")], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "set PYTHON" in r.stderr and not (tmp_path / "other" / "settings.json").exists(), r.stderr
 
 
 def test_replication_record_assembles_what_the_replication_wrote(tmp_path):

@@ -44,7 +44,8 @@ done
 C=$DATA/cache; L=$DATA/keyed/labels_keyed.csv
 export NEUROVFM_CACHE=$C NEUROVFM_SPLITS=$L
 mkdir -p "$OUT"
-settings=$("$PY" -c 'import json, sys; print(json.dumps({"pretrain_set": sys.argv[1]}))' "$PRETRAIN_SET")
+settings=$("$PY" -c 'import json, sys; print(json.dumps({"pretrain_set": sys.argv[1]}))' "$PRETRAIN_SET") \
+  || { echo "cannot run $PY (set PYTHON)" >&2; exit 2; }
 if [ -e "$OUT/settings.json" ]; then
   [ "$(cat "$OUT/settings.json")" = "$settings" ] || {
     echo "$OUT was made with other settings ($(cat "$OUT/settings.json")), not $settings: use another OUT" >&2; exit 2; }
