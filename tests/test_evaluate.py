@@ -716,8 +716,10 @@ def test_replication_record_assembles_what_the_replication_wrote(tmp_path):
     # a variant's replication: its PRETRAIN_SET in the command, each seed's optimiser settings kept
     optim = {"var_cov": 0.0, "intensity_target": 1.0}
     os.makedirs(os.path.join(out, "pt_s0", "model"))
-    json.dump({"training": {"config": {"optim": optim}}}, open(os.path.join(out, "pt_s0", "model", "provenance.json"), "w"))
-    json.dump({"pretrain_set": "optim.intensity_target=1.0"}, open(os.path.join(out, "settings.json"), "w"))
+    with open(os.path.join(out, "pt_s0", "model", "provenance.json"), "w") as fh:
+        json.dump({"training": {"config": {"optim": optim}}}, fh)
+    with open(os.path.join(out, "settings.json"), "w") as fh:
+        json.dump({"pretrain_set": "optim.intensity_target=1.0"}, fh)
     r = subprocess.run([sys.executable, os.path.join(here, "replication_record.py"), out, "--data", "A"],
                        capture_output=True, text=True)
     var = json.loads(r.stdout)

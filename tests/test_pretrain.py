@@ -27,10 +27,10 @@ from neurovfm.pretrain.data import (BatchLoader, DataConfig, DataConfigError, _a
                                     series_rng)
 from neurovfm.pretrain.jepa import (COVARIANCE_SHARE, JEPA, make_teacher, series_standardise, teacher_targets,
                                    token_histograms, variance_covariance)
-from neurovfm.probe.embed import HISTOGRAM_VIEWS, HistogramFeaturizer
-from neurovfm.tokens.normalize import normalize
 from neurovfm.pretrain.loop import Pretrainer, lr_at, momentum_at, pretrain
 from neurovfm.pretrain.masks import MaskConfig, make_mask, tube_target
+from neurovfm.probe.embed import HISTOGRAM_VIEWS, HistogramFeaturizer
+from neurovfm.tokens.normalize import VIEW_STATS, normalize, to_uint8
 
 sys.path.insert(0, os.path.dirname(__file__))
 from pretrain_support import SPECS, build_small_cache  # noqa: E402
@@ -337,10 +337,17 @@ def test_token_histograms_match_the_histogram_baseline(bins):
         token_histograms(tokens, views[:3], cu, bins)
 
 
+@pytest.mark.parametrize("view", sorted(VIEW_STATS))
+def test_to_uint8_inverts_normalize_exactly(view):
+    u8 = np.arange(256, dtype=np.uint8)
+    assert torch.equal(to_uint8(normalize(u8, view), view), torch.arange(256))
+
+
 def test_intensity_target_is_kl_to_each_context_tokens_histogram(small):
     _, batch, m = _batch_and_model(small, intensity_bins=16)
     target, _ = teacher_targets(make_teacher(m.student), batch)
     _, _, z, kl = m(batch, target)
+    # the histograms of the context tokens, binned from all tokens of each series (the same values)
     hist = token_histograms(batch.packed.tokens, batch.views, batch.packed.cu, 16)[batch.ctx_idx]
     q = torch.softmax(m.intensity_head(z), -1).detach()
     expect = sum(float((h[h > 0] * (h[h > 0].log() - qq[h > 0].log())).sum()) for h, qq in zip(hist, q))

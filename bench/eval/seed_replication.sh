@@ -50,7 +50,7 @@ if [ -e "$OUT/settings.json" ]; then
   [ "$(cat "$OUT/settings.json")" = "$settings" ] || {
     echo "$OUT was made with other settings ($(cat "$OUT/settings.json")), not $settings: use another OUT" >&2; exit 2; }
 else
-  echo "$settings" > "$OUT/settings.json"
+  echo "$settings" > "$OUT/settings.json.tmp" && mv "$OUT/settings.json.tmp" "$OUT/settings.json"
 fi
 step() { echo "$(date -u +%FT%TZ) $*"; }
 if [ ! -e "$L" ]; then

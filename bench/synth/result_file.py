@@ -4,8 +4,10 @@ way everywhere, with its name and what is missing, instead of a KeyError from de
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 
 MODS = ("CT", "MR")
 
@@ -64,9 +66,6 @@ def files_main(script: str, doc: str, files_help: str, compute, report) -> int:
     """The command line of a script that collects result files into one record: ``FILES ... [--variant V]
     --out RECORD``. ``compute(files, variant)`` builds the record (a ResultFileError refuses the run by
     name, exit 2, nothing written); ``report(record)`` prints it; the record keeps the command that made it."""
-    import argparse
-    import sys
-
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("files", nargs="+", help=files_help)
     ap.add_argument("--variant", default="cnn_mask_aux", help="which result of the files: cnn or cnn_mask_aux")

@@ -41,7 +41,7 @@ from neurovfm.models.encoder import Encoder
 from neurovfm.models.packing import Packed
 from neurovfm.models.predictor import Predictor
 from neurovfm.pretrain.data import JEPABatch
-from neurovfm.tokens.normalize import stats_for
+from neurovfm.tokens.normalize import to_uint8
 
 
 class JEPA(nn.Module):
@@ -67,7 +67,7 @@ class JEPA(nn.Module):
         per_token = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)
         kl = None
         if self.intensity_bins:
-            hist = token_histograms(p.tokens, batch.views, p.cu, self.intensity_bins)[batch.ctx_idx]
+            hist = token_histograms(ctx.tokens, batch.views, batch.cu_ctx, self.intensity_bins)
             logq = F.log_softmax(self.intensity_head(z).float(), dim=-1)
             kl = F.kl_div(logq, hist, reduction="sum")
         return per_token.sum(), pred, z, kl
@@ -83,10 +83,7 @@ def token_histograms(tokens: torch.Tensor, views: list[str], cu: list[int], bins
     if not 2 <= bins <= 256:
         raise ValueError(f"intensity bins must be in 2..256, not {bins}")
     with torch.no_grad():
-        lengths = torch.diff(torch.as_tensor(cu))
-        stats = torch.tensor([stats_for(v) for v in views], dtype=torch.float32, device=tokens.device)
-        per = torch.repeat_interleave(stats, lengths.to(tokens.device), dim=0)  # [N, 2] mean, std
-        u8 = torch.round((tokens.float() * per[:, 1:] + per[:, :1]) * 255.0).clamp_(0, 255).long()
+        u8 = torch.cat([to_uint8(tokens[a:b], v) for v, a, b in zip(views, cu[:-1], cu[1:])])
         idx = (u8 * bins) >> 8
         out = torch.zeros(tokens.shape[0], bins, dtype=torch.float32, device=tokens.device)
         out.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))

@@ -29,6 +29,13 @@ def normalize(tokens_u8: np.ndarray | torch.Tensor, view: str) -> torch.Tensor:
     return (t.to(torch.float32) / 255.0 - mean) / std
 
 
+def to_uint8(tokens: torch.Tensor, view: str) -> torch.Tensor:
+    """The inverse of ``normalize``: z-scored tokens -> the uint8 view levels they came from (int64,
+    rounded, so float error never moves a level)."""
+    mean, std = stats_for(view)
+    return torch.round((tokens.float() * std + mean) * 255.0).clamp_(0, 255).long()
+
+
 def view_of(modality: str, window: str | None) -> str:
     """The statistics key of a series view: the CT window name, or ``mr``."""
     return window if modality == "CT" and window else "mr"
