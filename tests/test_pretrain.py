@@ -358,15 +358,20 @@ def test_intensity_target_is_kl_to_each_context_tokens_histogram(small):
 def test_intensity_target_changes_training_is_learned_and_logged(small, tmp_path):
     _, cache, splits = small
     d = cfg_dict(cache, splits, str(tmp_path / "it"), epochs=3)
-    d["optim"] = {"intensity_target": 1.0, "intensity_bins": 16, "lr": 3e-3}
+    d["optim"] = {"intensity_target": 1.0, "intensity_bins": 16, "lr": 1e-3}
     pretrain(config_from_dict(d), progress=False)
-    d["optim"] = {"lr": 3e-3}
+    d["optim"] = {"lr": 1e-3}
     d["run"]["out"] = str(tmp_path / "plain")
     pretrain(config_from_dict(d), progress=False)
     with open(os.path.join(str(tmp_path / "it"), "metrics.csv")) as fh:
-        kl = [float(r["intensity_kl"]) for r in csv.DictReader(fh)]
+        rows = [(int(r["epoch"]), float(r["intensity_kl"])) for r in csv.DictReader(fh)]
+    kl = [v for _, v in rows]
     assert len(kl) >= 6 and min(kl) > 0
-    assert np.mean(kl[-2:]) < 0.8 * np.mean(kl[:2])  # the head and the features learn the target
+    # the head and the features learn the target: later epochs (the same studies, other masks) score a
+    # much lower KL than the first; per-step values vary with the batch, so epochs are compared
+    first = np.mean([v for e, v in rows if e == 0])
+    later = np.mean([v for e, v in rows if e >= 2])
+    assert later < 0.75 * first, (first, later)
     wi, _ = _weights(str(tmp_path / "it"))
     wp, _ = _weights(str(tmp_path / "plain"))
     assert any(k.startswith("intensity_head") for k in wi) and not any(k.startswith("intensity_head") for k in wp)
