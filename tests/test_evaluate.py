@@ -744,3 +744,69 @@ def test_replication_record_assembles_what_the_replication_wrote(tmp_path):
         assert r.returncode != 0 and "not a finished seed replication" in r.stderr and bad in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         assert json.load(open(rec_path)) == rec  # the record written before is left as it was
+
+
+# -- lesion masks of training studies as a token term (--token-masks) ------------------------------------
+def test_token_targets_follow_the_archive_masks_and_stay_on_train(world):
+    """Every training study's targets are row-aligned with its bag; a token is a lesion token of a
+    label only where its mask code is a lesion and the study carries that label; validation and
+    test studies get none; another site secret joins nothing."""
+    import nibabel as nib
+
+    from neurovfm.eval.anatomy import token_codes
+    from neurovfm.probe.token_targets import TokenTargetError, read_study_masks, token_targets
+
+    arch = str(world["root"] / "archive")
+    keyer = Keyer(b"evaluate-test")
+    fs = FeatureStore(world["feats"]["a"])
+    masks = read_study_masks(arch, keyer)
+    cache = TokenCache(world["cache"])
+    lesion_rows = 0
+    for mod in ("CT", "MR"):
+        table = read_study_table(world["labels"], mod, studies=set(fs.studies()))
+        t = token_targets(fs, world["cache"], arch, table.study_keys, table.labels, keyer=keyer)
+        assert len(t) == len(table.study_keys)
+        for i, (k, ti) in enumerate(zip(table.study_keys, t)):
+            if table.splits[i] != "train":
+                assert ti is None
+                continue
+            assert ti.shape == (len(fs.bag(k)), len(table.labels))
+            # a label's lesion tokens only in studies that carry the label
+            assert np.all(table.y[i][ti.any(0)] == 1), (mod, k)
+            # the rows with any target are exactly the tokens whose mask code is a lesion with a
+            # finding in this modality (a painted lesion may have no label here: e.g. not seen on CT)
+            codes = np.concatenate([token_codes(cache.get(v.series_key).grid_affine_array, v.coords,
+                                                nib.load(masks[k].masks[v.series_key]))[1]
+                                    for v in fs.bag_views(k)])
+            np.testing.assert_array_equal(ti.any(1), (codes > 0) & np.isin(codes, list(masks[k].lesion_labels)))
+            lesion_rows += int(ti.any(1).sum())
+    cache.close()
+    assert lesion_rows > 0
+    with pytest.raises(TokenTargetError, match="none of the"):
+        token_targets(fs, world["cache"], arch, fs.studies(), ["x"], keyer=Keyer(b"another-secret"))
+    with pytest.raises(TokenTargetError, match="records.jsonl"):
+        read_study_masks(str(world["root"]), keyer)
+
+
+def test_cli_token_masks_train_heads_and_say_what_they_saw(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROVFM_SITE_SECRET", "evaluate-test")
+    arch = str(world["root"] / "archive")
+    base = ["evaluate", "--features", f"a={world['feats']['a']}", "--labels", world["labels"], "--epochs", "3",
+            "--bootstrap", "100", "--min-test-positives", "1", "--quiet", "--modalities", "MR"]
+    assert cli_main(base + ["--out", str(tmp_path / "x"), "--token-masks", arch]) == 2  # no --cache
+    assert cli_main(base + ["--out", str(tmp_path / "plain"), "--cache", world["cache"]]) == 0
+    assert cli_main(base + ["--out", str(tmp_path / "masked"), "--cache", world["cache"], "--token-masks", arch,
+                            "--token-weight", "2"]) == 0
+    plain = json.load(open(tmp_path / "plain" / "metrics.json"))
+    masked = json.load(open(tmp_path / "masked" / "metrics.json"))
+    assert masked["config"]["token_masks"] == arch and masked["config"]["train"]["token_weight"] == 2.0
+    ts = masked["models"]["a"]["MR"]["token_supervision"]
+    table = read_study_table(world["labels"], "MR", studies=set(FeatureStore(world["feats"]["a"]).studies()))
+    assert ts["train_studies"] == ts["train_studies_with_masks"] == len(table.index("train"))
+    assert sum(ts["lesion_tokens_per_label"].values()) > 0
+    assert "token_supervision" not in plain["models"]["a"]["MR"]
+    # the token term trained the head: same seed, other test predictions
+    p0 = [r for r in csv.DictReader(open(tmp_path / "plain" / "predictions.csv"))]
+    p1 = [r for r in csv.DictReader(open(tmp_path / "masked" / "predictions.csv"))]
+    assert [(r["study"], r["label"]) for r in p0] == [(r["study"], r["label"]) for r in p1]
+    assert [r["prob_raw"] for r in p0] != [r["prob_raw"] for r in p1]

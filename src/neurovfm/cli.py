@@ -175,6 +175,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         raise ValueError("--cnn-point-sampled prepares the CNN baseline's inputs: it needs --cnn-baseline")
     if a.cnn_inplane_mm != 3.0 and not a.cnn_baseline:
         raise ValueError("--cnn-inplane-mm is the CNN baseline's grid: it needs --cnn-baseline")
+    if a.token_masks and not a.cache:
+        raise ValueError("--token-masks maps lesion masks onto the token grid: it needs --cache")
     feats = _named_features(a.features)
     names = {}
     if a.ct_labels:
@@ -183,7 +185,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         names["MR"] = read_label_names(a.mr_labels)
     cfg = EvalConfig(head=_head_config(a, "gated" if a.head == "auto" else a.head),
                      head_auto=a.head == "auto",
-                     train=HeadTrainConfig(epochs=a.epochs, seed=a.seed),
+                     train=HeadTrainConfig(epochs=a.epochs, seed=a.seed, token_weight=a.token_weight),
+                     token_masks=a.token_masks,
                      calibration=a.calibration, target_sensitivity=a.target_sensitivity,
                      min_test_positives=a.min_test_positives, bootstrap=a.bootstrap, seed=a.seed,
                      modalities=a.modalities.split(","), comparator_flag_rate=a.comparator_flag_rate,
@@ -441,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--comparator-name")
     s.add_argument("--modalities", default="CT,MR")
     s.add_argument("--save-model", help="model folder to save the first model's heads, calibration and thresholds into")
+    s.add_argument("--token-masks", metavar="ARCHIVE",
+                   help="lesion masks of training studies (a folder in the synthetic archive's layout: records.jsonl "
+                        "+ masks; needs --cache): the heads also learn which tokens show each finding; validation "
+                        "and test never see a mask")
+    s.add_argument("--token-weight", type=float, default=1.0, help="weight of that token term (with --token-masks)")
     s.add_argument("--cnn-baseline", action="store_true",
                    help="also train the end-to-end 3-D CNN baseline on the scans (needs --cache), reported as cnn3d")
     s.add_argument("--cnn-epochs", type=int, default=100,  # = probe.cnn3d.CNNConfig.epochs (no torch import here)

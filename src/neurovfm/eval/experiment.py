@@ -25,6 +25,7 @@ from neurovfm.eval.data import StudyTable, add_series_meta, read_study_table
 from neurovfm.probe.cnn3d import CNNConfig
 from neurovfm.probe.embed import FeatureStore, encoder_id
 from neurovfm.probe.heads import HEADS, HeadConfig, HeadEnsemble
+from neurovfm.probe.token_targets import token_targets
 from neurovfm.probe.train import (HeadTrainConfig, fit_ensemble, fit_head, predict, predict_members, save_head,
                                    val_macro_auroc)
 from neurovfm.pretrain.data import KIND_SOFT
@@ -61,6 +62,7 @@ class EvalConfig:
     ood_components: int = 16  # distance-to-training model saved with --save-model
     ood_quantile: float = 0.99
     cnn: CNNConfig | None = None  # also fit the end-to-end 3-D CNN baseline (needs the cache)
+    token_masks: str | None = None  # lesion masks of training studies (records.jsonl layout): a token term
 
     def __post_init__(self) -> None:
         if self.calibration not in cal.CALIBRATIONS:
@@ -89,6 +91,7 @@ class ModalityRun:
     calibrator: Any
     head_cfg: HeadConfig | None = None  # the head kind used (chosen on validation with --head auto)
     member_logits_test: np.ndarray | None = None  # [members, N, C] of a head ensemble (seed spread)
+    token_supervision: dict[str, Any] | None = None  # what the token term saw (--token-masks)
 
     @property
     def scores_test(self) -> np.ndarray:
@@ -101,12 +104,23 @@ def _bags(store: FeatureStore, keys: list[str], windows: list[str] | None) -> li
     return [store.bag(k, windows, dtype=np.float32) for k in keys]
 
 
-def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalConfig) -> ModalityRun:
+def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalConfig,
+                 cache_dir: str | None = None) -> ModalityRun:
     tr, va, te = (table.index(s) for s in ("train", "val", "test"))
     for s, idx in (("train", tr), ("val", va), ("test", te)):
         if len(idx) == 0:
             raise EvaluationError(f"{table.modality}: no {s} studies with features")
     bags = _bags(store, table.study_keys, cfg.ct_windows)
+    targets, supervision = None, None
+    if cfg.token_masks:  # training studies only: validation and test never see a mask
+        if not cache_dir:
+            raise EvaluationError("--token-masks maps lesion masks onto the token grid: give --cache")
+        targets = token_targets(store, cache_dir, cfg.token_masks, [table.study_keys[i] for i in tr], table.labels,
+                                cfg.ct_windows)
+        supervision = {"train_studies_with_masks": sum(t is not None for t in targets),
+                       "train_studies": len(tr), "weight": cfg.train.token_weight,
+                       "lesion_tokens_per_label": {lab: int(sum(int(t[:, j].sum()) for t in targets if t is not None))
+                                                   for j, lab in enumerate(table.labels)}}
     head_cfg, head, history = None, None, []
     # "auto": every head kind is fitted and the one with the best *validation* macro AUROC kept,
     # so each feature set is judged with its own best head and the test split never chooses
@@ -116,7 +130,7 @@ def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalCon
     best = -np.inf
     for kind in kinds:
         hc = replace(cfg.head, kind=kind, ensemble=1)
-        h, hist = fit_head(train_b, table.y[tr], val_b, table.y[va], cfg.train, head_cfg=hc)
+        h, hist = fit_head(train_b, table.y[tr], val_b, table.y[va], cfg.train, head_cfg=hc, token_targets=targets)
         score = max((r["val_macro_auroc"] for r in hist if np.isfinite(r["val_macro_auroc"])), default=-np.inf)
         if head is None or score > best:
             best, head_cfg, head, history = score, hc, h, hist
@@ -124,7 +138,7 @@ def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalCon
     if cfg.head.ensemble > 1:
         head_cfg = replace(head_cfg, ensemble=cfg.head.ensemble)
         head, history = fit_ensemble(train_b, table.y[tr], val_b, table.y[va], cfg.train, head_cfg,
-                                     first=(head, history))
+                                     first=(head, history), token_targets=targets)
     lv, _ = predict(head, val_b)
     if isinstance(head, HeadEnsemble):  # each member predicts the test bags once
         lt, attn, member_logits = predict_members(head, test_b)
@@ -137,6 +151,7 @@ def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalCon
         nonbrain.append(float(a[kinds != KIND_SOFT].sum(0).mean()))
     run = _calibrated_run(name, table, lv, lt, np.array(nonbrain), history, head, head_cfg, cfg)
     run.member_logits_test = member_logits
+    run.token_supervision = supervision
     return run
 
 
@@ -396,7 +411,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
             add_series_meta(table, cache_dir)
         runs: dict[str, ModalityRun] = {}
         for name, store in tqdm(stores.items(), desc=f"heads {mod}", disable=not progress):
-            runs[name] = fit_modality(name, store, table, cfg)
+            runs[name] = fit_modality(name, store, table, cfg, cache_dir)
         if cfg.cnn is not None:
             runs[CNN_NAME] = fit_cnn_modality(table, cache_dir, cfg, progress)
         headline = headline_labels(runs[first], cfg.min_test_positives)
@@ -409,6 +424,8 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
                      "test_studies": int(len(run.test_idx)), "history": run.history,
                      "attention_on_nonbrain_tokens": _finite(float(np.mean(run.attn_nonbrain))),
                      "triage": triage_summary(run, cfg), "breakdowns": breakdowns(run, headline) if headline else {}}
+            if run.token_supervision is not None:
+                entry["token_supervision"] = run.token_supervision
             if headline:
                 boot = bootstrap_macro(run, headline, cfg)
                 entry["macro_auroc"] = boot["macro"]

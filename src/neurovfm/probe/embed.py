@@ -391,20 +391,21 @@ class FeatureStore:
     def modality(self, study_key: str) -> str:
         return self.by_study[study_key][0].modality
 
-    def bag(self, study_key: str, views: list[str] | None = None, dtype=np.float32) -> np.ndarray:
-        """Every token of every series (view) of a study, [n, dim]."""
+    def bag_views(self, study_key: str, views: list[str] | None = None) -> list[ViewFeatures]:
+        """The series views a study's bag is made of, in bag order (CT: only ``views`` if given)."""
         try:
             vs = self.by_study[study_key]
         except KeyError:
             raise FeatureStoreError(f"{self.root}: no features for study {study_key[:12]}…") from None
         if views is not None:
             vs = [v for v in vs if v.view in views or v.modality != "CT"]
-        return np.concatenate([np.asarray(v.feats, dtype) for v in vs])
+        return vs
+
+    def bag(self, study_key: str, views: list[str] | None = None, dtype=np.float32) -> np.ndarray:
+        """Every token of every series (view) of a study, [n, dim]."""
+        return np.concatenate([np.asarray(v.feats, dtype) for v in self.bag_views(study_key, views)])
 
     def bag_kinds(self, study_key: str, views: list[str] | None = None) -> np.ndarray:
-        vs = self.by_study[study_key]
-        if views is not None:
-            vs = [v for v in vs if v.view in views or v.modality != "CT"]
-        return np.concatenate([np.asarray(v.kinds) for v in vs])
+        return np.concatenate([np.asarray(v.kinds) for v in self.bag_views(study_key, views)])
 
 

@@ -298,6 +298,19 @@ def token_contributions(head: nn.Module, feats: torch.Tensor, cu: torch.Tensor) 
     raise TypeError(f"no token decomposition for {type(head).__name__}")
 
 
+def token_logits(head: nn.Module, feats: torch.Tensor) -> torch.Tensor | None:
+    """[T, C] each token's own class logits, the quantity a token-level (lesion mask) target
+    supervises: gated and topk: the token MLP; abmil: each class's classifier applied to the token
+    alone. None for ``mean``, whose classifier reads the normalised mean of a study, not tokens."""
+    if isinstance(head, (GatedAttentionHead, TopKHead)):
+        return head.mlp(head.norm(head.pre(feats)))
+    if isinstance(head, ABMILHead):
+        return head.norm(head.pre(feats)) @ head.weight.T + head.bias
+    if isinstance(head, MeanPoolHead):
+        return None
+    raise TypeError(f"no token logits for {type(head).__name__}")
+
+
 def contribution_bias(head: nn.Module) -> torch.Tensor:
     """[C] the part of every logit no token carries (see ``token_contributions``)."""
     if isinstance(head, HeadEnsemble):

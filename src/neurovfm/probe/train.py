@@ -2,6 +2,12 @@
 weights (class imbalance), unknown labels (NaN) masked out, AdamW, and model selection and early
 stopping on the *validation* macro AUROC only. Heads are saved into the model folder
 (``<name>.safetensors`` + a ``heads`` section in ``config.json``), never pickled.
+
+Where some training studies have lesion masks (``probe.token_targets``), a token term joins the
+study loss with weight ``token_weight`` (see :func:`token_loss`): the head's own token logits
+learn lesion vs other tokens, and its attention learns to put a positive study's mass on the
+lesion. Studies without masks train on their labels alone; model selection stays on validation
+study labels.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 from neurovfm.eval.metrics import auroc
 from neurovfm.models.folder import (FORMAT, FORMAT_VERSION, ModelFolderError, load_state, read_config, save_tensors,
                                     update_config, write_json)
-from neurovfm.probe.heads import HeadConfig, HeadEnsemble, build_head, head_input_dim
+from neurovfm.probe.heads import HeadConfig, HeadEnsemble, build_head, head_input_dim, study_index, token_logits
 
 
 @dataclass
@@ -33,10 +39,13 @@ class HeadTrainConfig:
     pos_weight_max: float = 50.0
     seed: int = 0
     threads: int = 1  # heads are small: one intra-op thread is fastest, and by far on a busy CPU
+    token_weight: float = 1.0  # weight of the token term when lesion masks are given (token_targets)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.max_tokens < 1:
             raise ValueError("epochs, batch_size and max_tokens must be positive")
+        if not self.token_weight >= 0:
+            raise ValueError(f"token_weight must be >= 0, not {self.token_weight}")
 
 
 Bag = np.ndarray | torch.Tensor
@@ -54,16 +63,85 @@ def torch_threads(n: int):
 
 
 def _pack(bags: Sequence[Bag], idx: Sequence[int], max_tokens: int | None,
-          g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+          g: torch.Generator | None, rows: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Studies ``idx`` packed [T, D] with offsets; at most ``max_tokens`` random tokens each.
+    ``rows``: if a list, each study's kept token rows are appended to it (None = all)."""
     parts = []
     for i in idx:
         b = torch.as_tensor(np.asarray(bags[i]), dtype=torch.float32) if not isinstance(bags[i], torch.Tensor) \
             else bags[i].float()
+        keep = None
         if max_tokens is not None and len(b) > max_tokens:
-            b = b[torch.randperm(len(b), generator=g)[:max_tokens].sort().values]
+            keep = torch.randperm(len(b), generator=g)[:max_tokens].sort().values
+            b = b[keep]
+        if rows is not None:
+            rows.append(keep)
         parts.append(b)
     cu = torch.tensor([0] + np.cumsum([len(p) for p in parts]).tolist())
     return torch.cat(parts), cu
+
+
+def _pack_targets(targets: Sequence[np.ndarray | None], idx: Sequence[int], rows: list, cu: torch.Tensor,
+                  n_classes: int) -> torch.Tensor:
+    """[T, C] the token targets of studies ``idx``, the same rows :func:`_pack` kept (a study
+    without masks: all False; :func:`trusted_pairs` keeps it out of the token term anyway)."""
+    parts = []
+    for k, (i, r) in enumerate(zip(idx, rows)):
+        t = targets[i]
+        if t is None:
+            parts.append(torch.zeros((int(cu[k + 1] - cu[k]), n_classes), dtype=torch.bool))
+        else:
+            t = torch.as_tensor(np.asarray(t, bool))
+            parts.append(t if r is None else t[r])
+    return torch.cat(parts)
+
+
+def token_loss(head: torch.nn.Module, x: torch.Tensor, cu: torch.Tensor, attn: torch.Tensor, lesion: torch.Tensor,
+               trusted: torch.Tensor) -> torch.Tensor:
+    """The token term for one packed batch. ``lesion [T, C]``: token t lies in a lesion of class
+    c; ``trusted [B, C]``: study b's token truth for class c is usable (it has masks, the label is
+    known, and a positive label has lesion tokens somewhere in the study).
+
+    * token logits (gated, topk, abmil; :func:`heads.token_logits`): BCE of lesion vs other
+      tokens of trusted (study, class) pairs, positives and negatives weighted half each (lesion
+      tokens are a few per cent);
+    * attention (heads whose attention is learned: gated, abmil): for every trusted positive pair
+      with lesion tokens in the batch, -log of the attention mass on them.
+    """
+    seg = study_index(cu, len(x))
+    ok = trusted[seg]  # [T, C]
+    lesion = lesion & ok
+    terms = []
+    tl = token_logits(head, x)
+    if tl is not None:
+        bce = F.binary_cross_entropy_with_logits(tl, lesion.float(), reduction="none")
+        other = ok & ~lesion
+        if lesion.any():
+            terms.append(0.5 * bce[lesion].mean())
+        if other.any():
+            terms.append(0.5 * bce[other].mean())
+    if attn.requires_grad:
+        b = len(cu) - 1
+        mass = torch.zeros((b, attn.shape[1]), dtype=attn.dtype).index_add(0, seg, attn * lesion)
+        has = torch.zeros((b, attn.shape[1]), dtype=attn.dtype).index_add(0, seg, lesion.to(attn.dtype)) > 0
+        if has.any():
+            terms.append(-torch.log(mass[has] + 1e-6).mean())
+    return torch.stack(terms).sum() if terms else x.new_zeros(())
+
+
+def trusted_pairs(targets: Sequence[np.ndarray | None], y: np.ndarray) -> np.ndarray:
+    """[N, C] which (study, class) pairs the token term may use: the study has masks, its label
+    is known, and a positive label's lesion lies on some token (a finding without a mask, or a
+    lesion outside every token, says nothing about which tokens show it)."""
+    out = np.zeros(y.shape, bool)
+    for i, t in enumerate(targets):
+        if t is None:
+            continue
+        if t.shape[1] != y.shape[1]:
+            raise ValueError(f"token targets of study {i} have {t.shape[1]} classes, labels {y.shape[1]}")
+        known = ~np.isnan(y[i])
+        out[i] = known & ((np.nan_to_num(y[i]) == 0) | t.any(0))
+    return out
 
 
 def val_macro_auroc(y: np.ndarray, logits: np.ndarray) -> float:
@@ -119,19 +197,22 @@ def predict_members(head: HeadEnsemble, bags: Sequence[Bag], batch_size: int = 8
 
 
 def fit_head(train_bags: Sequence[Bag], y_train, val_bags: Sequence[Bag], y_val, cfg: HeadTrainConfig | None = None,
-             head_cfg: HeadConfig | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+             head_cfg: HeadConfig | None = None, token_targets: Sequence[np.ndarray | None] | None = None
+             ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """Train a head; return the epoch with the best validation macro AUROC and the history.
     ``head_cfg.ensemble = N``: N heads with seeds ``cfg.seed .. cfg.seed + N - 1``, each stopped
-    on validation by itself (history rows carry ``member``)."""
+    on validation by itself (history rows carry ``member``). ``token_targets``: per training
+    study its token lesion targets [n_i, C] (``probe.token_targets``) or None."""
     cfg, head_cfg = cfg or HeadTrainConfig(), head_cfg or HeadConfig()
     if head_cfg.ensemble > 1:
-        return fit_ensemble(train_bags, y_train, val_bags, y_val, cfg, head_cfg)
+        return fit_ensemble(train_bags, y_train, val_bags, y_val, cfg, head_cfg, token_targets=token_targets)
     with torch_threads(cfg.threads):
-        return _fit_head(train_bags, y_train, val_bags, y_val, cfg, head_cfg)
+        return _fit_head(train_bags, y_train, val_bags, y_val, cfg, head_cfg, token_targets=token_targets)
 
 
 def fit_ensemble(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig, head_cfg: HeadConfig,
-                 first: tuple[torch.nn.Module, list[dict[str, Any]]] | None = None
+                 first: tuple[torch.nn.Module, list[dict[str, Any]]] | None = None,
+                 token_targets: Sequence[np.ndarray | None] | None = None
                  ) -> tuple[HeadEnsemble, list[dict[str, Any]]]:
     """``head_cfg.ensemble`` heads of one kind, member m trained with seed ``cfg.seed + m``;
     ``first``: member 0 already trained (with ``cfg.seed``), e.g. while choosing the head kind."""
@@ -144,7 +225,7 @@ def fit_ensemble(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig, hea
         else:
             with torch_threads(cfg.threads):
                 head, hist = _fit_head(train_bags, y_train, val_bags, y_val, replace(cfg, seed=cfg.seed + m), single,
-                                       pre)
+                                       pre, token_targets)
         if head_cfg.standardize and pre is None:
             pre = copy.deepcopy(head.pre.state_dict())
         members.append(head)
@@ -155,12 +236,22 @@ def fit_ensemble(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig, hea
 
 
 def _fit_head(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig, head_cfg: HeadConfig,
-              pre: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+              pre: dict[str, torch.Tensor] | None = None, token_targets: Sequence[np.ndarray | None] | None = None
+              ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """One head; ``pre``: the feature standardiser's statistics already fitted on these training bags."""
     y_train = np.asarray(y_train, np.float32)
     y_val = np.asarray(y_val, np.float32)
     if len(train_bags) != len(y_train) or len(val_bags) != len(y_val):
         raise ValueError("bags and labels differ in length")
+    use_tokens = token_targets is not None and cfg.token_weight > 0
+    if use_tokens:
+        if len(token_targets) != len(train_bags):
+            raise ValueError("token targets and training bags differ in length")
+        for i, t in enumerate(token_targets):
+            if t is not None and len(t) != len(train_bags[i]):
+                raise ValueError(f"token targets of training study {i} have {len(t)} rows, its bag "
+                                 f"{len(train_bags[i])} tokens")
+        trusted_all = torch.tensor(trusted_pairs(token_targets, y_train))
     dim = int(np.asarray(train_bags[0]).shape[1])
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -184,11 +275,15 @@ def _fit_head(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig, head_c
         total = 0.0
         for s in range(0, len(order), cfg.batch_size):
             idx = order[s:s + cfg.batch_size]
-            x, cu = _pack(train_bags, idx, cfg.max_tokens, g)
-            logits, _ = head(x, cu)
+            rows: list | None = [] if use_tokens else None
+            x, cu = _pack(train_bags, idx, cfg.max_tokens, g, rows)
+            logits, attn = head(x, cu)
             m = mask_all[idx]
             loss = (F.binary_cross_entropy_with_logits(logits, target_all[idx], pos_weight=pw, reduction="none")
                     * m).sum() / m.sum().clamp(min=1)
+            if use_tokens:
+                les = _pack_targets(token_targets, idx, rows, cu, y_train.shape[1])
+                loss = loss + cfg.token_weight * token_loss(head, x, cu, attn, les, trusted_all[idx] & (m > 0))
             opt.zero_grad()
             loss.backward()
             opt.step()
