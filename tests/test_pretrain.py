@@ -612,12 +612,18 @@ def test_collapse_warning(small, tmp_path):
         tr._monitor(torch.ones_like(h) + 1e-6 * h, h[:5], h[:5], batch)
 
 
-def test_fsdp_two_processes_train_and_resume(small, tmp_path):
+@pytest.mark.parametrize("intensity", [0.0, 0.5])
+def test_fsdp_two_processes_train_and_resume(small, tmp_path, intensity):
     """FSDP (fully_shard) on 2 CPU processes: a run stopped after 2 steps and resumed ends with the
-    same step count, a full checkpoint and an exported model as an uninterrupted FSDP run."""
+    same step count, a full checkpoint and an exported model as an uninterrupted FSDP run; with the
+    intensity target on, its head is in the checkpoint (gathered like the rest), its KL is logged
+    on every step, and the exported encoder has no head."""
     _, cache, splits = small
     out = str(tmp_path / "fsdp")
-    cfg = write_cfg(tmp_path / "fsdp.yaml", cfg_dict(cache, splits, out, epochs=2, distributed="fsdp"))
+    d = cfg_dict(cache, splits, out, epochs=2, distributed="fsdp")
+    if intensity:
+        d["optim"] = {"intensity_target": intensity, "intensity_bins": 16}
+    cfg = write_cfg(tmp_path / "fsdp.yaml", d)
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), OMP_NUM_THREADS="1")
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "neurovfm", "pretrain", cfg, "--quiet"]
@@ -635,6 +641,12 @@ def test_fsdp_two_processes_train_and_resume(small, tmp_path):
     assert all(torch.equal(enc.state_dict()[k], teacher[k]) for k in teacher)
     losses = [float(x) for _, x in _losses(out)]
     assert len(losses) == meta["total_steps"] and np.isfinite(losses).all()
+    assert any(k.startswith("intensity_head") for k in w) == bool(intensity)
+    assert not any("intensity" in k for k in enc.state_dict())
+    if intensity:
+        with open(os.path.join(out, "metrics.csv")) as fh:
+            kl = [float(r["intensity_kl"]) for r in csv.DictReader(fh)]
+        assert len(kl) == meta["total_steps"] and min(kl) > 0 and np.isfinite(kl).all()
 
 
 def test_resume_does_not_depend_on_the_callers_thread_setting(small, tmp_path):
