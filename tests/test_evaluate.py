@@ -755,11 +755,16 @@ def test_token_targets_follow_the_archive_masks_and_stay_on_train(world):
 
     from neurovfm.eval.anatomy import token_codes
     from neurovfm.probe.token_targets import TokenTargetError, read_study_masks, token_targets
+    from neurovfm.synth import tables
 
     arch = str(world["root"] / "archive")
     keyer = Keyer(b"evaluate-test")
     fs = FeatureStore(world["feats"]["a"])
     masks = read_study_masks(arch, keyer)
+    with open(os.path.join(arch, "records.jsonl")) as fh:
+        findings = {keyer.study(r["study_uid"]): r["findings"] for r in map(json.loads, fh)}
+    assert any(tables.parents(r_mod, f["label"]) for r_mod in ("CT", "MR") for fs_ in findings.values()
+               for f in fs_ if f["label"] in tables.label_names(r_mod))  # the archive has implied labels to check
     cache = TokenCache(world["cache"])
     lesion_rows = 0
     for mod in ("CT", "MR"):
@@ -779,6 +784,11 @@ def test_token_targets_follow_the_archive_masks_and_stay_on_train(world):
                                                 nib.load(masks[k].masks[v.series_key]))[1]
                                     for v in fs.bag_views(k)])
             np.testing.assert_array_equal(ti.any(1), (codes > 0) & np.isin(codes, list(masks[k].lesion_labels)))
+            # each finding marks its lesion's tokens for its label and every label it implies
+            for f in findings[k]:
+                on = codes == f["mask_index"]
+                for lab in tables.close_labels(mod, [f["label"]]):
+                    assert ti[on, table.labels.index(lab)].all(), (mod, f["label"], lab)
             lesion_rows += int(ti.any(1).sum())
     cache.close()
     assert lesion_rows > 0
