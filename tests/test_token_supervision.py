@@ -223,3 +223,41 @@ def test_pointing_pairs_the_same_findings_and_resamples_patients(tmp_path, capsy
     assert mod.main([str(pa), str(pb), "--out", str(tmp_path / "p.json"), "--bootstrap", "200"]) == 0
     assert "head: hit rate A" in capsys.readouterr().out
     assert json.loads((tmp_path / "p.json").read_text())["files"]["b"] == str(pb)
+
+
+# -- bad masks folders: a named, typed error, nothing half-read -------------------------------------------
+def test_bad_mask_folders_are_refused_by_file(tmp_path):
+    import json
+
+    import nibabel as nib
+
+    from neurovfm.privacy.keys import Keyer
+    from neurovfm.probe.token_targets import TokenTargetError, _read_mask, read_study_masks
+
+    keyer = Keyer(b"k")
+    with pytest.raises(TokenTargetError, match="no records.jsonl"):
+        read_study_masks(str(tmp_path), keyer)
+    rec = {"study_uid": "1.2", "patient_id": "P", "split": "train", "modality": "CT",
+           "findings": [{"label": "acute_subdural_hematoma", "mask_index": 1}],
+           "series": [{"series_uid": "1.2.3", "mask": "m.nii.gz"}]}
+    (tmp_path / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(TokenTargetError, match="m.nii.gz: lesion mask missing"):
+        read_study_masks(str(tmp_path), keyer)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), str(tmp_path / "m.nii.gz"))
+    got = read_study_masks(str(tmp_path), keyer)
+    (sm,) = got.values()
+    assert sm.lesion_labels == {1: {"acute_subdural_hematoma", "intracranial_hemorrhage"}}
+    assert read_study_masks(str(tmp_path), keyer, splits=("val",)) == {}
+    (tmp_path / "records.jsonl").write_text(json.dumps(rec) + "\n{not json\n")
+    with pytest.raises(TokenTargetError, match="line 2: not a study record"):
+        read_study_masks(str(tmp_path), keyer)
+    bad = dict(rec, findings=[{"label": "no_such_label", "mask_index": 1}])
+    (tmp_path / "records.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(TokenTargetError, match="line 1: not a study record"):
+        read_study_masks(str(tmp_path), keyer)
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(TokenTargetError, match="junk.nii.gz: not a readable NIfTI"):
+        _read_mask(str(tmp_path / "junk.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / "f.nii.gz"))
+    with pytest.raises(TokenTargetError, match="f.nii.gz: a lesion mask must be a 3-D integer volume"):
+        _read_mask(str(tmp_path / "f.nii.gz"))

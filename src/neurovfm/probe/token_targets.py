@@ -72,16 +72,28 @@ def read_study_masks(archive: str, keyer: Keyer, splits: tuple[str, ...] = ("tra
                     masks[keyer.series(series_identity(r["study_uid"], s["series_uid"]))] = m
                 out[keyer.study(r["study_uid"])] = StudyMasks(r["split"], mod, masks, les)
             except (KeyError, TypeError, ValueError) as e:
-                if isinstance(e, NeuroVFMError):
-                    raise
                 raise TokenTargetError(f"{path}, line {n}: not a study record ({type(e).__name__}: {e})") from None
     return out
 
 
+def _read_mask(path: str) -> nib.Nifti1Image:
+    """A lesion mask, in memory; an unreadable or non-3-D file is a TokenTargetError naming it."""
+    try:
+        raw = nib.load(path)
+        data = np.asarray(raw.dataobj)
+    except Exception as e:  # nibabel raises many kinds for a damaged file
+        raise TokenTargetError(f"{path}: not a readable NIfTI lesion mask ({type(e).__name__}: {e})") from None
+    if data.ndim != 3 or not np.issubdtype(data.dtype, np.integer):
+        raise TokenTargetError(f"{path}: a lesion mask must be a 3-D integer volume, not {data.ndim}-D {data.dtype}")
+    return nib.Nifti1Image(data, raw.affine)
+
+
 def study_token_targets(store: FeatureStore, cache: TokenCache, study_key: str, sm: StudyMasks, labels: list[str],
-                        views: list[str] | None = None, _mask_cache: dict | None = None) -> np.ndarray:
+                        views: list[str] | None = None, masks_read: dict | None = None) -> np.ndarray:
     """[n_tokens, C] bool, row-aligned with ``store.bag(study_key, views)``: token t is a lesion
-    token of label ``labels[c]``. Series without a mask get all-False rows."""
+    token of label ``labels[c]``. Series without a mask get all-False rows. ``masks_read``: masks
+    already loaded (path -> image), filled as masks are read (a CT series has one view per window,
+    all on one mask)."""
     col = {lab: j for j, lab in enumerate(labels)}
     parts = []
     for v in store.bag_views(study_key, views):
@@ -93,12 +105,11 @@ def study_token_targets(store: FeatureStore, cache: TokenCache, study_key: str, 
             except KeyError:
                 raise TokenTargetError(f"{store.root}: series {v.series_key[:12]}… is not in the cache {cache.root}; "
                                        "give the cache these features were embedded from") from None
-            img = _mask_cache.get(mpath) if _mask_cache is not None else None
-            if img is None:  # read once: a CT series has one view per window, all on one mask
-                raw = nib.load(mpath)
-                img = nib.Nifti1Image(np.asarray(raw.dataobj), raw.affine)
-                if _mask_cache is not None:
-                    _mask_cache[mpath] = img
+            img = masks_read.get(mpath) if masks_read is not None else None
+            if img is None:
+                img = _read_mask(mpath)
+                if masks_read is not None:
+                    masks_read[mpath] = img
             _, code = token_codes(entry.grid_affine_array, v.coords, img)
             for idx, labs in sm.lesion_labels.items():
                 cols = [col[lab] for lab in labs if lab in col]
