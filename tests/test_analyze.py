@@ -462,32 +462,63 @@ def test_each_dicom_file_is_decoded_once(archive, model, tmp_path, monkeypatch):
     assert len(calls) == n_files and set(calls.values()) == {1}, sorted(set(calls.values()))
 
 
-def test_contribution_maps_share_one_encoding_and_decompose_the_logit(archive, model):
-    """``--map-source contribution``: the same probabilities as the attention maps from the same
-    encoder features, and per class the positive part of each token's exact share of the logit,
-    normalised over the study (summed over a series' CT windows)."""
+def _summed_over_views(group, per_token):
+    """Per series, rows of a study-level per-token array [all views' tokens, C] summed over that
+    series' views (CT windows), in the encoder's order: series by series, view by view."""
+    from neurovfm.ingest.policy import DEFAULT_POLICY
+    from neurovfm.tokens.cache import as_views
+
+    out, start = [], 0
+    for s in group:
+        n_views = as_views(s.ts.tokens, s.ts.storage, s.ts.views, DEFAULT_POLICY)[0].shape[1]
+        out.append(sum(per_token[start + v * s.ts.n_tokens: start + (v + 1) * s.ts.n_tokens] for v in range(n_views)))
+        start += n_views * s.ts.n_tokens
+    assert start == len(per_token)
+    return out
+
+
+@pytest.mark.parametrize("source", ["contribution", "token"])
+def test_other_map_sources_share_one_encoding(archive, model, source):
+    """``--map-source contribution``: per class the positive part of each token's exact share of
+    the logit; ``token``: each token's own probability of the finding from the head's token
+    classifier (what lesion masks train). Both normalised over the study, summed over a series'
+    CT windows, from the same encoder features as the attention maps, with the same probabilities."""
     import torch
 
     from neurovfm.analyze.pipeline import Analyzer, read_study
-    from neurovfm.ingest.policy import DEFAULT_POLICY
-    from neurovfm.probe.heads import token_contributions
-    from neurovfm.tokens.cache import as_views
+    from neurovfm.eval.calibrate import sigmoid
+    from neurovfm.probe.heads import token_contributions, token_logits
 
     an = Analyzer(model)
     group, _ = read_study(archive["ct"], an.cfg)
     att = an.score("CT", group)
-    con = an.score("CT", group, view_features=att.view_features, map_source="contribution")
-    np.testing.assert_allclose(con.p_cal, att.p_cal, atol=1e-9)
-    bag = torch.from_numpy(np.concatenate(att.view_features).astype(np.float32))
-    c = np.clip(token_contributions(an.heads["CT"][0], bag, torch.tensor([0, len(bag)])).double().numpy(), 0, None)
-    c = c / np.where(c.sum(0) > 0, c.sum(0), 1)
-    start = 0
-    for s, w_att, w_con in zip(group, att.per_series_w, con.per_series_w):
-        n_views = as_views(s.ts.tokens, s.ts.storage, s.ts.views, DEFAULT_POLICY)[0].shape[1]
-        expect = sum(c[start + v * s.ts.n_tokens: start + (v + 1) * s.ts.n_tokens] for v in range(n_views))
-        start += n_views * s.ts.n_tokens
-        np.testing.assert_allclose(w_con, expect, atol=1e-6)
-        assert not np.allclose(w_con, w_att)  # a different map, not attention renamed
-    assert start == len(bag)
-    total = sum(w.sum(0) for w in con.per_series_w)
+    other = an.score("CT", group, view_features=att.view_features, map_source=source)
+    np.testing.assert_allclose(other.p_cal, att.p_cal, atol=1e-9)
+    head, bag = an.heads["CT"][0], torch.from_numpy(np.concatenate(att.view_features).astype(np.float32))
+    with torch.no_grad():
+        if source == "contribution":
+            w = np.clip(token_contributions(head, bag, torch.tensor([0, len(bag)])).double().numpy(), 0, None)
+        else:
+            w = sigmoid(token_logits(head, bag).double().numpy())
+    w = w / np.where(w.sum(0) > 0, w.sum(0), 1)
+    for w_att, w_other, expect in zip(att.per_series_w, other.per_series_w, _summed_over_views(group, w)):
+        np.testing.assert_allclose(w_other, expect, atol=1e-6)
+        assert not np.allclose(w_other, w_att)  # a different map, not attention renamed
+    total = sum(w.sum(0) for w in other.per_series_w)
     assert np.all((np.abs(total - 1) < 1e-6) | (total == 0))  # a distribution, or nothing pushed the logit up
+    if source == "token":
+        np.testing.assert_allclose(total, 1.0, atol=1e-6)  # a probability is never zero
+
+
+def test_token_maps_of_a_mean_head_are_refused(archive, model):
+    from neurovfm.analyze.pipeline import AnalyzeError, Analyzer, read_study
+    from neurovfm.probe.heads import HeadConfig, build_head, head_input_dim
+
+    an = Analyzer(model)
+    head, meta = an.heads["CT"]
+    an.heads["CT"] = (build_head(HeadConfig(kind="mean"), head_input_dim(head), len(meta["labels"])).eval(),
+                      {**meta, "head": {**meta["head"], "kind": "mean"}, "calibration": None})
+    group, _ = read_study(archive["ct"], an.cfg)
+    with pytest.raises(AnalyzeError, match="CT head \\(mean\\) has no token classifier"):
+        an.score("CT", group, map_source="token")
+    assert an.score("CT", group, map_source="head").p_cal.shape == (len(meta["labels"]),)

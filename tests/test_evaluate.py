@@ -806,11 +806,13 @@ def test_cli_token_masks_train_heads_and_say_what_they_saw(world, tmp_path, monk
     assert cli_main(base + ["--out", str(tmp_path / "x"), "--token-masks", arch]) == 2  # no --cache
     assert cli_main(base + ["--out", str(tmp_path / "plain"), "--cache", world["cache"]]) == 0
     assert cli_main(base + ["--out", str(tmp_path / "masked"), "--cache", world["cache"], "--token-masks", arch,
-                            "--token-weight", "2"]) == 0
+                            "--token-weight", "2", "--token-balance", "per_class"]) == 0
     plain = json.load(open(tmp_path / "plain" / "metrics.json"))
     masked = json.load(open(tmp_path / "masked" / "metrics.json"))
     assert masked["config"]["token_masks"] == arch and masked["config"]["train"]["token_weight"] == 2.0
+    assert masked["config"]["train"]["token_balance"] == "per_class"
     ts = masked["models"]["a"]["MR"]["token_supervision"]
+    assert ts["balance"] == "per_class" and ts["weight"] == 2.0
     table = read_study_table(world["labels"], "MR", studies=set(FeatureStore(world["feats"]["a"]).studies()))
     assert ts["train_studies"] == ts["train_studies_with_masks"] == len(table.index("train"))
     assert sum(ts["lesion_tokens_per_label"].values()) > 0

@@ -34,8 +34,9 @@ def _batch(rng, dim=6, n=(7, 5), c=2):
     return x, cu, lesion
 
 
+@pytest.mark.parametrize("balance", ["pooled", "per_class"])
 @pytest.mark.parametrize("kind", ["gated", "abmil", "topk", "mean"])
-def test_token_loss_is_the_documented_sum(kind):
+def test_token_loss_is_the_documented_sum(kind, balance):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     x, cu, lesion = _batch(rng)
@@ -43,19 +44,23 @@ def test_token_loss_is_the_documented_sum(kind):
     head.eval()
     trusted = torch.tensor([[True, False], [True, True]])  # study 0 class 1 not usable
     _, attn = head(x, cu)
-    got = token_loss(head, x, cu, attn, lesion, trusted)
+    got = token_loss(head, x, cu, attn, lesion, trusted, balance)
     seg = torch.tensor([0] * 7 + [1] * 5)
     ok = trusted[seg]
     les = lesion & ok
     want = torch.zeros(())
     tl = token_logits(head, x)
     if tl is not None:  # balanced BCE by hand, element by element
-        pos = [F.binary_cross_entropy_with_logits(tl[t, k], torch.tensor(1.0))
-               for t in range(12) for k in range(2) if les[t, k]]
-        neg = [F.binary_cross_entropy_with_logits(tl[t, k], torch.tensor(0.0))
-               for t in range(12) for k in range(2) if ok[t, k] and not les[t, k]]
-        assert len(pos) == 3 and len(neg) == 7 + 2 * 5 - 3
-        want = want + 0.5 * torch.stack(pos).mean() + 0.5 * torch.stack(neg).mean()
+        pos = [[F.binary_cross_entropy_with_logits(tl[t, k], torch.tensor(1.0)) for t in range(12) if les[t, k]]
+               for k in range(2)]
+        neg = [[F.binary_cross_entropy_with_logits(tl[t, k], torch.tensor(0.0))
+                for t in range(12) if ok[t, k] and not les[t, k]] for k in range(2)]
+        assert [len(p) for p in pos] == [2, 1] and [len(n) for n in neg] == [12 - 2, 5 - 1]
+        if balance == "pooled":  # one mean over every class's tokens
+            want = want + 0.5 * torch.stack(pos[0] + pos[1]).mean() + 0.5 * torch.stack(neg[0] + neg[1]).mean()
+        else:  # the mean of each class's own mean
+            want = want + 0.25 * (torch.stack(pos[0]).mean() + torch.stack(pos[1]).mean()) \
+                + 0.25 * (torch.stack(neg[0]).mean() + torch.stack(neg[1]).mean())
     if kind in ("gated", "abmil"):  # learned attention: -log of its mass on the lesion, per pair
         pairs = [-torch.log(attn[1:3, 0].sum() + 1e-6), -torch.log(attn[9, 1] + 1e-6)]
         want = want + torch.stack(pairs).mean()
@@ -64,6 +69,20 @@ def test_token_loss_is_the_documented_sum(kind):
     assert torch.allclose(got, want, atol=1e-6), (kind, float(got), float(want))
     if kind == "mean":
         assert float(got) == 0.0  # nothing a token target can shape
+
+
+@pytest.mark.parametrize("kind", ["gated", "abmil", "topk", "mean"])
+def test_token_logits_of_an_ensemble_are_the_members_mean(kind):
+    torch.manual_seed(0)
+    ens = build_head(HeadConfig(kind=kind, ensemble=3), 8, 2).eval()
+    x = torch.randn(30, 8)
+    got = token_logits(ens, x)
+    if kind == "mean":
+        assert got is None
+        return
+    per = [token_logits(m, x) for m in ens.members]
+    assert not torch.allclose(per[0], per[1])
+    torch.testing.assert_close(got, torch.stack(per).mean(0))
 
 
 def test_token_loss_counts_only_trusted_pairs():
@@ -261,3 +280,8 @@ def test_bad_mask_folders_are_refused_by_file(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / "f.nii.gz"))
     with pytest.raises(TokenTargetError, match="f.nii.gz: a lesion mask must be a 3-D integer volume"):
         _read_mask(str(tmp_path / "f.nii.gz"))
+
+
+def test_an_unknown_token_balance_is_refused():
+    with pytest.raises(ValueError, match="token_balance must be one of pooled, per_class"):
+        HeadTrainConfig(token_balance="per_label")

@@ -185,7 +185,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         names["MR"] = read_label_names(a.mr_labels)
     cfg = EvalConfig(head=_head_config(a, "gated" if a.head == "auto" else a.head),
                      head_auto=a.head == "auto",
-                     train=HeadTrainConfig(epochs=a.epochs, seed=a.seed, token_weight=a.token_weight),
+                     train=HeadTrainConfig(epochs=a.epochs, seed=a.seed, token_weight=a.token_weight,
+                                           token_balance=a.token_balance),
                      token_masks=a.token_masks,
                      calibration=a.calibration, target_sensitivity=a.target_sensitivity,
                      min_test_positives=a.min_test_positives, bootstrap=a.bootstrap, seed=a.seed,
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "+ masks; needs --cache): the heads also learn which tokens show each finding; validation "
                         "and test never see a mask")
     s.add_argument("--token-weight", type=float, default=1.0, help="weight of that token term (with --token-masks)")
+    s.add_argument("--token-balance", default="pooled", choices=("pooled", "per_class"),
+                   help="the token term's lesion/other halves: means over all classes' tokens (pooled) or "
+                        "means of per-class means (per_class: small lesions weigh as much as large ones)")
     s.add_argument("--cnn-baseline", action="store_true",
                    help="also train the end-to-end 3-D CNN baseline on the scans (needs --cache), reported as cnn3d")
     s.add_argument("--cnn-epochs", type=int, default=100,  # = probe.cnn3d.CNNConfig.epochs (no torch import here)

@@ -290,6 +290,16 @@ class Analyzer:
             contrib = np.clip(token_contributions(head, bag, torch.tensor([0, n_tok])).double().numpy(), 0, None)
             tot = contrib.sum(0, keepdims=True)
             attn = np.divide(contrib, tot, out=np.zeros_like(contrib), where=tot > 0)
+        if map_source == "token":  # each token's own probability of the finding, as a distribution
+            from neurovfm.probe.heads import token_logits
+
+            with torch.inference_mode():
+                tl = token_logits(head, bag)
+            if tl is None:
+                raise AnalyzeError(f"the {mod} head ({hmeta['head']['kind']}) has no token classifier; "
+                                   "use --map-source head or contribution")
+            prob = cal.sigmoid(tl.double().numpy())
+            attn = prob / prob.sum(0, keepdims=True)
         if map_source == "rollout":  # the head's weights on outputs, carried back to input tokens
             from neurovfm.explain.rollout import rollout_attention
 

@@ -119,6 +119,7 @@ def fit_modality(name: str, store: FeatureStore, table: StudyTable, cfg: EvalCon
                                 cfg.ct_windows)
         supervision = {"train_studies_with_masks": sum(t is not None for t in targets),
                        "train_studies": len(tr), "weight": cfg.train.token_weight,
+                       "balance": cfg.train.token_balance,
                        "lesion_tokens_per_label": {lab: int(sum(int(t[:, j].sum()) for t in targets if t is not None))
                                                    for j, lab in enumerate(table.labels)}}
     head_cfg, head, history = None, None, []

@@ -2,5 +2,7 @@
 
 # What a map shows. head: the head's per-class attention (where it looked); contribution: each
 # token's positive share of the logit (what pushed the finding up; an exact decomposition for every
-# head kind); rollout: the head's attention carried back through the encoder's layers.
-MAP_SOURCES = ("head", "contribution", "rollout")
+# head kind); token: each token's own probability of the finding from the head's token classifier
+# (what a lesion-mask term trains directly; not for mean heads); rollout: the head's attention
+# carried back through the encoder's layers.
+MAP_SOURCES = ("head", "contribution", "token", "rollout")

@@ -301,7 +301,11 @@ def token_contributions(head: nn.Module, feats: torch.Tensor, cu: torch.Tensor) 
 def token_logits(head: nn.Module, feats: torch.Tensor) -> torch.Tensor | None:
     """[T, C] each token's own class logits, the quantity a token-level (lesion mask) target
     supervises: gated and topk: the token MLP; abmil: each class's classifier applied to the token
-    alone. None for ``mean``, whose classifier reads the normalised mean of a study, not tokens."""
+    alone. None for ``mean``, whose classifier reads the normalised mean of a study, not tokens;
+    an ensemble: the mean of its members' (None when they have none)."""
+    if isinstance(head, HeadEnsemble):
+        per = [token_logits(m, feats) for m in head.members]
+        return None if per[0] is None else torch.stack(per).mean(0)
     if isinstance(head, (GatedAttentionHead, TopKHead)):
         return head.mlp(head.norm(head.pre(feats)))
     if isinstance(head, ABMILHead):

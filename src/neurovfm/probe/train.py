@@ -28,6 +28,9 @@ from neurovfm.models.folder import (FORMAT, FORMAT_VERSION, ModelFolderError, lo
 from neurovfm.probe.heads import HeadConfig, HeadEnsemble, build_head, head_input_dim, study_index, token_logits
 
 
+TOKEN_BALANCES = ("pooled", "per_class")
+
+
 @dataclass
 class HeadTrainConfig:
     epochs: int = 40
@@ -40,12 +43,15 @@ class HeadTrainConfig:
     seed: int = 0
     threads: int = 1  # heads are small: one intra-op thread is fastest, and by far on a busy CPU
     token_weight: float = 1.0  # weight of the token term when lesion masks are given (token_targets)
+    token_balance: str = "pooled"  # token BCE halves: over all classes' tokens (pooled) or per class
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.max_tokens < 1:
             raise ValueError("epochs, batch_size and max_tokens must be positive")
         if not self.token_weight >= 0:
             raise ValueError(f"token_weight must be >= 0, not {self.token_weight}")
+        if self.token_balance not in TOKEN_BALANCES:
+            raise ValueError(f"token_balance must be one of {', '.join(TOKEN_BALANCES)}, not {self.token_balance!r}")
 
 
 Bag = np.ndarray | torch.Tensor
@@ -97,14 +103,17 @@ def _pack_targets(targets: Sequence[np.ndarray | None], idx: Sequence[int], rows
 
 
 def token_loss(head: torch.nn.Module, x: torch.Tensor, cu: torch.Tensor, attn: torch.Tensor, lesion: torch.Tensor,
-               trusted: torch.Tensor) -> torch.Tensor:
+               trusted: torch.Tensor, balance: str = "pooled") -> torch.Tensor:
     """The token term for one packed batch. ``lesion [T, C]``: token t lies in a lesion of class
     c; ``trusted [B, C]``: study b's token truth for class c is usable (it has masks, the label is
     known, and a positive label has lesion tokens somewhere in the study).
 
     * token logits (gated, topk, abmil; :func:`heads.token_logits`): BCE of lesion vs other
       tokens of trusted (study, class) pairs, positives and negatives weighted half each (lesion
-      tokens are a few per cent);
+      tokens are a few per cent). ``balance="pooled"``: each half is the mean over all classes'
+      tokens, so classes with large lesions (ventriculomegaly) carry most of the lesion half;
+      ``"per_class"``: each half is the mean over classes of that class's own mean, so a small
+      lesion's class weighs as much as a large one's;
     * attention (heads whose attention is learned: gated, abmil): for every trusted positive pair
       with lesion tokens in the batch, -log of the attention mass on them.
     """
@@ -116,10 +125,15 @@ def token_loss(head: torch.nn.Module, x: torch.Tensor, cu: torch.Tensor, attn: t
     if tl is not None:
         bce = F.binary_cross_entropy_with_logits(tl, lesion.float(), reduction="none")
         other = ok & ~lesion
-        if lesion.any():
-            terms.append(0.5 * bce[lesion].mean())
-        if other.any():
-            terms.append(0.5 * bce[other].mean())
+        for part in (lesion, other):
+            if not part.any():
+                continue
+            if balance == "per_class":
+                n = part.sum(0)
+                per = (bce * part).sum(0)[n > 0] / n[n > 0]
+                terms.append(0.5 * per.mean())
+            else:
+                terms.append(0.5 * bce[part].mean())
     if attn.requires_grad:
         b = len(cu) - 1
         mass = torch.zeros((b, attn.shape[1]), dtype=attn.dtype).index_add(0, seg, attn * lesion)
@@ -283,7 +297,8 @@ def _fit_head(train_bags, y_train, val_bags, y_val, cfg: HeadTrainConfig, head_c
                     * m).sum() / m.sum().clamp(min=1)
             if use_tokens:
                 les = _pack_targets(token_targets, idx, rows, cu, y_train.shape[1])
-                loss = loss + cfg.token_weight * token_loss(head, x, cu, attn, les, trusted_all[idx] & (m > 0))
+                loss = loss + cfg.token_weight * token_loss(head, x, cu, attn, les, trusted_all[idx] & (m > 0),
+                                                             cfg.token_balance)
             opt.zero_grad()
             loss.backward()
             opt.step()
