@@ -126,6 +126,32 @@ def test_embed_layers_are_the_readout_and_named_in_the_folder(setup):
     np.testing.assert_allclose(got[0], h.numpy(), atol=1e-5)
 
 
+def test_appended_histograms_are_the_two_stores_side_by_side(setup):
+    """``embed --append-histogram 8``: every token's features are the encoder's (as a plain embed)
+    followed by its histogram (as ``histogram:8``), in one folder that names the bins and refuses
+    to be resumed with other bins."""
+    root, cache, _, model = setup
+    plain, hist, both = str(root / "app_plain"), str(root / "app_hist"), str(root / "app_both")
+    cfg = EmbedConfig(tokens_per_batch=1500, part_tokens=2500)
+    embed(model, cache, plain, cfg, progress=False)
+    embed("histogram:8", cache, hist, cfg, progress=False)
+    assert cli_main(["embed", model, cache, both, "--append-histogram", "8", "--tokens-per-batch", "1500",
+                     "--part-tokens", "2500", "--quiet"]) == 0
+    a, h, b = FeatureStore(plain), FeatureStore(hist), FeatureStore(both)
+    assert b.dim == a.dim + h.dim and b.histogram_bins == 8 and a.histogram_bins is None
+    assert b.head_features() == {"encoder_id": a.meta["encoder_id"], "readout_layers": None, "histogram_bins": 8}
+    assert [(v.series_key, v.view) for v in b.views] == [(v.series_key, v.view) for v in a.views]
+    for va, vh, vb in zip(a.views, h.views, b.views):
+        np.testing.assert_array_equal(np.asarray(vb.feats)[:, :a.dim], np.asarray(va.feats))
+        np.testing.assert_array_equal(np.asarray(vb.feats)[:, a.dim:], np.asarray(vh.feats))
+    with pytest.raises(FeatureStoreError, match="histogram_bins"):
+        embed(model, cache, both, EmbedConfig(tokens_per_batch=1500, part_tokens=2500, append_histogram=16),
+              progress=False)
+    with pytest.raises(FeatureStoreError, match="histograms already"):
+        embed("histogram:8", cache, str(root / "app_bad"), EmbedConfig(append_histogram=8), progress=False)
+    assert cli_main(["embed", model, cache, str(root / "app_bad2"), "--append-histogram", "1", "--quiet"]) == 2
+
+
 def test_heads_are_saved_only_beside_the_encoder_that_made_the_features(setup):
     from neurovfm.eval.experiment import EvaluationError, check_model_for_features
 
@@ -177,6 +203,29 @@ def test_analyze_reads_the_heads_blocks_and_refuses_another_encoders_heads(tmp_p
     np.testing.assert_allclose(both, (one + two) / 2, atol=1e-12)
     np.testing.assert_allclose(both.sum(1), 1.0, atol=1e-9)
     assert not np.allclose(one, rollout_matrix(an2.encoder, u8, coords, view), atol=1e-6)
+    # a head fitted on features with appended histograms gets the same: encoder features + histograms
+    from neurovfm.probe.embed import HistogramFeaturizer
+    from neurovfm.probe.heads import HeadConfig, build_head
+    from neurovfm.probe.train import save_head
+
+    dim = want[0].shape[1]
+    torch.manual_seed(0)
+    wide = build_head(HeadConfig(kind="mean"), dim + 4 * 8, len(heads["head_mr"]["labels"])).eval()
+    save_head(folder, wide, HeadConfig(kind="mean"), heads["head_mr"]["labels"], name="head_mr",
+              features={"encoder_id": encoder_id(folder), "readout_layers": None, "histogram_bins": 8})
+    with pytest.raises(AnalyzeError, match="distance-to-training model reads 48-wide features but head_mr reads 80"):
+        Analyzer(folder)  # the old distance model was fitted on the encoder's features alone
+    update_config(folder, ood={k: v for k, v in read_config(folder).get("ood", {}).items() if k != "MR"})
+    an3 = Analyzer(folder)
+    got = an3.score("MR", group)
+    bag = np.concatenate([np.concatenate([f, HistogramFeaturizer(8)(u8, "mr")], 1)
+                          for f, (u8, _, _) in zip(base.view_features, views)])
+    with torch.no_grad():
+        logits, _ = wide(torch.from_numpy(bag.astype(np.float32)), torch.tensor([0, len(bag)]))
+    np.testing.assert_allclose(got.p_raw, torch.sigmoid(logits[0]).double().numpy(), atol=1e-6)
+    for a, b in zip(got.view_features, base.view_features):  # the report's input stays the encoder's
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    heads = read_config(folder)["heads"]
     # heads fitted on another encoder's features: refused at load, naming both encoders
     heads["head_mr"]["features"]["encoder_id"] = "0" * 64
     update_config(folder, heads=heads)
@@ -208,6 +257,10 @@ def test_external_evaluation_refuses_features_of_other_blocks(setup, tmp_path):
     _check_features(folder, store, ExternalConfig())  # the blocks the head was fitted on: fine
     update_config(folder, heads={"head_ct": {"features": {"encoder_id": encoder_id(folder), "readout_layers": [3]}}})
     with pytest.raises(ExternalEvalError, match="fitted on blocks"):
+        _check_features(folder, store, ExternalConfig())
+    update_config(folder, heads={"head_ct": {"features": {"encoder_id": encoder_id(folder), "readout_layers": None,
+                                                          "histogram_bins": 8}}})
+    with pytest.raises(ExternalEvalError, match="no appended histogram bins, but .* fitted on 8"):
         _check_features(folder, store, ExternalConfig())
 
 

@@ -126,7 +126,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
     cfg = EmbedConfig(tokens_per_batch=a.tokens_per_batch, part_tokens=a.part_tokens,
                       ct_windows=a.ct_windows.split(",") if a.ct_windows else None, device=a.device,
                       precision=a.precision, splits=a.splits.split(",") if a.splits else [],
-                      layers=a.layers)
+                      layers=a.layers, append_histogram=a.append_histogram)
     res = embed(a.model, a.cache, a.out, cfg, splits_csv=a.splits_csv, shard=a.shard, progress=not a.quiet)
     print(json.dumps(res))
     return 0
@@ -399,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="features = mean of these encoder blocks' outputs, each through the final norm "
                         "(negative: from the end, written --layers=-4,-3,-2,-1; default: the last block); heads "
                         "saved from these features make `analyze` read the same blocks")
+    s.add_argument("--append-histogram", type=int, metavar="BINS",
+                   help="append each token's intensity histogram (BINS bins per view, as histogram:BINS) to the "
+                        "encoder's features; heads saved from them make `analyze` append the same")
     s.add_argument("--tokens-per-batch", type=int, default=16384)
     s.add_argument("--part-tokens", type=int, default=200_000, help="tokens per resumable part")
     s.add_argument("--device", default="cpu")

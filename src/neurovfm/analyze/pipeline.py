@@ -31,7 +31,8 @@ from neurovfm.ingest.pipeline import Unit, discover, process_unit
 from neurovfm.ingest.policy import DEFAULT_POLICY
 from neurovfm.models.folder import ModelFolderError, load_encoder, read_config, read_provenance
 from neurovfm.privacy.keys import Keyer
-from neurovfm.probe.embed import encode_views, encoder_id
+from neurovfm.probe.embed import append_histograms, encode_views, encoder_id
+from neurovfm.probe.heads import head_input_dim
 from neurovfm.probe.train import load_head
 from neurovfm.synth import tables
 from neurovfm.tokens.cache import as_views, atomic_write_text
@@ -196,6 +197,12 @@ class Analyzer:
             raise AnalyzeError(f"{self.model}: the model has no diagnosis heads (train them with "
                                "`neurovfm evaluate ... --save-model MODEL`)")
         self.ood = {mod: load_ood(self.model, mod) for mod in ("CT", "MR")}
+        for mod, (head, _) in self.heads.items():
+            ood = self.ood.get(mod)
+            if ood is not None and len(ood.mean) != head_input_dim(head):
+                raise AnalyzeError(f"{self.model}: the {mod} distance-to-training model reads {len(ood.mean)}-wide "
+                                   f"features but head_{mod.lower()} reads {head_input_dim(head)}; save both from "
+                                   "the same features with `neurovfm evaluate ... --save-model`")
         prov = read_provenance(self.model)
         self.model_info = {"encoder_id": encoder_id(self.model), "name": os.path.basename(self.model.rstrip("/")),
                            "code_version": __version__, "trained": {k: prov.get(k) for k in ("created", "command")},
@@ -278,7 +285,9 @@ class Analyzer:
                 feats = encode_views(self.encoder, views, cfg.tokens_per_batch, cfg.device, readout=readout)
         timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        bag = torch.from_numpy(np.concatenate(feats).astype(np.float32))
+        bins = (hmeta.get("features") or {}).get("histogram_bins")  # embed --append-histogram
+        head_in = append_histograms(feats, [(v[0], v[2]) for v in views], bins)
+        bag = torch.from_numpy(np.concatenate(head_in).astype(np.float32))
         n_tok = int(bag.shape[0])
         with torch.inference_mode():
             logits, attn = head(bag, torch.tensor([0, n_tok]))

@@ -399,8 +399,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
     common = set.intersection(*(set(s.studies()) for s in stores.values()))
     os.makedirs(out_dir, exist_ok=True)
     summary: dict[str, Any] = {"config": _jsonable(asdict(cfg)), "models": {}, "comparisons": {},
-                               "features": {n: {"encoder_id": s.meta["encoder_id"], "readout_layers": s.readout_layers,
-                                                "path": features[n]} for n, s in stores.items()}}
+                               "features": {n: {**s.head_features(), "path": features[n]} for n, s in stores.items()}}
     rows_csv = []
     pred_rows: list[dict[str, Any]] = []
     for mod in cfg.modalities:
@@ -468,8 +467,7 @@ def evaluate(features: dict[str, str], labels_csv: str, out_dir: str, cfg: EvalC
             save_head(save_model, r.head, r.head_cfg or cfg.head, table.labels, calibration=r.calibrator.to_dict(),
                       thresholds={lab: float(t) for lab, t in zip(table.labels, r.thresholds)},
                       name=f"head_{mod.lower()}",
-                      features={"encoder_id": stores[first].meta["encoder_id"],
-                                "readout_layers": stores[first].readout_layers})
+                      features=stores[first].head_features())
             save_distance_model(save_model, mod, stores[first], table, cfg)
     with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as fh:
         json.dump(summary, fh, indent=1, default=_default)

@@ -100,6 +100,11 @@ def _check_features(model: str, store: FeatureStore, cfg: ExternalConfig) -> Non
                 raise ExternalEvalError(f"{store.root}: features read from encoder blocks "
                                         f"{store.readout_layers or 'last'}, but {model}'s {name} was fitted on blocks "
                                         f"{fitted['readout_layers'] or 'last'}; embed with the same --layers")
+            if fitted.get("histogram_bins") != store.histogram_bins:
+                raise ExternalEvalError(f"{store.root}: features with {store.histogram_bins or 'no'} appended histogram "
+                                        f"bins, but {model}'s {name} was fitted on "
+                                        f"{fitted.get('histogram_bins') or 'no'}; embed with the same "
+                                        "--append-histogram")
 
 
 def evaluate_modality(model: str, mod: str, store: FeatureStore, labels_csv: str, cfg: ExternalConfig

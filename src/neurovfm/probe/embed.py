@@ -61,10 +61,16 @@ class EmbedConfig:
     # the end); None: the last block, as the encoder was trained. Intermediate blocks keep more of
     # a token's own content, which matters when the last layers have partly collapsed.
     layers: list[int] | None = None
+    # append each token's intensity histogram (this many bins per view, as ``histogram:BINS``) to the
+    # encoder's features: a head then reads what the network learned and the token's raw intensity
+    # distribution side by side (None: encoder features only)
+    append_histogram: int | None = None
 
     def __post_init__(self) -> None:
         if self.tokens_per_batch < 16 or self.part_tokens < 16:
             raise ValueError("tokens_per_batch and part_tokens must be at least 16")
+        if self.append_histogram is not None and not 2 <= self.append_histogram <= 256:
+            raise ValueError(f"append_histogram (bins) must be in 2..256, not {self.append_histogram}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
 
@@ -189,6 +195,18 @@ class HistogramFeaturizer:
         return out
 
 
+def append_histograms(feats: list[np.ndarray], views: list[tuple[np.ndarray, str]], bins: int | None
+                      ) -> list[np.ndarray]:
+    """Each view's features [n, D] with its tokens' intensity histograms appended ([n, D + 4 * bins]):
+    ``views`` holds each view's uint8 tokens [n, T] and view name. ``bins`` None: unchanged. Used by
+    ``embed --append-histogram`` and by ``analyze`` for heads fitted on such features."""
+    if not bins:
+        return feats
+    hist = HistogramFeaturizer(bins)
+    return [np.concatenate([np.asarray(f, np.float32), hist(np.asarray(u8), view)], 1)
+            for f, (u8, view) in zip(feats, views)]
+
+
 def readout_of(depth: int, layers: list[int] | None) -> list[int] | None:
     """The readout as stored in feature and head metadata: ``None`` for the last block alone (so
     ``[-1]`` and the default name the same features), else sorted absolute block indices."""
@@ -218,6 +236,11 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
     hist = HistogramFeaturizer(described["bins"]) if described.get("kind") == "histogram" else None
     if hist is not None and cfg.layers is not None:
         raise FeatureStoreError("--layers picks encoder blocks; the histogram baseline has none")
+    if hist is not None and cfg.append_histogram:
+        raise FeatureStoreError("--append-histogram adds histograms to an encoder's features; "
+                                "the histogram baseline is histograms already")
+    if cfg.append_histogram:
+        dim += HistogramFeaturizer(cfg.append_histogram).dim
     try:
         readout = None if hist else readout_of(EncoderConfig.from_dict(described).depth, cfg.layers)
     except ValueError as e:
@@ -235,7 +258,7 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
             "plan_hash": _plan_hash(parts), "n_parts": len(parts), "n_views": len(refs),
             "n_tokens": int(sum(r.n_tokens for r in refs)), "dim": dim,
             "dtype": "float16", "options": {"ct_windows": cfg.ct_windows, "splits": cfg.splits},
-            "readout_layers": readout,
+            "readout_layers": readout, "histogram_bins": cfg.append_histogram,
         }
         os.makedirs(os.path.join(out_dir, "parts"), exist_ok=True)
         _check_or_write_meta(out_dir, meta)
@@ -248,7 +271,7 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
             items = parts[i]
             feats, coords_all, kinds_all, rows, off = [], [], [], [], 0
             for idx in _batches(items, cfg.tokens_per_batch):
-                pk, kinds, hf = [], [], []
+                pk, kinds, hf, raw = [], [], [], []
                 for j in idx:
                     r = items[j]
                     u8, coords, _ = cache.views(r.series_key, [r.view] if r.modality == "CT" else None)
@@ -258,12 +281,17 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
                         hf.append(hist(tok, view))
                     else:
                         pk.append((normalize(tok, view), torch.from_numpy(np.asarray(coords, np.int64))))
+                        raw.append((tok, view))
                     kinds.append(token_kinds(tok, view))
                     coords_all.append(np.asarray(coords, np.int16))
                 if hist is not None:
                     feats.append(np.concatenate(hf).astype(np.float16))
                 else:
-                    feats.append(_forward(enc, pk, cfg.device, cast, readout).astype(np.float16))
+                    out = _forward(enc, pk, cfg.device, cast, readout)
+                    if cfg.append_histogram:  # the batch's rows are its views' tokens, view after view
+                        per_view = np.split(out, np.cumsum([len(t) for t, _ in raw])[:-1])
+                        out = np.concatenate(append_histograms(per_view, raw, cfg.append_histogram))
+                    feats.append(out.astype(np.float16))
                 kinds_all.extend(kinds)
                 for j in idx:
                     r = items[j]
@@ -328,7 +356,8 @@ def _check_or_write_meta(out_dir: str, meta: dict[str, Any]) -> None:
     if os.path.exists(path):
         with open(path) as fh:
             old = json.load(fh)
-        for key in ("format", "encoder_id", "cache_schema_hash", "policy_hash", "plan_hash", "readout_layers"):
+        for key in ("format", "encoder_id", "cache_schema_hash", "policy_hash", "plan_hash", "readout_layers",
+                    "histogram_bins"):
             if old.get(key) != meta.get(key):
                 raise FeatureStoreError(f"{out_dir}: holds features with another {key} "
                                         f"({str(old.get(key))[:16]} vs {str(meta[key])[:16]}); "
@@ -364,6 +393,7 @@ class FeatureStore:
         self.root = out_dir
         self.dim = int(self.meta["dim"])
         self.readout_layers: list[int] | None = self.meta.get("readout_layers")  # None: the last block
+        self.histogram_bins: int | None = self.meta.get("histogram_bins")  # embed --append-histogram
         missing = [i for i in range(self.meta["n_parts"]) if not os.path.isdir(_part_dir(out_dir, i))]
         if missing:
             raise FeatureStoreError(f"{out_dir}: incomplete, {len(missing)} of {self.meta['n_parts']} parts "
@@ -384,6 +414,12 @@ class FeatureStore:
         self.by_study: dict[str, list[ViewFeatures]] = {}
         for v in self.views:
             self.by_study.setdefault(v.study_key, []).append(v)
+
+    def head_features(self) -> dict[str, Any]:
+        """What a head fitted on these features records (``analyze`` rebuilds the same features):
+        the encoder, the blocks read, and any appended histogram bins."""
+        return {"encoder_id": self.meta["encoder_id"], "readout_layers": self.readout_layers,
+                "histogram_bins": self.histogram_bins}
 
     def studies(self) -> list[str]:
         return sorted(self.by_study)
