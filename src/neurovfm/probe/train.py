@@ -322,8 +322,9 @@ def save_head(folder: str, head: torch.nn.Module, head_cfg: HeadConfig, labels: 
               calibration: dict[str, Any] | None = None, thresholds: dict[str, float] | None = None,
               name: str = "head", features: dict[str, Any] | None = None) -> str:
     """Write ``<name>.safetensors`` and the ``heads.<name>`` entry of ``config.json``.
-    ``features``: what the head was fitted on (``encoder_id``, ``readout_layers``), so that
-    ``analyze`` encodes the same way and refuses heads of another encoder."""
+    ``features``: what the head was fitted on (``FeatureStore.head_features``: encoder, blocks,
+    appended histogram bins), so that ``analyze`` builds the same features and refuses heads of
+    another encoder."""
     os.makedirs(folder, exist_ok=True)
     if not os.path.exists(os.path.join(folder, "config.json")):
         write_json(os.path.join(folder, "config.json"), {"format": FORMAT, "format_version": FORMAT_VERSION})
