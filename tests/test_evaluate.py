@@ -237,7 +237,7 @@ def test_save_model_records_the_readout_and_refuses_another_encoder(world, tmp_p
     heads = read_config(saved)["heads"]
     assert set(heads) == {"head_ct", "head_mr"}
     for h in heads.values():
-        assert h["features"] == {"encoder_id": encoder_id(saved), "readout_layers": [5, 11]}
+        assert h["features"] == {"encoder_id": encoder_id(saved), "readout_layers": [5, 11], "histogram_bins": None}
     with open(tmp_path / "e1" / "metrics.json") as fh:  # the record names the blocks too
         assert json.load(fh)["features"]["mid"]["readout_layers"] == [5, 11]
     other = str(root / "model_b")

@@ -357,7 +357,7 @@ def test_intensity_target_is_kl_to_each_context_tokens_histogram(small):
 
 def test_intensity_target_changes_training_is_learned_and_logged(small, tmp_path):
     _, cache, splits = small
-    d = cfg_dict(cache, splits, str(tmp_path / "it"), epochs=3)
+    d = cfg_dict(cache, splits, str(tmp_path / "it"), epochs=6)
     d["optim"] = {"intensity_target": 1.0, "intensity_bins": 16, "lr": 1e-3}
     pretrain(config_from_dict(d), progress=False)
     d["optim"] = {"lr": 1e-3}
@@ -367,10 +367,11 @@ def test_intensity_target_changes_training_is_learned_and_logged(small, tmp_path
         rows = [(int(r["epoch"]), float(r["intensity_kl"])) for r in csv.DictReader(fh)]
     kl = [v for _, v in rows]
     assert len(kl) >= 6 and min(kl) > 0
-    # the head and the features learn the target: later epochs (the same studies, other masks) score a
-    # much lower KL than the first; per-step values vary with the batch, so epochs are compared
+    # the head and the features learn the target: the last epochs (the same studies, other masks) score
+    # a much lower KL than the first; per-step values vary with the batch (and the batch order with the
+    # fixture's random UIDs: 3 epochs gave a later/first ratio of 0.36-0.89), so epochs are compared
     first = np.mean([v for e, v in rows if e == 0])
-    later = np.mean([v for e, v in rows if e >= 2])
+    later = np.mean([v for e, v in rows if e >= 4])
     assert later < 0.75 * first, (first, later)
     wi, _ = _weights(str(tmp_path / "it"))
     wp, _ = _weights(str(tmp_path / "plain"))
