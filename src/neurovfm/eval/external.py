@@ -96,15 +96,14 @@ def _check_features(model: str, store: FeatureStore, cfg: ExternalConfig) -> Non
     if cfg.check_encoder:
         for name, meta in read_config(model).get("heads", {}).items():
             fitted = meta.get("features") or {}
-            if "readout_layers" in fitted and fitted["readout_layers"] != store.readout_layers:
-                raise ExternalEvalError(f"{store.root}: features read from encoder blocks "
-                                        f"{store.readout_layers or 'last'}, but {model}'s {name} was fitted on blocks "
-                                        f"{fitted['readout_layers'] or 'last'}; embed with the same --layers")
-            if fitted.get("histogram_bins") != store.histogram_bins:
-                raise ExternalEvalError(f"{store.root}: features with {store.histogram_bins or 'no'} appended histogram "
-                                        f"bins, but {model}'s {name} was fitted on "
-                                        f"{fitted.get('histogram_bins') or 'no'}; embed with the same "
-                                        "--append-histogram")
+            have = store.head_features()
+            # (key, what it is, the embed option); a head saved before a key existed was fitted on its default
+            for key, what, option in (("readout_layers", "encoder blocks", "--layers"),
+                                      ("histogram_bins", "appended histogram bins", "--append-histogram")):
+                if fitted.get(key) != have[key]:
+                    raise ExternalEvalError(f"{store.root}: features with {what} {have[key] or 'default'}, but "
+                                            f"{model}'s {name} was fitted on {fitted.get(key) or 'default'}; embed "
+                                            f"with the same {option}")
 
 
 def evaluate_modality(model: str, mod: str, store: FeatureStore, labels_csv: str, cfg: ExternalConfig

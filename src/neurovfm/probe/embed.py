@@ -187,10 +187,11 @@ class HistogramFeaturizer:
     def __call__(self, tok_u8: np.ndarray, view: str) -> np.ndarray:
         idx = (tok_u8.astype(np.int64) * self.bins) >> 8  # [n, T] bin of each voxel
         n = len(tok_u8)
-        out = np.zeros((n, self.dim), np.float32)
         block = HISTOGRAM_VIEWS.index(view) * self.bins
-        rows = np.repeat(np.arange(n), tok_u8.shape[1])
-        np.add.at(out, (rows, block + idx.ravel()), 1.0)
+        # one bincount over (token, column) cells: ~20x faster than np.add.at, the same counts
+        # (bench/encoder/histogram_featurizer.py); analyze runs this for heads on appended histograms
+        cells = (np.arange(n)[:, None] * self.dim + block + idx).ravel()
+        out = np.bincount(cells, minlength=n * self.dim).reshape(n, self.dim).astype(np.float32)
         out /= tok_u8.shape[1]
         return out
 
