@@ -244,6 +244,26 @@ def test_pointing_pairs_the_same_findings_and_resamples_patients(tmp_path, capsy
     assert json.loads((tmp_path / "p.json").read_text())["files"]["b"] == str(pb)
 
 
+def test_pointing_pairs_one_modality_against_a_file_with_both():
+    mod = _pointing_script()
+    rng = np.random.default_rng(1)
+    pats = [f"p{i // 2}" for i in range(40)]
+    ha, hb = rng.random(40) < 0.3, rng.random(40) < 0.6
+    a = _pointing_file(ha, np.full(40, 0.1), pats)
+    for i, r in enumerate(a["findings"]):
+        r["modality"] = "CT" if i % 4 < 2 else "MR"
+    ct = [i for i in range(40) if i % 4 < 2]
+    b = _pointing_file(hb[ct], np.full(len(ct), 0.3), [pats[i] for i in ct])
+    with pytest.raises(SystemExit, match="same findings"):
+        mod.paired(a, b)
+    res = mod.paired(a, b, bootstrap=300, modality="CT")
+    h = res["sources"]["head"]["hit"]
+    assert res["n_findings"] == 20 and res["modality"] == "CT" and res["n_patients"] == 10
+    assert h["a"] == pytest.approx(ha[ct].mean()) and h["b"] == pytest.approx(hb[ct].mean())
+    with pytest.raises(SystemExit, match="no findings to compare for modality 'PET'"):
+        mod.paired(a, b, modality="PET")
+
+
 # -- bad masks folders: a named, typed error, nothing half-read -------------------------------------------
 def test_bad_mask_folders_are_refused_by_file(tmp_path):
     import json
