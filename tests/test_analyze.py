@@ -522,3 +522,38 @@ def test_token_maps_of_a_mean_head_are_refused(archive, model):
     with pytest.raises(AnalyzeError, match="CT head \\(mean\\) has no token classifier"):
         an.score("CT", group, map_source="token")
     assert an.score("CT", group, map_source="head").p_cal.shape == (len(meta["labels"]),)
+
+
+def test_token_maps_of_a_mean_head_are_refused_before_any_study_is_read(archive, model, tmp_path, monkeypatch):
+    """analyze and pointing refuse up front (the model folder names the head kind), not after
+    ingesting and encoding a study."""
+    import shutil
+
+    from neurovfm.analyze.config import AnalyzeConfig
+    from neurovfm.analyze.pipeline import AnalyzeError, Analyzer
+    from neurovfm.explain.pointing import PointingConfig, run_pointing
+
+    folder = str(tmp_path / "mean_model")
+    shutil.copytree(model, folder)
+    from neurovfm.probe.heads import HeadConfig, build_head
+    from neurovfm.probe.train import save_head
+
+    meta = read_config(folder)["heads"]["head_mr"]
+    save_head(folder, build_head(HeadConfig(kind="mean"), meta["dim"], len(meta["labels"])), HeadConfig(kind="mean"),
+              meta["labels"], name="head_mr", features=meta.get("features"))
+    with pytest.raises(AnalyzeError, match="MR head \\(mean\\) has no token classifier"):
+        Analyzer(folder, AnalyzeConfig(map_source="token"))
+    for src in ("head", "contribution"):
+        Analyzer(folder, AnalyzeConfig(map_source=src)).check_map_source(src)
+    import neurovfm.explain.pointing as pointing_mod
+
+    def no_reading(*a, **k):
+        raise AssertionError("a study was read before the refusal")
+
+    monkeypatch.setattr(pointing_mod, "read_study", no_reading)
+    with pytest.raises(AnalyzeError, match="MR head \\(mean\\)"):
+        run_pointing(archive["root"], folder, str(tmp_path / "p"), PointingConfig(map_sources=("head", "token")),
+                     progress=False)
+    assert not os.path.exists(tmp_path / "p")
+    p = analyze_cli(archive["ct"], "--out", str(tmp_path / "a"), "--map-source", "token", "--quiet", model=folder)
+    assert p.returncode != 0 and "has no token classifier" in p.stderr and not os.path.exists(tmp_path / "a" / "result.json")

@@ -214,8 +214,19 @@ class Analyzer:
                                    f"{fitted_on[:12]}, but this folder's encoder is "
                                    f"{self.model_info['encoder_id'][:12]}; save the heads again with "
                                    "`neurovfm evaluate ... --save-model` from this encoder's features")
+        self.check_map_source(self.cfg.map_source)
         self.load_s = time.perf_counter() - t
         self._progress = lambda step, fraction: None
+
+    def check_map_source(self, source: str) -> None:
+        """Refuse a map source some head cannot draw, before any study is read (a ``token`` map
+        needs a token classifier, which mean-pooling heads lack)."""
+        if source != "token":
+            return
+        for mod, (_, hmeta) in self.heads.items():
+            if hmeta["head"]["kind"] == "mean":
+                raise AnalyzeError(f"{self.model}: the {mod} head (mean) has no token classifier; "
+                                   "use --map-source head or contribution")
 
     # -- one study ------------------------------------------------------------------------------
     def run(self, study: str, out: str, log=None, progress=None, indication: str | None = None) -> dict[str, Any]:

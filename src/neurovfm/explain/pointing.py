@@ -70,6 +70,8 @@ def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None 
     with open(rec_path) as fh:
         records = [json.loads(line) for line in fh if line.strip()]
     an = Analyzer(model, AnalyzeConfig(maps="none"))
+    for src in cfg.map_sources:
+        an.check_map_source(src)
     todo = [r for r in records if r["split"] == cfg.split and r["modality"] in an.heads
             and any(f["size_mm"] >= cfg.min_size_mm and f["label"] in an.heads[r["modality"]][1]["labels"]
                     for f in r["findings"])]
