@@ -3,8 +3,10 @@
 #   synthetic hospital archive (real DICOM + ground truth) -> ingest -> resume -> PHI audit
 #   -> ground truth re-keyed to the cache's keys -> cache summary -> a short Vol-JEPA pretraining
 #   (ViT-Tiny, train split, resumed once) -> frozen features of the pretrained and a random-init
-#   encoder and the histogram baseline -> study-level heads evaluated on the test split (and saved
-#   into the model with calibration, operating points and distance-to-training) -> `analyze` of one
+#   encoder and the histogram baseline -> study-level heads evaluated on the test split, trained with
+#   the train split's lesion masks as a second target (`--token-masks`: maps that point; validation and
+#   test never see a mask) and saved into the model with calibration, operating points and
+#   distance-to-training -> `analyze` of one
 #   test study with that model and with the shipped demo model -> a draft findings report of that
 #   study (shipped report model on SmolLM2-135M-Instruct, with the consistency guard) -> pointing game.
 # SMOKE=1 (`make demo-smoke`, run by CI): the same path with fewer steps and baselines.
@@ -52,9 +54,10 @@ for m in "${FEATS[@]}"; do
   $BIN/neurovfm embed "${m#*:}" "$OUT/cache" "$OUT/features/${m%%:*}" --quiet > /dev/null
   ARGS+=("${m%%:*}=$OUT/features/${m%%:*}")
 done
-echo "== evaluate: heads on train, choices on validation, numbers on test; heads saved into the model =="
+echo "== evaluate: heads on train (labels + lesion masks), choices on validation, numbers on test; heads saved into the model =="
 $BIN/neurovfm evaluate --features "${ARGS[@]}" --labels "$OUT/keyed/labels_keyed.csv" --cache "$OUT/cache" \
-  --out "$OUT/eval" --min-test-positives 1 --bootstrap "$BOOT" --epochs "$EPOCHS" --save-model "$OUT/pretrain/model" --quiet
+  --out "$OUT/eval" --min-test-positives 1 --bootstrap "$BOOT" --epochs "$EPOCHS" --token-masks "$OUT/archive" \
+  --save-model "$OUT/pretrain/model" --quiet
 echo "== analyze: one test study, DICOM folder -> findings, triage, maps =="
 STUDY=$($BIN/python -c "import json,os,sys; rs=[json.loads(l) for l in open(sys.argv[1]+'/records.jsonl')]; \
 r=next(r for r in rs if r['split']=='test'); print(os.path.join(sys.argv[1], os.path.dirname(r['series'][0]['path'])))" "$OUT/archive")
