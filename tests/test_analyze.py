@@ -529,15 +529,15 @@ def test_token_maps_of_a_mean_head_are_refused_before_any_study_is_read(archive,
     ingesting and encoding a study."""
     import shutil
 
+    import neurovfm.explain.pointing as pointing_mod
     from neurovfm.analyze.config import AnalyzeConfig
     from neurovfm.analyze.pipeline import AnalyzeError, Analyzer
     from neurovfm.explain.pointing import PointingConfig, run_pointing
-
-    folder = str(tmp_path / "mean_model")
-    shutil.copytree(model, folder)
     from neurovfm.probe.heads import HeadConfig, build_head
     from neurovfm.probe.train import save_head
 
+    folder = str(tmp_path / "mean_model")
+    shutil.copytree(model, folder)
     meta = read_config(folder)["heads"]["head_mr"]
     save_head(folder, build_head(HeadConfig(kind="mean"), meta["dim"], len(meta["labels"])), HeadConfig(kind="mean"),
               meta["labels"], name="head_mr", features=meta.get("features"))
@@ -545,7 +545,6 @@ def test_token_maps_of_a_mean_head_are_refused_before_any_study_is_read(archive,
         Analyzer(folder, AnalyzeConfig(map_source="token"))
     for src in ("head", "contribution"):
         Analyzer(folder, AnalyzeConfig(map_source=src)).check_map_source(src)
-    import neurovfm.explain.pointing as pointing_mod
 
     def no_reading(*a, **k):
         raise AssertionError("a study was read before the refusal")
