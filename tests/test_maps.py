@@ -204,3 +204,17 @@ def test_pointing_summary_resamples_patients_not_findings():
     width = [s["hit_minus_uniform_ci95"][1] - s["hit_minus_uniform_ci95"][0] for s in (spread, clustered)]
     assert width[1] > 1.8 * width[0]
     assert clustered["by_label"]["CT:epidural_hematoma"] == {"n": 60, "hit_rate": pytest.approx(0.4)}
+    # per modality: each modality's own findings, patients and rates
+    mixed = rows(hits, [f"p{i % 10}" for i in range(60)])
+    for i, r in enumerate(mixed):
+        if i % 3 == 0:
+            r.update(modality="MR", uniform_hit=0.3, mass_inside=0.5)
+    bm = summarize(mixed, cfg)["by_modality"]
+    mr = [i for i in range(60) if i % 3 == 0]
+    ct = [i for i in range(60) if i % 3]
+    assert set(bm) == {"CT", "MR"}
+    assert bm["MR"] == {"n_findings": 20, "n_patients": len({i % 10 for i in mr}),
+                        "hit_rate": pytest.approx(np.mean([hits[i] for i in mr])), "uniform_hit_rate": pytest.approx(0.3),
+                        "mass_inside_lesion": pytest.approx(0.5)}
+    assert bm["CT"]["n_findings"] == 40 and bm["CT"]["hit_rate"] == pytest.approx(np.mean([hits[i] for i in ct]))
+    assert bm["CT"]["uniform_hit_rate"] == pytest.approx(0.1)

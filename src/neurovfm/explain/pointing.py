@@ -138,8 +138,13 @@ def summarize(rows: list[dict[str, Any]], cfg: PointingConfig) -> dict[str, Any]
     by_label: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         by_label[f"{r['modality']}:{r['label']}"].append(float(r["hit"]))
+    mods = np.array([r["modality"] for r in rows])
+    by_modality = {m: {"n_findings": int((mods == m).sum()), "n_patients": int(len(np.unique(pats[mods == m]))),
+                       "hit_rate": float(hit[mods == m].mean()), "uniform_hit_rate": float(uni[mods == m].mean()),
+                       "mass_inside_lesion": float(mass[mods == m].mean())} for m in sorted(set(mods))}
     return {"n_findings": len(rows), "n_patients": int(len(np.unique(pats))), "hit_rate": float(hit.mean()),
             "uniform_hit_rate": float(uni.mean()),
             "hit_minus_uniform_ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
             "mass_inside_lesion": float(mass.mean()), "uniform_mass_inside_lesion": float(uni.mean()),
+            "by_modality": by_modality,
             "by_label": {k: {"n": len(v), "hit_rate": float(np.mean(v))} for k, v in sorted(by_label.items())}}
