@@ -54,7 +54,7 @@ for m in "${FEATS[@]}"; do
   $BIN/neurovfm embed "${m#*:}" "$OUT/cache" "$OUT/features/${m%%:*}" --quiet > /dev/null
   ARGS+=("${m%%:*}=$OUT/features/${m%%:*}")
 done
-echo "== evaluate: heads on train (labels + lesion masks), choices on validation, numbers on test; heads saved into the model =="
+echo "== evaluate: heads on train (labels + lesion masks), choices on validation, numbers on test =="
 $BIN/neurovfm evaluate --features "${ARGS[@]}" --labels "$OUT/keyed/labels_keyed.csv" --cache "$OUT/cache" \
   --out "$OUT/eval" --min-test-positives 1 --bootstrap "$BOOT" --epochs "$EPOCHS" --token-masks "$OUT/archive" \
   --save-model "$OUT/pretrain/model" --quiet

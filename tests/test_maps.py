@@ -214,7 +214,8 @@ def test_pointing_summary_resamples_patients_not_findings():
     ct = [i for i in range(60) if i % 3]
     assert set(bm) == {"CT", "MR"}
     assert bm["MR"] == {"n_findings": 20, "n_patients": len({i % 10 for i in mr}),
-                        "hit_rate": pytest.approx(np.mean([hits[i] for i in mr])), "uniform_hit_rate": pytest.approx(0.3),
+                        "hit_rate": pytest.approx(np.mean([hits[i] for i in mr])),
+                        "uniform_hit_rate": pytest.approx(0.3),
                         "mass_inside_lesion": pytest.approx(0.5)}
     assert bm["CT"]["n_findings"] == 40 and bm["CT"]["hit_rate"] == pytest.approx(np.mean([hits[i] for i in ct]))
     assert bm["CT"]["uniform_hit_rate"] == pytest.approx(0.1)

@@ -35,7 +35,8 @@ def paired(a: dict, b: dict, bootstrap: int = 1000, seed: int = 0, modality: str
         raise SystemExit("no findings to compare" + (f" for modality {modality!r}" if modality else ""))
     pats = np.array([r["patient"] for r in ra])
     w = patient_weights(pats, bootstrap, seed)
-    out = {"modality": modality, "n_findings": len(ra), "n_patients": int(len(np.unique(pats))), "bootstrap": bootstrap, "seed": seed,
+    out = {"modality": modality, "n_findings": len(ra), "n_patients": int(len(np.unique(pats))),
+           "bootstrap": bootstrap, "seed": seed,
            "uniform_hit_rate": float(np.mean([r["uniform_hit"] for r in ra])), "sources": {}}
     for src in a["config"]["map_sources"]:
         if src not in b["config"]["map_sources"]:

@@ -803,8 +803,9 @@ def cmd_pointing(a: argparse.Namespace) -> int:
               f"{sm['hit_minus_uniform_ci95'][0]:+.3f} to {sm['hit_minus_uniform_ci95'][1]:+.3f}); map mass inside "
               f"lesion {sm['mass_inside_lesion']:.3f} vs uniform {sm['uniform_mass_inside_lesion']:.3f}")
         if len(sm["by_modality"]) > 1:
-            print("  " + "; ".join(f"{m}: hit rate {x['hit_rate']:.3f} ({x['n_findings']} findings, {x['n_patients']} "
-                                   f"patients; uniform {x['uniform_hit_rate']:.3f})" for m, x in sm["by_modality"].items()))
+            print("  " + "; ".join(f"{m}: hit rate {x['hit_rate']:.3f} ({x['n_findings']} findings, "
+                                   f"{x['n_patients']} patients; uniform {x['uniform_hit_rate']:.3f})"
+                                   for m, x in sm["by_modality"].items()))
     print(f"details: {os.path.join(a.out, 'pointing.json')}")
     return 0
 
