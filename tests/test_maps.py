@@ -179,6 +179,28 @@ def test_attention_rollout_keeps_mass_and_spreads_it():
     assert (out[:7, 0] > 0).sum() > 1  # spread over the inputs of token 3
 
 
+def test_pointing_hit_counts_tied_top_tokens_by_their_share_in_the_lesion():
+    """A top-k head's map is flat over the tokens it picked: the hit is the share of the tied top
+    tokens inside the lesion, the same whatever order the tokens come in."""
+    from neurovfm.explain.pointing import pointing_hit
+
+    rng = np.random.default_rng(0)
+    inside = np.zeros(50, bool)
+    inside[[3, 17]] = True
+    w = rng.random(50) * 0.1
+    w[17] = 0.5  # one clear peak, in the lesion
+    assert pointing_hit(w, inside) == 1.0
+    w[17] = 0.05
+    w[[3, 20, 30, 40]] = 0.25  # four tied tokens, one of them in the lesion
+    w[20] += 1e-12  # a sum over views that differs in the last bits still ties
+    assert pointing_hit(w, inside) == pytest.approx(0.25)
+    for _ in range(5):
+        perm = rng.permutation(50)
+        assert pointing_hit(w[perm], inside[perm]) == pytest.approx(0.25)
+    assert pointing_hit(np.zeros(50), inside) == 0.0  # no positive evidence points at nothing
+    assert pointing_hit(np.r_[np.zeros(49), 1.0], inside) == 0.0
+
+
 def test_pointing_summary_resamples_patients_not_findings():
     """The hit-rate interval comes from a patient bootstrap: a sure hit is an interval of width
     zero, and findings that cluster in few patients (hits shared within a patient) give a wider

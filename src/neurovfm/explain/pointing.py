@@ -61,6 +61,21 @@ def token_lesion_overlap(ts: Any, mask_img: nib.Nifti1Image, patch: tuple[int, i
     return out
 
 
+TIE_RTOL = 1e-9  # map values this close to the top one count as tied with it (sums over views differ in the last bits)
+
+
+def pointing_hit(weights: np.ndarray, inside: np.ndarray) -> float:
+    """The pointing game's hit for one finding: 1 when the map's highest token lies in the lesion.
+    When several tokens tie for the highest value (a top-k head's map is flat over the tokens it
+    picked), the share of them inside the lesion: the expected hit of a random tie-break, so the
+    score never depends on token order. A map with no positive evidence (an all-zero contribution
+    map) points at nothing: 0."""
+    if weights.size == 0 or not weights.max() > 0:
+        return 0.0
+    top = weights >= weights.max() * (1 - TIE_RTOL)
+    return float(inside[top].mean())
+
+
 def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None = None,
                  progress: bool = True) -> dict[str, Any]:
     cfg = cfg or PointingConfig()
@@ -111,8 +126,7 @@ def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None 
                    "calibrated_probability": float(sc.p_cal[j])}
             for src, scs in scores.items():
                 w = np.concatenate([pw[:, j] for pw in scs.per_series_w])
-                # no positive evidence anywhere (an all-zero contribution map) points at nothing
-                row[f"hit_{src}"] = bool(w.max() > 0 and hit_tokens[int(np.argmax(w))])
+                row[f"hit_{src}"] = pointing_hit(w, hit_tokens)
                 row[f"mass_inside_{src}"] = float(w[hit_tokens].sum() / w.sum()) if w.sum() > 0 else 0.0
             rows.append(row)
     per_source = {src: summarize([{**r, "hit": r[f"hit_{src}"], "mass_inside": r[f"mass_inside_{src}"]}
