@@ -256,11 +256,11 @@ def test_external_evaluation_refuses_features_of_other_blocks(setup, tmp_path):
     update_config(folder, heads={"head_ct": {"features": {"encoder_id": encoder_id(folder), "readout_layers": None}}})
     _check_features(folder, store, ExternalConfig())  # the blocks the head was fitted on: fine
     update_config(folder, heads={"head_ct": {"features": {"encoder_id": encoder_id(folder), "readout_layers": [3]}}})
-    with pytest.raises(ExternalEvalError, match="encoder blocks default, but .* fitted on \\[3\\]"):
+    with pytest.raises(ExternalEvalError, match="encoder blocks the last, but .* fitted on \\[3\\]"):
         _check_features(folder, store, ExternalConfig())
     update_config(folder, heads={"head_ct": {"features": {"encoder_id": encoder_id(folder), "readout_layers": None,
                                                           "histogram_bins": 8}}})
-    with pytest.raises(ExternalEvalError, match="appended histogram bins default, but .* fitted on 8"):
+    with pytest.raises(ExternalEvalError, match="appended histogram bins none, but .* fitted on 8"):
         _check_features(folder, store, ExternalConfig())
 
 

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from neurovfm.probe.embed import HISTOGRAM_VIEWS, HistogramFeaturizer
+from neurovfm.tokens.cache import atomic_write_text
 
 
 def scatter_add(tok_u8: np.ndarray, view: str, bins: int) -> np.ndarray:
@@ -53,8 +54,7 @@ def main() -> int:
            "command": "python bench/encoder/histogram_featurizer.py" + (f" --out {a.out}" if a.out else "")}
     print(json.dumps(res, indent=1))
     if a.out:
-        with open(a.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+        atomic_write_text(a.out, json.dumps(res, indent=1))
     return 0 if same else 1
 
 

@@ -220,13 +220,18 @@ class Analyzer:
 
     def check_map_source(self, source: str) -> None:
         """Refuse a map source some head cannot draw, before any study is read (a ``token`` map
-        needs a token classifier, which mean-pooling heads lack)."""
+        needs a token classifier, which mean-pooling heads lack: asked of ``heads.token_logits``,
+        the function that draws the map, on one zero token)."""
         if source != "token":
             return
-        for mod, (_, hmeta) in self.heads.items():
-            if hmeta["head"]["kind"] == "mean":
-                raise AnalyzeError(f"{self.model}: the {mod} head (mean) has no token classifier; "
-                                   "use --map-source head or contribution")
+        from neurovfm.probe.heads import token_logits
+
+        for mod, (head, hmeta) in self.heads.items():
+            with torch.inference_mode():
+                none = token_logits(head, torch.zeros(1, head_input_dim(head))) is None
+            if none:
+                raise AnalyzeError(f"{self.model}: the {mod} head ({hmeta['head']['kind']}) has no token "
+                                   "classifier; use --map-source head or contribution")
 
     # -- one study ------------------------------------------------------------------------------
     def run(self, study: str, out: str, log=None, progress=None, indication: str | None = None) -> dict[str, Any]:

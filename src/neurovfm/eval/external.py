@@ -94,15 +94,17 @@ def _check_features(model: str, store: FeatureStore, cfg: ExternalConfig) -> Non
                                     f"{want[:12]}; embed the external cache with this model folder (or pass "
                                     "--no-encoder-check if the heads were fitted on other features)")
     if cfg.check_encoder:
+        have = store.head_features()
         for name, meta in read_config(model).get("heads", {}).items():
             fitted = meta.get("features") or {}
-            have = store.head_features()
-            # (key, what it is, the embed option); a head saved before a key existed was fitted on its default
-            for key, what, option in (("readout_layers", "encoder blocks", "--layers"),
-                                      ("histogram_bins", "appended histogram bins", "--append-histogram")):
+            # (key, what it is, what None means, the embed option); a head saved before a key existed
+            # was fitted on its default
+            for key, what, default, option in (("readout_layers", "encoder blocks", "the last", "--layers"),
+                                               ("histogram_bins", "appended histogram bins", "none",
+                                                "--append-histogram")):
                 if fitted.get(key) != have[key]:
-                    raise ExternalEvalError(f"{store.root}: features with {what} {have[key] or 'default'}, but "
-                                            f"{model}'s {name} was fitted on {fitted.get(key) or 'default'}; embed "
+                    raise ExternalEvalError(f"{store.root}: features with {what} {have[key] or default}, but "
+                                            f"{model}'s {name} was fitted on {fitted.get(key) or default}; embed "
                                             f"with the same {option}")
 
 
