@@ -262,6 +262,10 @@ def test_external_evaluation_refuses_features_of_other_blocks(setup, tmp_path):
                                                           "histogram_bins": 8}}})
     with pytest.raises(ExternalEvalError, match="appended histogram bins none, but .* fitted on 8"):
         _check_features(folder, store, ExternalConfig())
+    update_config(folder, heads={"head_ct": {"features": {"encoder_id": encoder_id(folder), "readout_layers": None,
+                                                          "context_radius": 1}}})  # embed --append-context 1
+    with pytest.raises(ExternalEvalError, match="a neighbourhood radius none, but .* fitted on 1"):
+        _check_features(folder, store, ExternalConfig())
 
 
 def test_feature_rank_bench_uses_the_splits_tokens(setup):

@@ -126,9 +126,16 @@ def cmd_embed(a: argparse.Namespace) -> int:
     cfg = EmbedConfig(tokens_per_batch=a.tokens_per_batch, part_tokens=a.part_tokens,
                       ct_windows=a.ct_windows.split(",") if a.ct_windows else None, device=a.device,
                       precision=a.precision, splits=a.splits.split(",") if a.splits else [],
-                      layers=a.layers, append_histogram=a.append_histogram)
+                      layers=a.layers, append_histogram=a.append_histogram, append_context=a.append_context)
     res = embed(a.model, a.cache, a.out, cfg, splits_csv=a.splits_csv, shard=a.shard, progress=not a.quiet)
     print(json.dumps(res))
+    return 0
+
+
+def cmd_add_context(a: argparse.Namespace) -> int:
+    from neurovfm.probe.context import derive_context_store
+
+    print(json.dumps(derive_context_store(a.features, a.out, a.radius, progress=not a.quiet)))
     return 0
 
 
@@ -402,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--append-histogram", type=int, metavar="BINS",
                    help="append each token's intensity histogram (BINS bins per view, as histogram:BINS) to the "
                         "encoder's features; heads saved from them make `analyze` append the same")
+    s.add_argument("--append-context", type=int, metavar="RADIUS",
+                   help="append each token's neighbourhood (mean features of the other tokens of its series view "
+                        "within RADIUS grid steps; doubles the dimension); heads saved from them make `analyze` "
+                        "append the same")
     s.add_argument("--tokens-per-batch", type=int, default=16384)
     s.add_argument("--part-tokens", type=int, default=200_000, help="tokens per resumable part")
     s.add_argument("--device", default="cpu")
@@ -409,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/N", help="process parts i, i+N, ...")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_embed)
+
+    s = sub.add_parser("add-context", help="a copy of a feature folder with each token's neighbourhood appended "
+                       "(as embed --append-context, without rerunning the encoder; resumable)")
+    s.add_argument("features", help="feature folder made by `neurovfm embed`")
+    s.add_argument("out", help="new feature folder (created, or resumed)")
+    s.add_argument("--radius", type=int, default=1, help="neighbourhood in token grid steps (default 1: 3x3x3)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_add_context)
 
     s = sub.add_parser("init-model", help="write a random-init encoder model folder (a baseline)")
     s.add_argument("out")

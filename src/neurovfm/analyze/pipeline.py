@@ -31,6 +31,7 @@ from neurovfm.ingest.pipeline import Unit, discover, process_unit
 from neurovfm.ingest.policy import DEFAULT_POLICY
 from neurovfm.models.folder import ModelFolderError, load_encoder, read_config, read_provenance
 from neurovfm.privacy.keys import Keyer
+from neurovfm.probe.context import append_context
 from neurovfm.probe.embed import append_histograms, encode_views, encoder_id
 from neurovfm.probe.heads import head_input_dim
 from neurovfm.probe.train import load_head
@@ -303,6 +304,8 @@ class Analyzer:
         t = time.perf_counter()
         bins = (hmeta.get("features") or {}).get("histogram_bins")  # embed --append-histogram
         head_in = append_histograms(feats, [(v[0], v[2]) for v in views], bins)
+        radius = (hmeta.get("features") or {}).get("context_radius")  # embed --append-context
+        head_in = append_context(head_in, [v[1] for v in views], radius)
         bag = torch.from_numpy(np.concatenate(head_in).astype(np.float32))
         n_tok = int(bag.shape[0])
         with torch.inference_mode():

@@ -101,9 +101,11 @@ def _check_features(model: str, store: FeatureStore, cfg: ExternalConfig) -> Non
             # was fitted on its default
             for key, what, default, option in (("readout_layers", "encoder blocks", "the last", "--layers"),
                                                ("histogram_bins", "appended histogram bins", "none",
-                                                "--append-histogram")):
-                if fitted.get(key) != have[key]:
-                    raise ExternalEvalError(f"{store.root}: features with {what} {have[key] or default}, but "
+                                                "--append-histogram"),
+                                               ("context_radius", "a neighbourhood radius", "none",
+                                                "--append-context")):
+                if fitted.get(key) != have.get(key):
+                    raise ExternalEvalError(f"{store.root}: features with {what} {have.get(key) or default}, but "
                                             f"{model}'s {name} was fitted on {fitted.get(key) or default}; embed "
                                             f"with the same {option}")
 

@@ -34,6 +34,7 @@ from neurovfm.models.config import EncoderConfig
 from neurovfm.models.encoder import resolve_readout
 from neurovfm.models.folder import load_encoder, read_config
 from neurovfm.models.packing import Packed
+from neurovfm.probe.context import ContextError, append_context, check_radius
 from neurovfm.pretrain.data import read_splits, token_kinds
 from neurovfm.tokens.cache import TokenCache, atomic_write_text, schema_hash
 from neurovfm.tokens.normalize import normalize, view_of
@@ -65,12 +66,20 @@ class EmbedConfig:
     # encoder's features: a head then reads what the network learned and the token's raw intensity
     # distribution side by side (None: encoder features only)
     append_histogram: int | None = None
+    # append each token's neighbourhood: the mean features of the other tokens of its series view
+    # within this many grid steps (probe.context; None: none). Doubles the dimension.
+    append_context: int | None = None
 
     def __post_init__(self) -> None:
         if self.tokens_per_batch < 16 or self.part_tokens < 16:
             raise ValueError("tokens_per_batch and part_tokens must be at least 16")
         if self.append_histogram is not None and not 2 <= self.append_histogram <= 256:
             raise ValueError(f"append_histogram (bins) must be in 2..256, not {self.append_histogram}")
+        if self.append_context is not None:
+            try:
+                check_radius(self.append_context)
+            except ContextError as e:
+                raise ValueError(str(e)) from None
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
 
@@ -243,6 +252,8 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
                                 "the histogram baseline is histograms already")
     if cfg.append_histogram:
         dim += HistogramFeaturizer(cfg.append_histogram).dim
+    if cfg.append_context:
+        dim *= 2
     try:
         readout = None if hist else readout_of(EncoderConfig.from_dict(described).depth, cfg.layers)
     except ValueError as e:
@@ -262,6 +273,8 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
             "dtype": "float16", "options": {"ct_windows": cfg.ct_windows, "splits": cfg.splits},
             "readout_layers": readout, "histogram_bins": cfg.append_histogram,
         }
+        if cfg.append_context:  # absent otherwise, so folders made before the option keep their meta
+            meta["context_radius"] = cfg.append_context
         os.makedirs(os.path.join(out_dir, "parts"), exist_ok=True)
         _check_or_write_meta(out_dir, meta)
         mine = [i for i in range(len(parts)) if i % n_shards == k]
@@ -287,13 +300,17 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
                     kinds.append(token_kinds(tok, view))
                     coords_all.append(np.asarray(coords, np.int16))
                 if hist is not None:
-                    feats.append(np.concatenate(hf).astype(np.float16))
+                    out = np.concatenate(hf)
                 else:
                     out = _forward(enc, pk, cfg.device, cast, readout)
                     if cfg.append_histogram:  # the batch's rows are its views' tokens, view after view
                         per_view = np.split(out, np.cumsum([len(t) for t, _ in raw])[:-1])
                         out = np.concatenate(append_histograms(per_view, raw, cfg.append_histogram))
-                    feats.append(out.astype(np.float16))
+                if cfg.append_context:
+                    lens = [items[j].n_tokens for j in idx]
+                    per_view = np.split(out, np.cumsum(lens)[:-1])
+                    out = np.concatenate(append_context(per_view, coords_all[-len(idx):], cfg.append_context))
+                feats.append(out.astype(np.float16))
                 kinds_all.extend(kinds)
                 for j in idx:
                     r = items[j]
@@ -353,13 +370,24 @@ def _part_dir(out_dir: str, i: int) -> str:
     return os.path.join(out_dir, "parts", f"p{i:05d}")
 
 
+def read_part(out_dir: str, i: int, dim: int) -> tuple[list[dict], np.memmap, np.memmap, np.memmap]:
+    """One part of a feature folder: its view rows and memory-mapped features, coords and kinds."""
+    d = _part_dir(out_dir, i)
+    with open(os.path.join(d, "index.json")) as fh:
+        rows = json.load(fh)
+    n = sum(r["n_tokens"] for r in rows)
+    return (rows, np.memmap(os.path.join(d, "feats.f16"), np.float16, "r", shape=(n, dim)),
+            np.memmap(os.path.join(d, "coords.i16"), np.int16, "r", shape=(n, 3)),
+            np.memmap(os.path.join(d, "kinds.i8"), np.int8, "r", shape=(n,)))
+
+
 def _check_or_write_meta(out_dir: str, meta: dict[str, Any]) -> None:
     path = os.path.join(out_dir, "meta.json")
     if os.path.exists(path):
         with open(path) as fh:
             old = json.load(fh)
         for key in ("format", "encoder_id", "cache_schema_hash", "policy_hash", "plan_hash", "readout_layers",
-                    "histogram_bins"):
+                    "histogram_bins", "context_radius"):
             if old.get(key) != meta.get(key):
                 raise FeatureStoreError(f"{out_dir}: holds features with another {key} "
                                         f"({str(old.get(key))[:16]} vs {str(meta[key])[:16]}); "
@@ -396,19 +424,14 @@ class FeatureStore:
         self.dim = int(self.meta["dim"])
         self.readout_layers: list[int] | None = self.meta.get("readout_layers")  # None: the last block
         self.histogram_bins: int | None = self.meta.get("histogram_bins")  # embed --append-histogram
+        self.context_radius: int | None = self.meta.get("context_radius")  # embed --append-context
         missing = [i for i in range(self.meta["n_parts"]) if not os.path.isdir(_part_dir(out_dir, i))]
         if missing:
             raise FeatureStoreError(f"{out_dir}: incomplete, {len(missing)} of {self.meta['n_parts']} parts "
                                     f"missing (e.g. p{missing[0]:05d}); rerun `neurovfm embed` (it resumes)")
         self.views: list[ViewFeatures] = []
         for i in range(self.meta["n_parts"]):
-            d = _part_dir(out_dir, i)
-            with open(os.path.join(d, "index.json")) as fh:
-                rows = json.load(fh)
-            n = sum(r["n_tokens"] for r in rows)
-            f = np.memmap(os.path.join(d, "feats.f16"), np.float16, "r", shape=(n, self.dim))
-            c = np.memmap(os.path.join(d, "coords.i16"), np.int16, "r", shape=(n, 3))
-            kd = np.memmap(os.path.join(d, "kinds.i8"), np.int8, "r", shape=(n,))
+            rows, f, c, kd = read_part(out_dir, i, self.dim)
             for r in rows:
                 s, e = r["offset"], r["offset"] + r["n_tokens"]
                 self.views.append(ViewFeatures(r["series_key"], r["study_key"], r["modality"], r["view"],
@@ -419,9 +442,13 @@ class FeatureStore:
 
     def head_features(self) -> dict[str, Any]:
         """What a head fitted on these features records (``analyze`` rebuilds the same features):
-        the encoder, the blocks read, and any appended histogram bins."""
-        return {"encoder_id": self.meta["encoder_id"], "readout_layers": self.readout_layers,
-                "histogram_bins": self.histogram_bins}
+        the encoder, the blocks read, any appended histogram bins and, when used, the
+        neighbourhood radius (absent otherwise, so older heads' records still compare equal)."""
+        out = {"encoder_id": self.meta["encoder_id"], "readout_layers": self.readout_layers,
+               "histogram_bins": self.histogram_bins}
+        if self.context_radius:
+            out["context_radius"] = self.context_radius
+        return out
 
     def studies(self) -> list[str]:
         return sorted(self.by_study)
