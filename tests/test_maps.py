@@ -241,3 +241,28 @@ def test_pointing_summary_resamples_patients_not_findings():
                         "mass_inside_lesion": pytest.approx(0.5)}
     assert bm["CT"]["n_findings"] == 40 and bm["CT"]["hit_rate"] == pytest.approx(np.mean([hits[i] for i in ct]))
     assert bm["CT"]["uniform_hit_rate"] == pytest.approx(0.1)
+
+
+def test_pointing_trials_pool_the_lesions_of_a_label_in_a_study():
+    """One trial per (study, label): a hit on any lesion of that label counts (two gliomas, one
+    map); smaller lesions of the label count as hits too but make no trial of their own; labels
+    the head does not score, and lesions no token overlaps, make none. Per lesion: one trial each."""
+    from neurovfm.explain.pointing import pointing_trials
+
+    ov = np.zeros((6, 5), bool)  # 6 tokens, mask values 0..4
+    ov[0, 1] = ov[1, 2] = ov[2, 3] = True  # lesions 1, 2, 3 each touch one token; lesion 4 touches none
+    f = [{"label": "glioma", "mask_index": 1, "size_mm": 30.0, "side": "left"},
+         {"label": "glioma", "mask_index": 2, "size_mm": 12.0, "side": "right"},
+         {"label": "glioma", "mask_index": 3, "size_mm": 6.0, "side": "right"},
+         {"label": "edema", "mask_index": 3, "size_mm": 6.0, "side": "right"},  # too small for a trial
+         {"label": "stroke", "mask_index": 4, "size_mm": 20.0, "side": "left"},  # outside every token
+         {"label": "unscored", "mask_index": 1, "size_mm": 30.0, "side": "left"}]
+    labels = ["glioma", "edema", "stroke"]
+    (t,) = pointing_trials(f, ov, labels, 10.0)
+    assert t["label"] == "glioma" and t["n_lesions"] == 3 and t["size_mm"] == 30.0 and t["side"] == "left+right"
+    assert t["inside"].tolist() == [True, True, True, False, False, False]
+    sep = pointing_trials(f, ov, labels, 10.0, pool_same_label=False)
+    assert [(x["label"], x["size_mm"], x["side"], x["n_lesions"]) for x in sep] == [("glioma", 30.0, "left", 1),
+                                                                                     ("glioma", 12.0, "right", 1)]
+    assert [x["inside"].nonzero()[0].tolist() for x in sep] == [[0], [1]]
+    assert pointing_trials(f, ov, labels, 40.0) == []

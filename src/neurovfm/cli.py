@@ -628,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test")
     s.add_argument("--min-size-mm", type=float, default=10.0)
     s.add_argument("--max-studies", type=int)
+    s.add_argument("--per-lesion", action="store_true",
+                   help="one trial per lesion (default: one per study and label, a hit on any of its lesions)")
     s.add_argument("--map-sources", default="head,contribution",
                    help="comma-separated map kinds scored side by side from one encoding (head, contribution, rollout)")
     s.add_argument("--quiet", action="store_true")
@@ -811,13 +813,15 @@ def cmd_pointing(a: argparse.Namespace) -> int:
     bad = [x for x in sources if x not in MAP_SOURCES]
     if bad or not sources:
         raise ValueError(f"--map-sources takes {', '.join(MAP_SOURCES)}, not {a.map_sources!r}")
-    cfg = PointingConfig(split=a.split, min_size_mm=a.min_size_mm, max_studies=a.max_studies, map_sources=sources)
+    cfg = PointingConfig(split=a.split, min_size_mm=a.min_size_mm, max_studies=a.max_studies, map_sources=sources,
+                         pool_same_label=not a.per_lesion)
     res = run_pointing(a.archive, a.model, a.out, cfg, progress=not a.quiet)
     if not res["summary"].get("n_findings"):
         print("no findings to point at in this split")
         return 0
+    what = "study labels with a lesion" if cfg.pool_same_label else "lesions"
     for src, sm in res["by_map_source"].items():
-        print(f"{src} maps: {sm['n_findings']} findings >= {cfg.min_size_mm:g} mm in {sm['n_patients']} patients "
+        print(f"{src} maps: {sm['n_findings']} {what} >= {cfg.min_size_mm:g} mm in {sm['n_patients']} patients "
               f"({cfg.split}): hit rate {sm['hit_rate']:.3f} vs uniform {sm['uniform_hit_rate']:.3f} (difference 95% CI "
               f"{sm['hit_minus_uniform_ci95'][0]:+.3f} to {sm['hit_minus_uniform_ci95'][1]:+.3f}); map mass inside "
               f"lesion {sm['mass_inside_lesion']:.3f} vs uniform {sm['uniform_mass_inside_lesion']:.3f}")

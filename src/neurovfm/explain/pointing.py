@@ -1,9 +1,11 @@
 """The pointing game: does the head's map point at the lesion?
 
-For every finding of at least ``min_size_mm`` in the chosen split of a synthetic archive (which
-has exact lesion masks on each series' own grid), the study goes through ``analyze``'s scoring
-path; the finding's label column of the head attention ranks every token of every series. A
-*hit* is when the highest-scoring token overlaps the lesion mask. Reported with two baselines a
+For every label with a lesion of at least ``min_size_mm`` in a study of the chosen split of a
+synthetic archive (which has exact lesion masks on each series' own grid), the study goes through
+``analyze``'s scoring path; the label's column of the head attention ranks every token of every
+series. A *hit* is when the highest-scoring token overlaps a lesion of that label (any of them,
+as in the standard pointing game: one map per label points at one place; ``pool_same_label=False``
+scores each lesion on its own). Reported with two baselines a
 map must beat: a uniform choice over foreground tokens (expected hit rate = share of tokens that
 overlap the lesion), and the same for the share of map mass inside the lesion.
 """
@@ -37,6 +39,9 @@ class PointingConfig:
     bootstrap: int = 1000
     seed: int = 0
     map_sources: tuple[str, ...] = ("head", "contribution")  # scored side by side from one encoding
+    # one trial per (study, label), hit on any lesion of that label (the standard pointing game: one
+    # map per label can point at one place); False: one trial per lesion, as records before 2026-12-06
+    pool_same_label: bool = True
 
 
 def token_lesion_overlap(ts: Any, mask_img: nib.Nifti1Image, patch: tuple[int, int, int] = (4, 16, 16),
@@ -76,6 +81,32 @@ def pointing_hit(weights: np.ndarray, inside: np.ndarray) -> float:
     return float(inside[top].mean())
 
 
+def pointing_trials(findings: list[dict[str, Any]], overlap: np.ndarray, labels: list[str],
+                    min_size_mm: float, pool_same_label: bool = True) -> list[dict[str, Any]]:
+    """The trials of one study: each a label, the tokens that count as a hit ([n_tokens] bool) and
+    the lesion's size and side. A trial needs a lesion of at least ``min_size_mm`` whose label the
+    head scores and that some foreground token overlaps. Pooled (the default), a label's trial
+    counts a hit on any of its lesions in the study, smaller ones included; otherwise one trial
+    per lesion of at least ``min_size_mm``."""
+    n_lab = overlap.shape[1]
+    known = [f for f in findings if f["label"] in labels and 0 < f["mask_index"] < n_lab]
+    big = [f for f in known if f["size_mm"] >= min_size_mm]
+    if pool_same_label:
+        order = list(dict.fromkeys(f["label"] for f in big))
+        groups = [([f for f in big if f["label"] == lab], [f for f in known if f["label"] == lab]) for lab in order]
+    else:
+        groups = [([f], [f]) for f in big]
+    out = []
+    for sized, every in groups:
+        inside = overlap[:, [f["mask_index"] for f in every]].any(1)
+        if not inside.any():
+            continue  # lesion outside every series' foreground tokens (e.g. in the scalp)
+        sides = sorted({f["side"] for f in sized})
+        out.append({"label": sized[0]["label"], "inside": inside, "size_mm": max(f["size_mm"] for f in sized),
+                    "side": sides[0] if len(sides) == 1 else "+".join(sides), "n_lesions": len(every)})
+    return out
+
+
 def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None = None,
                  progress: bool = True) -> dict[str, Any]:
     cfg = cfg or PointingConfig()
@@ -113,17 +144,13 @@ def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None 
                                    view_features=first.view_features if first else None)
         n_lab = max(o.shape[1] for o in overlaps)
         ov = np.concatenate([np.pad(o, ((0, 0), (0, n_lab - o.shape[1]))) for o in overlaps])
-        for f in r["findings"]:
-            sc = scores[cfg.map_sources[0]]
-            if f["size_mm"] < cfg.min_size_mm or f["label"] not in sc.labels or f["mask_index"] >= n_lab:
-                continue
-            hit_tokens = ov[:, f["mask_index"]]
-            if not hit_tokens.any():
-                continue  # lesion outside every series' foreground tokens (e.g. in the scalp)
-            j = sc.labels.index(f["label"])
-            row = {"patient": r["patient"], "modality": r["modality"], "label": f["label"],
-                   "size_mm": f["size_mm"], "side": f["side"], "uniform_hit": float(hit_tokens.mean()),
-                   "calibrated_probability": float(sc.p_cal[j])}
+        sc = scores[cfg.map_sources[0]]
+        for trial in pointing_trials(r["findings"], ov, sc.labels, cfg.min_size_mm, cfg.pool_same_label):
+            hit_tokens = trial["inside"]
+            j = sc.labels.index(trial["label"])
+            row = {"patient": r["patient"], "modality": r["modality"], "label": trial["label"],
+                   "size_mm": trial["size_mm"], "side": trial["side"], "n_lesions": trial["n_lesions"],
+                   "uniform_hit": float(hit_tokens.mean()), "calibrated_probability": float(sc.p_cal[j])}
             for src, scs in scores.items():
                 w = np.concatenate([pw[:, j] for pw in scs.per_series_w])
                 row[f"hit_{src}"] = pointing_hit(w, hit_tokens)
