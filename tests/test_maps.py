@@ -266,3 +266,27 @@ def test_pointing_trials_pool_the_lesions_of_a_label_in_a_study():
                                                                                      ("glioma", 12.0, "right", 1)]
     assert [x["inside"].nonzero()[0].tolist() for x in sep] == [[0], [1]]
     assert pointing_trials(f, ov, labels, 40.0) == []
+
+
+def test_pointing_cli_trials_default_to_study_labels_and_per_lesion_on_request(monkeypatch, capsys, tmp_path):
+    import neurovfm.explain.pointing as pointing_mod
+    from neurovfm.cli import main as cli_main
+
+    seen = []
+
+    def fake(archive, model, out, cfg, progress=True):
+        seen.append(cfg.pool_same_label)
+        sm = {"n_findings": 3, "n_patients": 2, "hit_rate": 0.5, "uniform_hit_rate": 0.1,
+              "hit_minus_uniform_ci95": [0.1, 0.6], "mass_inside_lesion": 0.3, "uniform_mass_inside_lesion": 0.1,
+              "by_modality": {"CT": {"hit_rate": 0.5, "n_findings": 2, "n_patients": 1, "uniform_hit_rate": 0.1},
+                              "MR": {"hit_rate": 0.5, "n_findings": 1, "n_patients": 1, "uniform_hit_rate": 0.1}}}
+        return {"summary": sm, "by_map_source": {"head": sm}}
+
+    monkeypatch.setattr(pointing_mod, "run_pointing", fake)
+    assert cli_main(["pointing", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    pooled = capsys.readouterr().out
+    assert cli_main(["pointing", str(tmp_path), "--out", str(tmp_path / "o"), "--per-lesion"]) == 0
+    per = capsys.readouterr().out
+    assert seen == [True, False]
+    assert "3 study labels with a lesion >= 10 mm" in pooled and "CT: hit rate 0.500 (2 study labels" in pooled
+    assert "3 lesions >= 10 mm" in per and "(2 lesions," in per

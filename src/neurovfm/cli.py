@@ -819,14 +819,15 @@ def cmd_pointing(a: argparse.Namespace) -> int:
     if not res["summary"].get("n_findings"):
         print("no findings to point at in this split")
         return 0
-    what = "study labels with a lesion" if cfg.pool_same_label else "lesions"
+    what = "study labels" if cfg.pool_same_label else "lesions"  # what one trial is
+    sized = "study labels with a lesion" if cfg.pool_same_label else "lesions"
     for src, sm in res["by_map_source"].items():
-        print(f"{src} maps: {sm['n_findings']} {what} >= {cfg.min_size_mm:g} mm in {sm['n_patients']} patients "
+        print(f"{src} maps: {sm['n_findings']} {sized} >= {cfg.min_size_mm:g} mm in {sm['n_patients']} patients "
               f"({cfg.split}): hit rate {sm['hit_rate']:.3f} vs uniform {sm['uniform_hit_rate']:.3f} (difference 95% CI "
               f"{sm['hit_minus_uniform_ci95'][0]:+.3f} to {sm['hit_minus_uniform_ci95'][1]:+.3f}); map mass inside "
               f"lesion {sm['mass_inside_lesion']:.3f} vs uniform {sm['uniform_mass_inside_lesion']:.3f}")
         if len(sm["by_modality"]) > 1:
-            print("  " + "; ".join(f"{m}: hit rate {x['hit_rate']:.3f} ({x['n_findings']} findings, "
+            print("  " + "; ".join(f"{m}: hit rate {x['hit_rate']:.3f} ({x['n_findings']} {what}, "
                                    f"{x['n_patients']} patients; uniform {x['uniform_hit_rate']:.3f})"
                                    for m, x in sm["by_modality"].items()))
     print(f"details: {os.path.join(a.out, 'pointing.json')}")
