@@ -148,3 +148,11 @@ def test_analyze_rebuilds_the_neighbourhood_for_heads_fitted_on_it(tmp_path):
     np.testing.assert_allclose(got.p_raw, torch.sigmoid(logits[0]).double().numpy(), atol=1e-6)
     for a, b in zip(got.view_features, base.view_features):  # the report's input stays the encoder's
         np.testing.assert_allclose(a, b, atol=1e-6)
+    # a folder whose head records an impossible radius is refused when loaded, naming the folder
+    from neurovfm.analyze.pipeline import AnalyzeError
+
+    heads = read_config(folder)["heads"]
+    heads["head_mr"]["features"]["context_radius"] = 9
+    update_config(folder, heads=heads)
+    with pytest.raises(AnalyzeError, match="head_mr's features record a bad neighbourhood: .*not 9"):
+        Analyzer(folder)

@@ -31,8 +31,8 @@ from neurovfm.ingest.pipeline import Unit, discover, process_unit
 from neurovfm.ingest.policy import DEFAULT_POLICY
 from neurovfm.models.folder import ModelFolderError, load_encoder, read_config, read_provenance
 from neurovfm.privacy.keys import Keyer
-from neurovfm.probe.context import append_context
-from neurovfm.probe.embed import append_histograms, encode_views, encoder_id
+from neurovfm.probe.context import ContextError, check_radius
+from neurovfm.probe.embed import encode_views, encoder_id, head_inputs
 from neurovfm.probe.heads import head_input_dim
 from neurovfm.probe.train import load_head
 from neurovfm.synth import tables
@@ -210,6 +210,13 @@ class Analyzer:
                            "synthetic_training_data": bool(self.config.get("demo", {}).get("synthetic", False))}
         for mod, (_, hmeta) in self.heads.items():
             fitted_on = (hmeta.get("features") or {}).get("encoder_id")
+            radius = (hmeta.get("features") or {}).get("context_radius")
+            if radius is not None:
+                try:
+                    check_radius(radius)
+                except ContextError as e:
+                    raise AnalyzeError(f"{self.model}: head_{mod.lower()}'s features record a bad neighbourhood: "
+                                       f"{e}") from None
             if fitted_on and fitted_on != self.model_info["encoder_id"]:
                 raise AnalyzeError(f"{self.model}: head_{mod.lower()} was fitted on features of encoder "
                                    f"{fitted_on[:12]}, but this folder's encoder is "
@@ -302,10 +309,8 @@ class Analyzer:
                 feats = encode_views(self.encoder, views, cfg.tokens_per_batch, cfg.device, readout=readout)
         timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        bins = (hmeta.get("features") or {}).get("histogram_bins")  # embed --append-histogram
-        head_in = append_histograms(feats, [(v[0], v[2]) for v in views], bins)
-        radius = (hmeta.get("features") or {}).get("context_radius")  # embed --append-context
-        head_in = append_context(head_in, [v[1] for v in views], radius)
+        fitted = hmeta.get("features") or {}  # embed --append-histogram / --append-context
+        head_in = head_inputs(feats, views, fitted.get("histogram_bins"), fitted.get("context_radius"))
         bag = torch.from_numpy(np.concatenate(head_in).astype(np.float32))
         n_tok = int(bag.shape[0])
         with torch.inference_mode():

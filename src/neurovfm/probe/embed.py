@@ -218,6 +218,16 @@ def append_histograms(feats: list[np.ndarray], views: list[tuple[np.ndarray, str
             for f, (u8, view) in zip(feats, views)]
 
 
+def head_inputs(feats: list[np.ndarray], views: list[tuple[np.ndarray, np.ndarray, str]], bins: int | None,
+                radius: int | None) -> list[np.ndarray]:
+    """Each view's features as a head fitted on them reads them: ``views`` holds each view's uint8
+    tokens [n, T], coords [n, 3] and view name; the histograms (``bins``) are appended first, then
+    the neighbourhood of the result (``radius``). ``embed`` stores this and ``analyze`` rebuilds it,
+    so the order is defined here only."""
+    feats = append_histograms(feats, [(u8, view) for u8, _, view in views], bins)
+    return append_context(feats, [c for _, c, _ in views], radius)
+
+
 def readout_of(depth: int, layers: list[int] | None) -> list[int] | None:
     """The readout as stored in feature and head metadata: ``None`` for the last block alone (so
     ``[-1]`` and the default name the same features), else sorted absolute block indices."""
@@ -286,7 +296,7 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
             items = parts[i]
             feats, coords_all, kinds_all, rows, off = [], [], [], [], 0
             for idx in _batches(items, cfg.tokens_per_batch):
-                pk, kinds, hf, raw = [], [], [], []
+                pk, kinds, hf, raw = [], [], [], []  # raw: (uint8 tokens, coords, view) of each view
                 for j in idx:
                     r = items[j]
                     u8, coords, _ = cache.views(r.series_key, [r.view] if r.modality == "CT" else None)
@@ -296,20 +306,13 @@ def embed(model_folder: str, cache_dir: str, out_dir: str, cfg: EmbedConfig | No
                         hf.append(hist(tok, view))
                     else:
                         pk.append((normalize(tok, view), torch.from_numpy(np.asarray(coords, np.int64))))
-                        raw.append((tok, view))
+                    raw.append((tok, coords, view))
                     kinds.append(token_kinds(tok, view))
                     coords_all.append(np.asarray(coords, np.int16))
-                if hist is not None:
-                    out = np.concatenate(hf)
-                else:
-                    out = _forward(enc, pk, cfg.device, cast, readout)
-                    if cfg.append_histogram:  # the batch's rows are its views' tokens, view after view
-                        per_view = np.split(out, np.cumsum([len(t) for t, _ in raw])[:-1])
-                        out = np.concatenate(append_histograms(per_view, raw, cfg.append_histogram))
-                if cfg.append_context:
-                    lens = [items[j].n_tokens for j in idx]
-                    per_view = np.split(out, np.cumsum(lens)[:-1])
-                    out = np.concatenate(append_context(per_view, coords_all[-len(idx):], cfg.append_context))
+                # the batch's rows are its views' tokens, view after view
+                per_view = hf if hist is not None else np.split(_forward(enc, pk, cfg.device, cast, readout),
+                                                                np.cumsum([len(t) for t, _, _ in raw])[:-1])
+                out = np.concatenate(head_inputs(per_view, raw, cfg.append_histogram, cfg.append_context))
                 feats.append(out.astype(np.float16))
                 kinds_all.extend(kinds)
                 for j in idx:
