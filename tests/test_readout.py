@@ -266,6 +266,10 @@ def test_external_evaluation_refuses_features_of_other_blocks(setup, tmp_path):
                                                           "context_radius": 1}}})  # embed --append-context 1
     with pytest.raises(ExternalEvalError, match="a neighbourhood radius none, but .* fitted on 1"):
         _check_features(folder, store, ExternalConfig())
+    # only the heads of the modalities scored are checked: an MR-only run is not refused for the CT head
+    _check_features(folder, store, ExternalConfig(modalities=["MR"]))
+    with pytest.raises(ExternalEvalError, match="head_ct"):
+        _check_features(folder, store, ExternalConfig(modalities=["CT"]))
 
 
 def test_feature_rank_bench_uses_the_splits_tokens(setup):

@@ -95,7 +95,10 @@ def _check_features(model: str, store: FeatureStore, cfg: ExternalConfig) -> Non
                                     "--no-encoder-check if the heads were fitted on other features)")
     if cfg.check_encoder:
         have = store.head_features()
+        asked = {f"head_{m.lower()}" for m in cfg.modalities}  # a folder may hold heads fitted on other features
         for name, meta in read_config(model).get("heads", {}).items():
+            if name not in asked:
+                continue
             fitted = meta.get("features") or {}
             # (key, what it is, what None means, the embed option); a head saved before a key existed
             # was fitted on its default
