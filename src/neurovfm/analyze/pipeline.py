@@ -176,6 +176,19 @@ class ExamScores:
     view_features: list = field(default_factory=list)  # encoder tokens per series view (the report's input)
 
 
+def exam_views(mod: str, group: list[SeriesInput]) -> tuple[list[tuple[np.ndarray, np.ndarray, str]], list[int]]:
+    """The encoder's inputs for one modality's series: one (uint8 tokens, grid coords, view name)
+    per series view (a CT series has one per window; every MR view is "mr"), and the index of the
+    series each view belongs to."""
+    views, owner = [], []
+    for si, s in enumerate(group):
+        u8, names = as_views(s.ts.tokens, s.ts.storage, s.ts.views, DEFAULT_POLICY)
+        for vi, vname in enumerate(names):
+            views.append((u8[:, vi], s.ts.coords, vname if mod == "CT" else "mr"))
+            owner.append(si)
+    return views, owner
+
+
 class Analyzer:
     """A loaded model (encoder, heads, calibration, operating points, distance-to-training) that
     analyses studies one after another (worklists load it once)."""
@@ -296,12 +309,7 @@ class Analyzer:
         labels: list[str] = hmeta["labels"]
         readout = (hmeta.get("features") or {}).get("readout_layers")  # the blocks the head was fitted on
         t = time.perf_counter()
-        views, owner = [], []
-        for si, s in enumerate(group):
-            u8, names = as_views(s.ts.tokens, s.ts.storage, s.ts.views, DEFAULT_POLICY)
-            for vi, vname in enumerate(names):
-                views.append((u8[:, vi], s.ts.coords, vname if mod == "CT" else "mr"))
-                owner.append(si)
+        views, owner = exam_views(mod, group)
         if view_features is not None:
             feats = list(view_features)
         else:
