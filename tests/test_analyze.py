@@ -207,6 +207,51 @@ def test_nifti_with_sidecar(tmp_path, model):
     assert sum(1 for r in ex["labels"] if r["maps"]) == 1  # --top-k 1
 
 
+
+def test_top_k_maps_skip_labels_without_an_operating_point(tmp_path, model):
+    """A label with no validation positives has no operating point and an uncalibrated probability
+    (an untrained output near 0.5 can top the list): top-k maps rank only labels with one; --maps all
+    still draws it; summary.html lists it after the others, greyed, and says why."""
+    from neurovfm.analyze.pipeline import map_labels
+
+    labels = ["a", "b", "c", "d"]
+    p = np.array([0.9, 0.3, 0.8, 0.5])
+    thr = {"a": None, "b": 0.2, "c": 0.5, "d": float("inf")}
+    assert map_labels(labels, p, thr, 2) == ["c", "b"]
+    assert map_labels(labels, p, thr, None) == ["a", "c", "d", "b"]
+    assert map_labels(labels, p, {}, 2) == ["a", "c"]  # no operating point at all: plain ranking
+    folder = str(tmp_path / "m")
+    shutil.copytree(model, folder)
+    heads = read_config(folder)["heads"]
+    meta = heads["head_mr"]
+    n = len(meta["labels"])
+    top = meta["labels"][5]
+    a, b = np.ones(n), np.zeros(n)
+    a[5], b[5] = 0.0, 8.0  # calibrated probability ~1 for this label, whatever the study
+    meta["calibration"] = PlattScaler(a, b).to_dict()
+    meta["thresholds"][top] = None
+    update_config(folder, heads=heads)
+    vol, aff = head_volume(modality="MR")
+    write_nifti_study(str(tmp_path / "study"), vol, aff, "MR")
+    out = tmp_path / "out"
+    ok(analyze_cli(str(tmp_path / "study"), "--out", str(out), "--top-k", "2", "--quiet", model=folder))
+    rows = load_result(out)["exams"][0]["labels"]
+    best = max(rows, key=lambda r: r["calibrated_probability"])
+    assert best["label"] == top and best["threshold"] is None and not best["decision"]
+    mapped = [r for r in rows if r["maps"]]
+    assert len(mapped) == 2 and top not in {r["label"] for r in mapped}
+    # result.json lists labels with an operating point first (most probable first), then the others
+    have = [r["threshold"] is not None for r in rows]
+    assert have == sorted(have, reverse=True) and rows[0]["label"] != top
+    first = [r["calibrated_probability"] for r in rows if r["threshold"] is not None]
+    assert first == sorted(first, reverse=True)
+    assert all(r["threshold"] is not None for r in mapped)
+    html = (out / "summary.html").read_text()
+    assert "Greyed" in html and html.index(f"<td>{top}</td>") > max(html.index(f"<td>{r['label']}</td>") for r in mapped)
+    out_all = tmp_path / "out_all"
+    ok(analyze_cli(str(tmp_path / "study"), "--out", str(out_all), "--maps", "all", "--quiet", model=folder))
+    assert all(r["maps"] for r in load_result(out_all)["exams"][0]["labels"])
+
 def test_nifti_without_sidecar(tmp_path, model):
     vol, aff = head_volume(shape=(80, 96, 64), spacing=(2.0, 2.0, 2.5), modality="MR")
     os.makedirs(tmp_path / "study")

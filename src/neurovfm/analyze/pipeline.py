@@ -23,6 +23,7 @@ import torch
 from neurovfm import __version__
 from neurovfm.analyze.config import HEAD_BODY_PARTS, AnalyzeConfig
 from neurovfm.analyze.ood import load_ood
+from neurovfm.analyze.summary import row_order
 from neurovfm.errors import IngestError, NeuroVFMError
 from neurovfm.eval import calibrate as cal
 from neurovfm.explain import maps as M
@@ -188,6 +189,18 @@ def exam_views(mod: str, group: list[SeriesInput]) -> tuple[list[tuple[np.ndarra
             owner.append(si)
     return views, owner
 
+
+def map_labels(labels: list[str], p_cal: np.ndarray, thresholds: dict[str, float], top_k: int | None) -> list[str]:
+    """The labels to draw maps for, most probable first: with ``top_k``, the ``top_k`` highest
+    calibrated probabilities among labels that have an operating point. A label without one had no
+    validation positives, so its probability is not calibrated (Platt falls back to the identity)
+    and an untrained head output near 0.5 would outrank real findings; such labels are mapped only
+    with ``--maps all``, or when no label of the head has an operating point."""
+    order = [int(j) for j in np.argsort(-np.asarray(p_cal), kind="stable")]
+    if top_k is None:
+        return [labels[j] for j in order]
+    known = [j for j in order if thresholds.get(labels[j]) is not None and np.isfinite(thresholds[labels[j]])]
+    return [labels[j] for j in (known or order)[:top_k]]
 
 class Analyzer:
     """A loaded model (encoder, heads, calibration, operating points, distance-to-training) that
@@ -412,13 +425,12 @@ class Analyzer:
                          "threshold": None if not np.isfinite(thr.get(lab, np.inf)) else round(float(thr[lab]), 5),
                          "decision": bool(lab in sc.decided), "acuity": sc.acuity[lab], "side": side,
                          "side_shares": shares})
-        order = np.argsort(-sc.p_cal)
-        to_map = [] if cfg.maps == "none" else [labels[j] for j in (order if cfg.maps == "all" else order[:cfg.top_k])]
+        to_map = [] if cfg.maps == "none" else map_labels(labels, sc.p_cal, thr, None if cfg.maps == "all" else cfg.top_k)
         map_files = self._write_maps(mod, group, natives, planes, sc.per_series_w, labels, to_map, sc.p_cal, out)
         for r in rows:
             r["maps"] = map_files.get(r["label"], {})
         timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - t
-        rows.sort(key=lambda r: -r["calibrated_probability"])
+        rows.sort(key=row_order)
         report = None
         if self.reporter is not None:
             want = self.reporter.cfg.get("encoder_id")

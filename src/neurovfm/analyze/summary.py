@@ -12,6 +12,13 @@ from neurovfm.tokens.cache import atomic_write_text
 _COLOURS = {"Urgent": "#c0392b", "Routine": "#d68910", "Normal": "#1e8449"}
 
 
+
+def row_order(row: dict[str, Any]) -> tuple[bool, float]:
+    """How an exam's label rows are listed (result.json and summary.html): labels with an operating
+    point first, most probable first; then those without one (no positives in the model's
+    validation split: the probability is not calibrated and no decision is possible)."""
+    return row["threshold"] is None, -row["calibrated_probability"]
+
 def _report_html(rep: dict[str, Any]) -> list[str]:
     """The draft findings report, with what the consistency guard added or flagged marked."""
     e = html.escape
@@ -34,7 +41,7 @@ def write_summary(out: str, result: dict[str, Any]) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>neurovfm analysis</title>",
         "<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse}"
-        "td,th{padding:2px 8px;border-bottom:1px solid #ddd;font-size:13px}.pos{font-weight:bold}"
+        "td,th{padding:2px 8px;border-bottom:1px solid #ddd;font-size:13px}.pos{font-weight:bold}.nop{color:#999}"
         ".badge{color:white;padding:3px 10px;border-radius:4px}.warn{color:#8a4b00}</style></head><body>",
         f"<p><b>{e(result['disclaimer'])}</b></p>",
         f"<p>Model {e(result['model']['name'])} (encoder {e(result['model']['encoder_id'][:12])}), "
@@ -62,13 +69,18 @@ def write_summary(out: str, result: dict[str, Any]) -> str:
                          "</figcaption></figure>")
         parts.append("<table><tr><th>label</th><th>calibrated p</th><th>raw p</th><th>threshold</th>"
                      "<th>decision</th><th>acuity</th><th>side of map</th></tr>")
-        for r in ex["labels"]:
-            cls = " class='pos'" if r["decision"] else ""
+        rows = sorted(ex["labels"], key=row_order)  # result.json's order; older results were sorted otherwise
+        for r in rows:
+            cls = " class='pos'" if r["decision"] else (" class='nop'" if r["threshold"] is None else "")
             thr = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
             parts.append(f"<tr{cls}><td>{e(r['label'])}</td><td>{r['calibrated_probability']:.3f}</td>"
                          f"<td>{r['probability']:.3f}</td><td>{thr}</td><td>{'POSITIVE' if r['decision'] else ''}</td>"
                          f"<td>{e(r['acuity'])}</td><td>{e(r['side'])}</td></tr>")
         parts.append("</table>")
+        if any(r["threshold"] is None for r in rows):
+            parts.append("<p class='note'>Greyed: labels without an operating point (no positives in the model's "
+                         "validation split): their probability is not calibrated, they are never called positive "
+                         "and get maps only with <code>--maps all</code>.</p>")
     parts.append("<p>Maps: <code>*_map_LABEL.nii.gz</code> on each series' own grid; open them over "
                  "<code>*_image.nii.gz</code> in 3D Slicer or ITK-SNAP.</p></body></html>")
     path = os.path.join(out, "summary.html")
