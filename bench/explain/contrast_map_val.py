@@ -1,7 +1,7 @@
 """A class-discriminative token map, checked on the VALIDATION split before it is built into the package.
 
     NEUROVFM_SITE_SECRET=... python bench/explain/contrast_map_val.py ARCHIVE MODEL FEATS CACHE KEYED_LABELS \
-        --out RESULT.json [--split val] [--dump DUMP.pkl]
+        --out RESULT.json [--split val] [--dump DUMP.npz]
 
 Why: on validation, the head maps of chronic stroke and gliosis mostly land on *another* lesion of the
 study (a glioma, the ventricles of hydrocephalus, a resection cavity): their token classifiers learnt
@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import os
-import pickle
 import sys
 
 import nibabel as nib
@@ -40,6 +39,31 @@ from neurovfm.probe.token_targets import token_targets
 from neurovfm.tokens.cache import atomic_write_text
 
 MIN_SIZE_MM = 10.0
+
+
+def save_dump(path: str, studies: list[dict]) -> None:
+    """The dump as one .npz (arrays + a JSON index; no pickle, so reading it runs no code)."""
+    arrays, index = {}, []
+    for i, st in enumerate(studies):
+        series = []
+        for si, s in enumerate(st["series"]):
+            key = f"s{i}_{si}"
+            arrays[f"{key}_ov"], arrays[f"{key}_head"] = s["ov"], s["head"]
+            for vi, v in enumerate(s["views"]):
+                arrays[f"{key}_v{vi}"] = v
+            series.append({"key": key, "views": len(s["views"])})
+        index.append({k: st[k] for k in ("patient", "modality", "findings", "labels")} | {"series": series})
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, index=np.array(json.dumps(index)), **arrays)
+    os.replace(tmp, path)
+
+
+def load_dump(path: str) -> list[dict]:
+    with np.load(path, allow_pickle=False) as z:
+        index = json.loads(str(z["index"]))
+        return [{**st, "series": [{"ov": z[f"{s['key']}_ov"], "head": z[f"{s['key']}_head"],
+                                   "views": [z[f"{s['key']}_v{vi}"] for vi in range(s["views"])]}
+                                  for s in st["series"]]} for st in index]
 
 
 def dump(archive: str, model: str, split: str) -> list[dict]:
@@ -126,17 +150,15 @@ def main() -> int:
     ap.add_argument("cache")
     ap.add_argument("labels", help="keyed labels.csv")
     ap.add_argument("--split", default="val")
-    ap.add_argument("--dump", help="pickle of the per-series token logits: written if missing, read if present")
+    ap.add_argument("--dump", help=".npz of the per-series token logits: written if missing, read if present")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.dump and os.path.isfile(a.dump):
-        with open(a.dump, "rb") as fh:  # our own dump from an earlier run of this script
-            studies = pickle.load(fh)
+        studies = load_dump(a.dump)
     else:
         studies = dump(a.archive, a.model, a.split)
         if a.dump:
-            with open(a.dump, "wb") as fh:
-                pickle.dump(studies, fh)
+            save_dump(a.dump, studies)
     cfg = json.load(open(os.path.join(a.model, "config.json")))
     rivals = {}
     for mod in sorted({s["modality"] for s in studies}):
