@@ -202,6 +202,7 @@ def map_labels(labels: list[str], p_cal: np.ndarray, thresholds: dict[str, float
     known = [j for j in order if thresholds.get(labels[j]) is not None and np.isfinite(thresholds[labels[j]])]
     return [labels[j] for j in (known or order)[:top_k]]
 
+
 class Analyzer:
     """A loaded model (encoder, heads, calibration, operating points, distance-to-training) that
     analyses studies one after another (worklists load it once)."""

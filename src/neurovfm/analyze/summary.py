@@ -12,12 +12,12 @@ from neurovfm.tokens.cache import atomic_write_text
 _COLOURS = {"Urgent": "#c0392b", "Routine": "#d68910", "Normal": "#1e8449"}
 
 
-
 def row_order(row: dict[str, Any]) -> tuple[bool, float]:
     """How an exam's label rows are listed (result.json and summary.html): labels with an operating
     point first, most probable first; then those without one (no positives in the model's
     validation split: the probability is not calibrated and no decision is possible)."""
     return row["threshold"] is None, -row["calibrated_probability"]
+
 
 def _report_html(rep: dict[str, Any]) -> list[str]:
     """The draft findings report, with what the consistency guard added or flagged marked."""
