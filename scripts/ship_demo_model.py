@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from neurovfm.errors import NeuroVFMError  # noqa: E402
 from neurovfm.models.folder import load_state, read_config, read_provenance, save_tensors, write_json  # noqa: E402
 
 
@@ -38,6 +39,13 @@ def _same_encoder(a: str, b: str) -> bool:
 
 
 def main() -> int:
+    try:
+        return ship()
+    except (NeuroVFMError, OSError, ValueError, KeyError) as e:  # a missing folder or file, a bad metrics file
+        sys.exit(f"ship_demo_model.py: {type(e).__name__}: {e}")
+
+
+def ship() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", help="model folder: the encoder (and any heads not replaced by --heads)")
     ap.add_argument("dest")
@@ -50,7 +58,7 @@ def main() -> int:
     a = ap.parse_args()
     cfg = read_config(a.model)
     sources: dict[str, str] = {}  # file name -> folder it comes from
-    for name, head in cfg.get("heads", {}).items():
+    for head in cfg.get("heads", {}).values():
         sources[head["file"]] = a.model
     for o in cfg.get("ood", {}).values():
         sources[o["file"]] = a.model

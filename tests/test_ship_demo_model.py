@@ -76,3 +76,16 @@ def test_heads_of_another_encoder_are_refused(tmp_path):
     assert not dest.exists()
     p = _ship(base, str(dest), "--heads", f"PET={other}", "--command", "x")
     assert p.returncode != 0 and "PET" in p.stderr
+
+
+def test_missing_inputs_are_named_and_leave_the_shipped_folder_alone(tmp_path):
+    base = make_model(str(tmp_path / "base"), seed=0)
+    dest = tmp_path / "dest"
+    assert _ship(base, str(dest), "--command", "x").returncode == 0
+    before = {n: (dest / n).read_bytes() for n in os.listdir(dest)}
+    missing = str(tmp_path / "no_such_heads")
+    p = _ship(base, str(dest), "--heads", f"MR={missing}", "--command", "x")
+    assert p.returncode != 0 and "no_such_heads" in p.stderr and "Traceback" not in p.stderr
+    p = _ship(base, str(dest), "--eval", str(tmp_path / "no_metrics.json"), "--command", "x")
+    assert p.returncode != 0 and "no_metrics.json" in p.stderr and "Traceback" not in p.stderr
+    assert {n: (dest / n).read_bytes() for n in os.listdir(dest)} == before  # the shipped folder is untouched

@@ -34,6 +34,13 @@ def _run(folder: str, mod: str) -> tuple[dict, np.lib.npyio.NpzFile] | None:
 
 
 def main() -> int:
+    try:
+        return run()
+    except (OSError, KeyError, ValueError) as e:  # a missing file, a folder that is not evaluate-external output
+        sys.exit(f"paired_external.py: {type(e).__name__}: {e}")
+
+
+def run() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a")
     ap.add_argument("b")

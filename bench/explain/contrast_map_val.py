@@ -14,7 +14,8 @@ with rivals(c) = the labels that have lesion tokens in the TRAINING split's toke
 (``probe.token_targets``, the same masks the heads were fitted with) and never share a lesion token
 with c (labels of one lesion, such as glioma / brain tumour / oedema, do not compete). Hits are
 counted per lesion (>= 10 mm, ties shared, as ``neurovfm pointing --per-lesion``) for the head's own
-map (what ``analyze`` draws), the token map (each token's logit) and the contrast map, per modality.
+map (what ``analyze`` draws), the token logits (summed over a CT token's windows; not ``--map-source
+token``, which sums probabilities) and the contrast map, per modality.
 The dump of per-series token logits (the encoder run, minutes) is kept with ``--dump`` for reruns.
 """
 
@@ -26,13 +27,12 @@ import json
 import os
 import sys
 
-import nibabel as nib
 import numpy as np
 import torch
 
 from neurovfm.analyze.config import AnalyzeConfig
-from neurovfm.analyze.pipeline import Analyzer, exam_views, read_study
-from neurovfm.explain.pointing import pointing_hit, token_lesion_overlap
+from neurovfm.analyze.pipeline import Analyzer, exam_views
+from neurovfm.explain.pointing import pointing_hit, pointing_trials, read_masked_study
 from neurovfm.probe.embed import FeatureStore, head_inputs
 from neurovfm.probe.heads import token_logits
 from neurovfm.probe.token_targets import token_targets
@@ -45,10 +45,11 @@ def save_dump(path: str, studies: list[dict]) -> None:
     """The dump as one .npz (arrays + a JSON index; no pickle, so reading it runs no code)."""
     arrays, index = {}, []
     for i, st in enumerate(studies):
+        arrays[f"s{i}_ov"] = st["ov"]
         series = []
         for si, s in enumerate(st["series"]):
             key = f"s{i}_{si}"
-            arrays[f"{key}_ov"], arrays[f"{key}_head"] = s["ov"], s["head"]
+            arrays[f"{key}_head"] = s["head"]
             for vi, v in enumerate(s["views"]):
                 arrays[f"{key}_v{vi}"] = v
             series.append({"key": key, "views": len(s["views"])})
@@ -61,29 +62,23 @@ def save_dump(path: str, studies: list[dict]) -> None:
 def load_dump(path: str) -> list[dict]:
     with np.load(path, allow_pickle=False) as z:
         index = json.loads(str(z["index"]))
-        return [{**st, "series": [{"ov": z[f"{s['key']}_ov"], "head": z[f"{s['key']}_head"],
-                                   "views": [z[f"{s['key']}_v{vi}"] for vi in range(s["views"])]}
-                                  for s in st["series"]]} for st in index]
+        return [{**st, "ov": z[f"s{i}_ov"],
+                 "series": [{"head": z[f"{s['key']}_head"], "views": [z[f"{s['key']}_v{vi}"] for vi in range(s["views"])]}
+                            for s in st["series"]]} for i, st in enumerate(index)]
 
 
 def dump(archive: str, model: str, split: str) -> list[dict]:
-    """Per study of ``split`` with a lesion >= 10 mm: per series its kind, lesion overlap, the head map
-    and each view's token logits."""
+    """Per study of ``split`` with a lesion >= 10 mm: which lesions each token touches (all series'
+    tokens in order) and per series the head map and each view's token logits."""
     recs = [json.loads(line) for line in open(os.path.join(archive, "records.jsonl")) if line.strip()]
     an = Analyzer(model, AnalyzeConfig(maps="none"))
     todo = [r for r in recs if r["split"] == split and r["modality"] in an.heads
             and any(f["size_mm"] >= MIN_SIZE_MM for f in r["findings"])]
     out = []
     for n, r in enumerate(todo):
-        group, ovs = [], []
-        for s in r["series"]:
-            series, _ = read_study(os.path.join(archive, s["path"]), an.cfg)
-            if len(series) != 1:
-                continue
-            group.append(series[0])
-            ovs.append(token_lesion_overlap(series[0].ts, nib.load(os.path.join(archive, s["mask"]))))
-        for i, s in enumerate(group):
-            s.name = f"s{i:02d}"
+        group, ov = read_masked_study(archive, r, an.cfg)
+        if not group:
+            continue
         mod = r["modality"]
         sh = an.score(mod, group, map_source="head")
         head, hmeta = an.heads[mod]
@@ -92,9 +87,9 @@ def dump(archive: str, model: str, split: str) -> list[dict]:
         hin = head_inputs(sh.view_features, views, fitted.get("histogram_bins"), fitted.get("context_radius"))
         with torch.inference_mode():
             tl = [token_logits(head, torch.from_numpy(np.asarray(h, np.float32))).double().numpy() for h in hin]
-        out.append({"patient": r["patient"], "modality": mod, "findings": r["findings"], "labels": sh.labels,
-                    "series": [{"ov": o, "head": wh, "views": [tl[v] for v, ow in enumerate(owner) if ow == si]}
-                               for si, (o, wh) in enumerate(zip(ovs, sh.per_series_w))]})
+        out.append({"patient": r["patient"], "modality": mod, "findings": r["findings"], "labels": sh.labels, "ov": ov,
+                    "series": [{"head": wh, "views": [tl[v] for v, ow in enumerate(owner) if ow == si]}
+                               for si, wh in enumerate(sh.per_series_w)]})
         print(f"dump {n + 1}/{len(todo)}", file=sys.stderr, flush=True)
     return out
 
@@ -120,22 +115,19 @@ def contrast(z: np.ndarray, rivals: np.ndarray) -> np.ndarray:
 
 
 def score(studies: list[dict], rivals: dict[str, np.ndarray]) -> dict:
+    """Per-lesion pointing trials (``explain.pointing.pointing_trials``, as ``neurovfm pointing
+    --per-lesion``) of the head map, the token logits and the contrast map, per modality and all."""
     hits: dict[str, dict[str, list[float]]] = {}
     for st in studies:
         mod, labels = st["modality"], st["labels"]
-        maps = {"head": [np.asarray(s["head"]) for s in st["series"]],
-                "token": [sum(s["views"]) for s in st["series"]],
-                "contrast": [sum(contrast(v, rivals[mod]) for v in s["views"]) for s in st["series"]]}
-        for f in st["findings"]:
-            if f["size_mm"] < MIN_SIZE_MM or f["label"] not in labels:
-                continue
-            c, j = labels.index(f["label"]), f["mask_index"]
-            inside = np.concatenate([s["ov"][:, j] if s["ov"].shape[1] > j else np.zeros(len(s["ov"]), bool)
-                                     for s in st["series"]])
+        maps = {"head": np.concatenate([np.asarray(s["head"]) for s in st["series"]]),
+                "token": np.concatenate([sum(s["views"]) for s in st["series"]]),
+                "contrast": np.concatenate([sum(contrast(v, rivals[mod]) for v in s["views"]) for s in st["series"]])}
+        for trial in pointing_trials(st["findings"], st["ov"], labels, MIN_SIZE_MM, pool_same_label=False):
+            c = labels.index(trial["label"])
             for name, m in maps.items():
-                w = np.concatenate([x[:, c] for x in m])
-                w = w if name == "head" else np.exp(w - w.max())  # logits -> a positive map, same order and ties
-                h = pointing_hit(w, inside)
+                w = m[:, c] if name == "head" else np.exp(m[:, c] - m[:, c].max())  # logits -> positive, same ties
+                h = pointing_hit(w, trial["inside"])
                 for group in (mod, "all"):
                     hits.setdefault(group, {}).setdefault(name, []).append(h)
     return {g: {"n_lesions": len(next(iter(v.values()))), **{k: round(float(np.mean(x)), 4) for k, x in v.items()}}

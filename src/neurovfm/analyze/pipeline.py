@@ -23,7 +23,6 @@ import torch
 from neurovfm import __version__
 from neurovfm.analyze.config import HEAD_BODY_PARTS, AnalyzeConfig
 from neurovfm.analyze.ood import load_ood
-from neurovfm.analyze.summary import row_order
 from neurovfm.errors import IngestError, NeuroVFMError
 from neurovfm.eval import calibrate as cal
 from neurovfm.explain import maps as M
@@ -188,6 +187,13 @@ def exam_views(mod: str, group: list[SeriesInput]) -> tuple[list[tuple[np.ndarra
             views.append((u8[:, vi], s.ts.coords, vname if mod == "CT" else "mr"))
             owner.append(si)
     return views, owner
+
+
+def row_order(row: dict[str, Any]) -> tuple[bool, float]:
+    """How an exam's label rows are listed (result.json, and so summary.html): labels with an
+    operating point first, most probable first; then those without one (no positives in the model's
+    validation split: the probability is not calibrated and no decision is possible)."""
+    return row["threshold"] is None, -row["calibrated_probability"]
 
 
 def map_labels(labels: list[str], p_cal: np.ndarray, thresholds: dict[str, float], top_k: int | None) -> list[str]:

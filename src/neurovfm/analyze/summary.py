@@ -12,13 +12,6 @@ from neurovfm.tokens.cache import atomic_write_text
 _COLOURS = {"Urgent": "#c0392b", "Routine": "#d68910", "Normal": "#1e8449"}
 
 
-def row_order(row: dict[str, Any]) -> tuple[bool, float]:
-    """How an exam's label rows are listed (result.json and summary.html): labels with an operating
-    point first, most probable first; then those without one (no positives in the model's
-    validation split: the probability is not calibrated and no decision is possible)."""
-    return row["threshold"] is None, -row["calibrated_probability"]
-
-
 def _report_html(rep: dict[str, Any]) -> list[str]:
     """The draft findings report, with what the consistency guard added or flagged marked."""
     e = html.escape
@@ -69,7 +62,7 @@ def write_summary(out: str, result: dict[str, Any]) -> str:
                          "</figcaption></figure>")
         parts.append("<table><tr><th>label</th><th>calibrated p</th><th>raw p</th><th>threshold</th>"
                      "<th>decision</th><th>acuity</th><th>side of map</th></tr>")
-        rows = sorted(ex["labels"], key=row_order)  # result.json's order; older results were sorted otherwise
+        rows = ex["labels"]  # in result.json's order (analyze.pipeline.row_order)
         for r in rows:
             cls = " class='pos'" if r["decision"] else (" class='nop'" if r["threshold"] is None else "")
             thr = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"

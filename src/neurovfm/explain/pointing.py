@@ -107,6 +107,26 @@ def pointing_trials(findings: list[dict[str, Any]], overlap: np.ndarray, labels:
     return out
 
 
+def read_masked_study(archive: str, record: dict[str, Any], cfg: AnalyzeConfig,
+                      samples: tuple[int, int, int] = (2, 4, 4)) -> tuple[list, np.ndarray]:
+    """One study of a synthetic archive as ``analyze`` reads it: its series (named s00, s01, ...;
+    a path that does not read as exactly one series is skipped) and, row-aligned with their tokens
+    concatenated, which lesion labels each token touches ([n_tokens, max_label + 1] bool)."""
+    group, overlaps = [], []
+    for s in record["series"]:
+        series, _ = read_study(os.path.join(archive, s["path"]), cfg)
+        if len(series) != 1:
+            continue
+        group.append(series[0])
+        overlaps.append(token_lesion_overlap(series[0].ts, nib.load(os.path.join(archive, s["mask"])), samples=samples))
+    for i, s in enumerate(group):
+        s.name = f"s{i:02d}"
+    if not group:
+        return group, np.zeros((0, 1), bool)
+    n_lab = max(o.shape[1] for o in overlaps)
+    return group, np.concatenate([np.pad(o, ((0, 0), (0, n_lab - o.shape[1]))) for o in overlaps])
+
+
 def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None = None,
                  progress: bool = True) -> dict[str, Any]:
     cfg = cfg or PointingConfig()
@@ -125,25 +145,14 @@ def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None 
         todo = todo[: cfg.max_studies]
     rows: list[dict[str, Any]] = []
     for r in tqdm(todo, desc="pointing", unit="study", disable=not progress, file=sys.stderr):
-        group, overlaps = [], []
-        for s in r["series"]:
-            series, _ = read_study(os.path.join(archive, s["path"]), an.cfg)
-            if len(series) != 1:
-                continue
-            group.append(series[0])
-            overlaps.append(token_lesion_overlap(series[0].ts, nib.load(os.path.join(archive, s["mask"])),
-                                                 samples=cfg.samples_per_axis))
+        group, ov = read_masked_study(archive, r, an.cfg, cfg.samples_per_axis)
         if not group:
             continue
-        for i, s in enumerate(group):
-            s.name = f"s{i:02d}"
         scores = {}
         for src in cfg.map_sources:
             first = next(iter(scores.values()), None)
             scores[src] = an.score(r["modality"], group, map_source=src,
                                    view_features=first.view_features if first else None)
-        n_lab = max(o.shape[1] for o in overlaps)
-        ov = np.concatenate([np.pad(o, ((0, 0), (0, n_lab - o.shape[1]))) for o in overlaps])
         sc = scores[cfg.map_sources[0]]
         for trial in pointing_trials(r["findings"], ov, sc.labels, cfg.min_size_mm, cfg.pool_same_label):
             hit_tokens = trial["inside"]
