@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from neurovfm.cli import main as cli_main
-from neurovfm.probe.context import ContextError, append_context, derive_context_store, neighbourhood_mean
+from neurovfm.probe.context import (ContextError, append_context, cross_series_mean, derive_context_store,
+                                     neighbourhood_mean)
 from neurovfm.probe.embed import EmbedConfig, FeatureStore, FeatureStoreError, embed, encoder_id
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -156,3 +157,177 @@ def test_analyze_rebuilds_the_neighbourhood_for_heads_fitted_on_it(tmp_path):
     update_config(folder, heads=heads)
     with pytest.raises(AnalyzeError, match="head_mr's features record a bad neighbourhood: .*not 9"):
         Analyzer(folder)
+
+
+# -- across the study's series (`add-context --cross-series`) ------------------------------------
+def _brute_cross(feats, centres, series, max_mm):
+    out = []
+    for i in range(len(feats)):
+        o = np.empty_like(feats[i], dtype=np.float64)
+        for t in range(len(feats[i])):
+            got = []
+            for j in range(len(feats)):
+                if series[j] == series[i]:
+                    continue
+                d = np.linalg.norm(centres[j] - centres[i][t], axis=1)
+                if d.min() <= max_mm + 1e-3:
+                    got.append(feats[j][d <= d.min() + 1e-3].mean(0))
+            o[t] = np.mean(got, 0) if got else feats[i][t]
+        out.append(o)
+    return out
+
+
+def test_cross_series_mean_by_hand():
+    # views 0 and 1: two windows of one CT-like series (never each other's partner); view 2: another
+    # series, with one token near view 0's first token and one far from everything
+    f = [np.array([[1.0], [2.0]], np.float32), np.array([[10.0], [20.0]], np.float32),
+         np.array([[100.0], [7.0]], np.float32)]
+    c = [np.array([[0.0, 0, 0], [16, 0, 0]]), np.array([[0.0, 0, 0], [16, 0, 0]]),
+         np.array([[0.0, 5, 0], [60, 0, 0]])]
+    got = cross_series_mean(f, c, ["a", "a", "b"], 16.0)
+    # token 0 is 5 mm from view 2's first token; token 1 is 16.8 mm from it: too far, so its own features
+    np.testing.assert_array_equal(got[0], [[100.0], [2.0]])
+    np.testing.assert_array_equal(got[1], [[100.0], [20.0]])
+    np.testing.assert_array_equal(got[2], [[1.0 / 2 + 10.0 / 2], [7.0]])  # nearest of each other view; alone: own
+    np.testing.assert_array_equal(cross_series_mean(f, c, ["a", "a", "b"], 4.0)[0], [[1.0], [2.0]])  # too far: own
+    # a token equally far from two tokens of another view gets their mean, whatever their order
+    ft, ct = [np.array([[1.0]], np.float32), np.array([[4.0], [8.0], [50.0]], np.float32)], \
+        [np.zeros((1, 3)), np.array([[8.0, 0, 0], [-8.0, 0, 0], [0, 0, 9.0]])]
+    np.testing.assert_array_equal(cross_series_mean(ft, ct, ["a", "b"])[0], [[6.0]])
+    np.testing.assert_array_equal(cross_series_mean([ft[0], ft[1][::-1]], [ct[0], ct[1][::-1]], ["a", "b"])[0],
+                                  [[6.0]])
+    # the limit is inclusive: a partner exactly 16 mm away counts
+    np.testing.assert_array_equal(cross_series_mean(ft, [ct[0], ct[1] * 2], ["a", "b"])[0], [[6.0]])
+    # one series only: every token keeps its own features
+    np.testing.assert_array_equal(cross_series_mean(f[:2], c[:2], ["a", "a"])[1], f[1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cross_series_mean_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n_views = 4
+    f = [rng.normal(size=(int(rng.integers(5, 30)), 3)).astype(np.float32) for _ in range(n_views)]
+    c = [rng.uniform(-40, 40, size=(len(x), 3)) for x in f]
+    series = ["s0", "s1", "s1", "s2"]
+    for a, b in zip(cross_series_mean(f, c, series, 16.0), _brute_cross(f, c, series, 16.0)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cross_series_bad_input_is_refused_by_name():
+    f = [np.zeros((2, 3), np.float32)]
+    for bad in (0, -1, 100, True, "16"):
+        with pytest.raises(ContextError, match="cross-series distance"):
+            cross_series_mean(f, [np.zeros((2, 3))], ["a"], bad)
+    with pytest.raises(ContextError, match="must match"):
+        cross_series_mean(f, [np.zeros((3, 3))], ["a"])
+    with pytest.raises(ContextError, match="views"):
+        cross_series_mean(f, [np.zeros((2, 3))], ["a", "b"])
+
+
+@pytest.fixture(scope="module")
+def two_series(tmp_path_factory):
+    """A cache with one MR study of two series (axial and coronal, one frame of reference) and one
+    CT study (one series, several windows), a random-init encoder, and the DICOM folder of the MR study."""
+    from neurovfm.ingest.pipeline import IngestOptions, run_ingest
+    from neurovfm.privacy.keys import Keyer
+    from neurovfm.synth.dicom_writer import Identity, SeriesSpec
+    from neurovfm.synth.phantom import write_phantom_series
+
+    root = tmp_path_factory.mktemp("cross")
+    mr = Identity(patient_id="PT1", study_description="MR HEAD")
+    for k, (plane, n) in enumerate((("axial", 18), ("coronal", 22))):
+        spec = SeriesSpec(modality="MR", series_description=f"T{k + 1} {plane}", series_number=k + 1,
+                          frame_of_reference_uid="1.2.3.4", repetition_time=500.0 + 2000 * k, echo_time=10.0 + 80 * k)
+        write_phantom_series(str(root / "dicom" / "mr" / f"s{k}"), plane, n=n, rows=160, cols=150, step=4.0,
+                             modality="MR", identity=mr, spec=spec, seed=k)
+    write_phantom_series(str(root / "dicom" / "ct" / "s0"), "axial", n=20, rows=160, cols=150, step=4.0,
+                         modality="CT", identity=Identity(patient_id="PT2"), seed=5)
+    cache = str(root / "cache")
+    run_ingest(str(root / "dicom"), cache, IngestOptions(progress=False), keyer=Keyer(b"cross-test"))
+    model = str(root / "model")
+    assert cli_main(["init-model", model, "--size", "tiny", "--seed", "0"]) == 0
+    return root, cache, model
+
+
+def test_derived_cross_series_features_are_the_studys_co_located_means(two_series):
+    from neurovfm.explain.maps import token_centres_ras
+    from neurovfm.tokens.cache import TokenCache
+
+    root, cache, model = two_series
+    plain, derived = str(root / "plain"), str(root / "xs")
+    embed(model, cache, plain, EmbedConfig(tokens_per_batch=600, part_tokens=700, append_histogram=8), progress=False)
+    assert cli_main(["add-context", plain, derived, "--radius", "1", "--cross-series", "--cache", cache,
+                     "--quiet"]) == 0
+    a, d = FeatureStore(plain), FeatureStore(derived)
+    assert d.dim == 3 * a.dim and d.context_radius == 1 and d.cross_series_mm == 16.0
+    assert d.head_features() == {**a.head_features(), "context_radius": 1, "cross_series_mm": 16.0}
+    c = TokenCache(cache)
+    mr = [k for k in a.studies() if a.modality(k) == "MR"]
+    assert len(mr) == 1 and len({v.series_key for v in a.bag_views(mr[0])}) == 2
+    # the two MR series sit in different parts: each view is paired with its study wherever stored
+    from neurovfm.probe.embed import read_part
+
+    part_of = {r["series_key"]: i for i in range(a.meta["n_parts"]) for r in read_part(plain, i, a.dim)[0]}
+    assert len({part_of[v.series_key] for v in a.bag_views(mr[0])}) == 2
+    moved = 0
+    for k in a.studies():
+        views = a.bag_views(k)
+        centres = [token_centres_ras(c.get(v.series_key).grid_affine_array, np.asarray(v.coords)) for v in views]
+        want = _brute_cross([np.asarray(v.feats, np.float32) for v in views], centres,
+                            [v.series_key for v in views], 16.0)
+        for v, w, dv in zip(views, want, d.bag_views(k)):
+            x = np.asarray(dv.feats, np.float32)
+            np.testing.assert_array_equal(x[:, :a.dim], np.asarray(v.feats, np.float32))
+            np.testing.assert_allclose(x[:, 2 * a.dim:], w, atol=2e-3, rtol=2e-3)
+            if a.modality(k) == "CT":  # one series: its windows are not each other's partners
+                np.testing.assert_array_equal(x[:, 2 * a.dim:], np.asarray(v.feats, np.float32))
+            else:
+                moved += int(np.abs(x[:, 2 * a.dim:] - np.asarray(v.feats, np.float32)).max() > 0.05)
+    assert moved == 2  # both MR series read the other
+    c.close()
+    # only the cross-series part, from a folder that has the neighbourhood already: the same bytes
+    nb, only = str(root / "nb"), str(root / "only")
+    derive_context_store(plain, nb, 1, progress=False)
+    assert cli_main(["add-context", nb, only, "--radius", "0", "--cross-series", "--cache", cache, "--quiet"]) == 0
+    for v1, v2 in zip(FeatureStore(only).views, d.views):
+        np.testing.assert_array_equal(np.asarray(v1.feats), np.asarray(v2.feats))
+    # refusals, by name: no cache, twice, nothing asked
+    with pytest.raises(ContextError, match="--cache"):
+        derive_context_store(plain, str(root / "nocache"), None, progress=False, cross_series_mm=16.0)
+    with pytest.raises(ContextError, match="already holds cross-series"):
+        derive_context_store(derived, str(root / "twice"), None, progress=False, cross_series_mm=16.0,
+                             cache_dir=cache)
+    with pytest.raises(ContextError, match="nothing to add"):
+        derive_context_store(plain, str(root / "none"), None, progress=False)
+    assert cli_main(["add-context", plain, str(root / "none2"), "--radius", "0", "--quiet"]) == 2
+
+
+def test_analyze_rebuilds_the_cross_series_features_the_store_holds(two_series):
+    """A head fitted on cross-series features gets, from `analyze` of the DICOM study, the features
+    the derived store holds for it (a mean-pool head: its logits are a linear map of the mean
+    input, so a wrong or missing part of the features changes them)."""
+    import shutil
+
+    from neurovfm.analyze.pipeline import Analyzer, read_study
+    from neurovfm.models.folder import update_config
+    from neurovfm.probe.heads import HeadConfig, build_head
+    from neurovfm.probe.train import save_head
+
+    root, cache, model = two_series
+    xs = FeatureStore(str(root / "xs"))  # made by the test above
+    folder = str(root / "amodel")
+    shutil.copytree(model, folder, dirs_exist_ok=True)
+    torch.manual_seed(1)
+    labels = ["a", "b", "c"]
+    head = build_head(HeadConfig(kind="mean"), xs.dim, len(labels)).eval()
+    save_head(folder, head, HeadConfig(kind="mean"), labels, name="head_mr", features=xs.head_features())
+    update_config(folder, ood={})
+    an = Analyzer(folder)
+    group, _ = read_study(str(root / "dicom" / "mr"), an.cfg)
+    assert len(group) == 2
+    sc = an.score("MR", group)
+    (k,) = [k for k in xs.studies() if xs.modality(k) == "MR"]
+    bag = xs.bag(k)
+    with torch.no_grad():
+        logits, _ = head(torch.from_numpy(bag), torch.tensor([0, len(bag)]))
+    np.testing.assert_allclose(sc.p_raw, torch.sigmoid(logits[0]).double().numpy(), atol=2e-3)

@@ -266,6 +266,10 @@ def test_external_evaluation_refuses_features_of_other_blocks(setup, tmp_path):
                                                           "context_radius": 1}}})  # embed --append-context 1
     with pytest.raises(ExternalEvalError, match="a neighbourhood radius none, but .* fitted on 1"):
         _check_features(folder, store, ExternalConfig())
+    update_config(folder, heads={"head_ct": {"features": {"encoder_id": encoder_id(folder), "readout_layers": None,
+                                                          "cross_series_mm": 16.0}}})  # add-context --cross-series
+    with pytest.raises(ExternalEvalError, match="a cross-series distance \\(mm\\) none, but .* fitted on 16.0"):
+        _check_features(folder, store, ExternalConfig())
     # only the heads of the modalities scored are checked: an MR-only run is not refused for the CT head
     _check_features(folder, store, ExternalConfig(modalities=["MR"]))
     with pytest.raises(ExternalEvalError, match="head_ct"):

@@ -135,7 +135,10 @@ def cmd_embed(a: argparse.Namespace) -> int:
 def cmd_add_context(a: argparse.Namespace) -> int:
     from neurovfm.probe.context import derive_context_store
 
-    print(json.dumps(derive_context_store(a.features, a.out, a.radius, progress=not a.quiet)))
+    cross = a.cross_series_mm if a.cross_series else None
+    radius = a.radius or None
+    print(json.dumps(derive_context_store(a.features, a.out, radius, progress=not a.quiet, cross_series_mm=cross,
+                                          cache_dir=a.cache)))
     return 0
 
 
@@ -425,7 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "(as embed --append-context, without rerunning the encoder; resumable)")
     s.add_argument("features", help="feature folder made by `neurovfm embed`")
     s.add_argument("out", help="new feature folder (created, or resumed)")
-    s.add_argument("--radius", type=int, default=1, help="neighbourhood in token grid steps (default 1: 3x3x3)")
+    s.add_argument("--radius", type=int, default=1, help="neighbourhood in token grid steps (default 1: 3x3x3; "
+                   "0: none, e.g. to add only --cross-series to features that have it)")
+    s.add_argument("--cross-series", action="store_true",
+                   help="also append, per token, the mean features of the co-located tokens of the study's other "
+                   "series (a multi-sequence signature; needs --cache)")
+    s.add_argument("--cross-series-mm", type=float, default=16.0,
+                   help="how far (mm) a co-located token's centre may be (default 16: one token)")
+    s.add_argument("--cache", help="the token cache the features were embedded from (world positions of tokens)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_add_context)
 

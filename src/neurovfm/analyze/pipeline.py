@@ -31,7 +31,7 @@ from neurovfm.ingest.pipeline import Unit, discover, process_unit
 from neurovfm.ingest.policy import DEFAULT_POLICY
 from neurovfm.models.folder import ModelFolderError, load_encoder, read_config, read_provenance
 from neurovfm.privacy.keys import Keyer
-from neurovfm.probe.context import ContextError, check_radius
+from neurovfm.probe.context import ContextError, check_cross_series, check_radius
 from neurovfm.probe.embed import encode_views, encoder_id, head_inputs
 from neurovfm.probe.heads import head_input_dim
 from neurovfm.probe.train import load_head
@@ -244,12 +244,15 @@ class Analyzer:
         for mod, (_, hmeta) in self.heads.items():
             fitted_on = (hmeta.get("features") or {}).get("encoder_id")
             radius = (hmeta.get("features") or {}).get("context_radius")
-            if radius is not None:
-                try:
+            cross = (hmeta.get("features") or {}).get("cross_series_mm")
+            try:
+                if radius is not None:
                     check_radius(radius)
-                except ContextError as e:
-                    raise AnalyzeError(f"{self.model}: head_{mod.lower()}'s features record a bad neighbourhood: "
-                                       f"{e}") from None
+                if cross is not None:
+                    check_cross_series(cross)
+            except ContextError as e:
+                raise AnalyzeError(f"{self.model}: head_{mod.lower()}'s features record a bad neighbourhood: "
+                                   f"{e}") from None
             if fitted_on and fitted_on != self.model_info["encoder_id"]:
                 raise AnalyzeError(f"{self.model}: head_{mod.lower()} was fitted on features of encoder "
                                    f"{fitted_on[:12]}, but this folder's encoder is "
@@ -338,7 +341,10 @@ class Analyzer:
         timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         fitted = hmeta.get("features") or {}  # embed --append-histogram / --append-context
-        head_in = head_inputs(feats, views, fitted.get("histogram_bins"), fitted.get("context_radius"))
+        cross = fitted.get("cross_series_mm")  # add-context --cross-series: every view of the exam at once
+        centres = [M.token_centres_ras(group[o].ts.grid_affine, c) for (_, c, _), o in zip(views, owner)] if cross else None
+        head_in = head_inputs(feats, views, fitted.get("histogram_bins"), fitted.get("context_radius"), cross, centres,
+                              owner)
         bag = torch.from_numpy(np.concatenate(head_in).astype(np.float32))
         n_tok = int(bag.shape[0])
         with torch.inference_mode():

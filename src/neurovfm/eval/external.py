@@ -106,7 +106,9 @@ def _check_features(model: str, store: FeatureStore, cfg: ExternalConfig) -> Non
                                                ("histogram_bins", "appended histogram bins", "none",
                                                 "--append-histogram"),
                                                ("context_radius", "a neighbourhood radius", "none",
-                                                "--append-context")):
+                                                "--append-context"),
+                                               ("cross_series_mm", "a cross-series distance (mm)", "none",
+                                                "add-context --cross-series")):
                 if fitted.get(key) != have.get(key):
                     raise ExternalEvalError(f"{store.root}: features with {what} {have.get(key) or default}, but "
                                             f"{model}'s {name} was fitted on {fitted.get(key) or default}; embed "

@@ -34,7 +34,7 @@ from neurovfm.models.config import EncoderConfig
 from neurovfm.models.encoder import resolve_readout
 from neurovfm.models.folder import load_encoder, read_config
 from neurovfm.models.packing import Packed
-from neurovfm.probe.context import ContextError, append_context, check_radius
+from neurovfm.probe.context import ContextError, append_context, append_cross_series, check_radius
 from neurovfm.pretrain.data import read_splits, token_kinds
 from neurovfm.tokens.cache import TokenCache, atomic_write_text, schema_hash
 from neurovfm.tokens.normalize import normalize, view_of
@@ -219,13 +219,21 @@ def append_histograms(feats: list[np.ndarray], views: list[tuple[np.ndarray, str
 
 
 def head_inputs(feats: list[np.ndarray], views: list[tuple[np.ndarray, np.ndarray, str]], bins: int | None,
-                radius: int | None) -> list[np.ndarray]:
+                radius: int | None, cross_series_mm: float | None = None, centres: list[np.ndarray] | None = None,
+                series: list | None = None) -> list[np.ndarray]:
     """Each view's features as a head fitted on them reads them: ``views`` holds each view's uint8
     tokens [n, T], coords [n, 3] and view name; the histograms (``bins``) are appended first, then
-    the neighbourhood of the result (``radius``). ``embed`` stores this and ``analyze`` rebuilds it,
-    so the order is defined here only."""
-    feats = append_histograms(feats, [(u8, view) for u8, _, view in views], bins)
-    return append_context(feats, [c for _, c, _ in views], radius)
+    the neighbourhood of the result (``radius``), then the cross-series mean of the result before
+    the neighbourhood (``cross_series_mm``; needs every view of the study, with token ``centres``
+    in world mm and a ``series`` id per view). ``embed`` / ``add-context`` store this and
+    ``analyze`` rebuilds it, so the order is defined here only."""
+    base = append_histograms(feats, [(u8, view) for u8, _, view in views], bins)
+    out = append_context(base, [c for _, c, _ in views], radius)
+    if cross_series_mm:
+        if centres is None or series is None:
+            raise ContextError("cross-series features need each view's token centres and series")
+        out = append_cross_series(out, base, centres, series, cross_series_mm)
+    return out
 
 
 def readout_of(depth: int, layers: list[int] | None) -> list[int] | None:
@@ -428,6 +436,7 @@ class FeatureStore:
         self.readout_layers: list[int] | None = self.meta.get("readout_layers")  # None: the last block
         self.histogram_bins: int | None = self.meta.get("histogram_bins")  # embed --append-histogram
         self.context_radius: int | None = self.meta.get("context_radius")  # embed --append-context
+        self.cross_series_mm: float | None = self.meta.get("cross_series_mm")  # add-context --cross-series
         missing = [i for i in range(self.meta["n_parts"]) if not os.path.isdir(_part_dir(out_dir, i))]
         if missing:
             raise FeatureStoreError(f"{out_dir}: incomplete, {len(missing)} of {self.meta['n_parts']} parts "
@@ -446,11 +455,14 @@ class FeatureStore:
     def head_features(self) -> dict[str, Any]:
         """What a head fitted on these features records (``analyze`` rebuilds the same features):
         the encoder, the blocks read, any appended histogram bins and, when used, the
-        neighbourhood radius (absent otherwise, so older heads' records still compare equal)."""
+        neighbourhood radius and the cross-series distance (absent otherwise, so older heads'
+        records still compare equal)."""
         out = {"encoder_id": self.meta["encoder_id"], "readout_layers": self.readout_layers,
                "histogram_bins": self.histogram_bins}
         if self.context_radius:
             out["context_radius"] = self.context_radius
+        if self.cross_series_mm:
+            out["cross_series_mm"] = self.cross_series_mm
         return out
 
     def studies(self) -> list[str]:
