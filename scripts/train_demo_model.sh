@@ -5,6 +5,7 @@
 #   heads:   the default archive (500 studies, seed 0; same split function and seed, so the
 #            encoder's pretraining patients are its train patients only) -> the float16 encoder's
 #            features + intensity histograms (32 bins) + neighbourhood (radius 1)
+#            (MRI: + the co-located tokens of the study's other series, add-context --cross-series)
 #            -> per modality (CT: ABMIL, MRI: top-k; the kinds chosen on validation for these
 #            features) a 5-seed ensemble on standardised features with the training split's lesion
 #            masks, Platt calibration, operating points and distance-to-training
@@ -41,11 +42,14 @@ $BIN/neurovfm rekey "$HEADS" --out "$WORK/keyed500" > /dev/null
 L="$WORK/keyed500/labels_keyed.csv"
 $BIN/neurovfm embed "$WORK/encoder16" "$WORK/cache500" "$WORK/features500" --splits-csv "$L" \
   --append-histogram 32 --append-context 1 --quiet > /dev/null
-for pair in CT:abmil MR:topk; do
-  mod=${pair%%:*}; kind=${pair##*:}
+# MRI tokens also read the co-located tokens of the study's other series (Plan O, /work/runs/s41)
+$BIN/neurovfm add-context "$WORK/features500" "$WORK/features500_xs" --radius 0 --cross-series \
+  --cache "$WORK/cache500" --quiet > /dev/null
+for spec in CT:abmil:features500 MR:topk:features500_xs; do
+  IFS=: read -r mod kind feats <<< "$spec"
   [ -e "$WORK/heads_$mod/config.json" ] || cp -r "$WORK/encoder16" "$WORK/heads_$mod"
   [ -e "$WORK/eval_$mod/metrics.json" ] || \
-    $BIN/neurovfm evaluate --features demo="$WORK/features500" --labels "$L" --cache "$WORK/cache500" \
+    $BIN/neurovfm evaluate --features demo="$WORK/$feats" --labels "$L" --cache "$WORK/cache500" \
       --out "$WORK/eval_$mod" --modalities "$mod" --head "$kind" --head-seeds 5 --standardize \
       --token-masks "$HEADS" --save-model "$WORK/heads_$mod" --quiet
 done

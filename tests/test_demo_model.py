@@ -29,7 +29,7 @@ def test_demo_model_is_shipped_and_documented():
     with safe_open(os.path.join(folder, "encoder.safetensors"), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}
     size = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder))
-    assert size < 12e6  # "a few MB"
+    assert size < 15e6  # "a few MB" (the budget set in Plan M; the MRI head reads 960-wide features)
 
 
 def test_analyze_uses_the_demo_model_by_default(tmp_path):
