@@ -153,9 +153,15 @@ def test_analyze_rebuilds_the_neighbourhood_for_heads_fitted_on_it(tmp_path):
     from neurovfm.analyze.pipeline import AnalyzeError
 
     heads = read_config(folder)["heads"]
+    radius = heads["head_mr"]["features"]["context_radius"]
     heads["head_mr"]["features"]["context_radius"] = 9
     update_config(folder, heads=heads)
-    with pytest.raises(AnalyzeError, match="head_mr's features record a bad neighbourhood: .*not 9"):
+    with pytest.raises(AnalyzeError, match="head_mr's features record a bad neighbourhood or cross-series "
+                                           "distance: .*not 9"):
+        Analyzer(folder)
+    heads["head_mr"]["features"].update(context_radius=radius, cross_series_mm=100.0)  # and an impossible distance
+    update_config(folder, heads=heads)
+    with pytest.raises(AnalyzeError, match="head_mr's features record .* cross-series distance: .*not 100"):
         Analyzer(folder)
 
 

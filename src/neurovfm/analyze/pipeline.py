@@ -251,8 +251,8 @@ class Analyzer:
                 if cross is not None:
                     check_cross_series(cross)
             except ContextError as e:
-                raise AnalyzeError(f"{self.model}: head_{mod.lower()}'s features record a bad neighbourhood: "
-                                   f"{e}") from None
+                raise AnalyzeError(f"{self.model}: head_{mod.lower()}'s features record a bad neighbourhood or "
+                                   f"cross-series distance: {e}") from None
             if fitted_on and fitted_on != self.model_info["encoder_id"]:
                 raise AnalyzeError(f"{self.model}: head_{mod.lower()} was fitted on features of encoder "
                                    f"{fitted_on[:12]}, but this folder's encoder is "
