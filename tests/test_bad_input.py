@@ -113,6 +113,22 @@ def test_every_problem_has_a_reason_and_the_run_goes_on(bad_tree, tmp_path, keye
     assert len(ok) == 1 and int(ok[0]["n_tokens"]) > 0
 
 
+def test_a_pool_of_workers_reports_the_same_reasons(bad_tree, tmp_path, keyer):
+    """Header reading is spread over worker processes once there are several chunks of files; their
+    refusals travel back to the parent (pickled), so one bad file must not break the pool."""
+    many = bad_tree / "junk" / "many"
+    many.mkdir()
+    for i in range(300):  # more files than one chunk of header reading
+        (many / f"IM{i:04d}").write_bytes(b"not a DICOM file %d" % i)
+    cache = tmp_path / "cache"
+    summary = run_ingest(str(bad_tree), str(cache), IngestOptions(progress=False, workers=2), keyer=keyer)
+    assert summary.ingested == 1
+    rows = list(csv.DictReader(open(cache / "manifest.csv")))
+    assert EXPECTED <= {(r["kind"], r["code"]) for r in rows if r["status"] == "failed"}
+    junk = [r for r in rows if r["kind"] == "file" and r["code"] == "not_dicom"]
+    assert len(junk) >= 301 and all(r["reason"] for r in junk)
+
+
 def test_cli_exit_codes_and_existing_cache_kept(bad_tree, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NEUROVFM_SITE_SECRET", "cli-secret")
     cache = tmp_path / "cache"

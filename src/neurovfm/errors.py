@@ -28,6 +28,18 @@ class IngestError(NeuroVFMError):
         where = f"{path}: " if path else ""
         super().__init__(f"{where}{reason} [{code}]")
 
+    def __reduce__(self):
+        # ingest workers return these to the parent process; the default pickling would call
+        # ``cls(message)``, which this signature refuses, and the whole pool would break on one bad file
+        return _restore_ingest_error, (type(self), dict(self.__dict__))
+
+
+def _restore_ingest_error(cls: type, state: dict) -> IngestError:
+    err = IngestError.__new__(cls)
+    IngestError.__init__(err, state["code"], state["reason"], state.get("path"), state.get("status", "failed"))
+    err.__dict__.update(state)
+    return err
+
 
 class SkipSeries(IngestError):
     """Valid input that policy excludes (kept apart so it is not counted as a failure)."""
