@@ -57,4 +57,6 @@ $BIN/python scripts/ship_demo_model.py "$WORK/encoder16" src/neurovfm/demo_model
   --heads CT="$WORK/heads_CT" MR="$WORK/heads_MR" --eval "$WORK/eval_CT/metrics.json" "$WORK/eval_MR/metrics.json" \
   --data "encoder: neurovfm synth --studies 300 --seed 0 (train split); heads: neurovfm synth --studies 500 --seed 0 (synthetic)" \
   --command "$CMD"
+# the MRI head draws token maps fused across the study's series (chosen on validation: Plan Q, /work/runs/s42)
+$BIN/neurovfm set-map src/neurovfm/demo_model MR=token-fused > /dev/null
 echo "demo model: src/neurovfm/demo_model"

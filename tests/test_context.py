@@ -310,26 +310,36 @@ def test_derived_cross_series_features_are_the_studys_co_located_means(two_serie
     assert cli_main(["add-context", plain, str(root / "none2"), "--radius", "0", "--quiet"]) == 2
 
 
+def _xs_head_folder(two_series, folder, cfg, seed, labels=("a", "b", "c")):
+    """A copy of the fixture's model folder with a random MRI head of kind ``cfg`` fitted (as far as
+    the folder knows) on the derived cross-series store's features."""
+    import shutil
+
+    from neurovfm.models.folder import update_config
+    from neurovfm.probe.heads import build_head
+    from neurovfm.probe.train import save_head
+
+    root, _, model = two_series
+    xs = FeatureStore(str(root / "xs"))
+    shutil.copytree(model, folder, dirs_exist_ok=True)
+    torch.manual_seed(seed)
+    head = build_head(cfg, xs.dim, len(labels)).eval()
+    save_head(folder, head, cfg, list(labels), name="head_mr", features=xs.head_features())
+    update_config(folder, ood={})
+    return folder, head
+
+
 def test_analyze_rebuilds_the_cross_series_features_the_store_holds(two_series):
     """A head fitted on cross-series features gets, from `analyze` of the DICOM study, the features
     the derived store holds for it (a mean-pool head: its logits are a linear map of the mean
     input, so a wrong or missing part of the features changes them)."""
-    import shutil
 
     from neurovfm.analyze.pipeline import Analyzer, read_study
-    from neurovfm.models.folder import update_config
-    from neurovfm.probe.heads import HeadConfig, build_head
-    from neurovfm.probe.train import save_head
+    from neurovfm.probe.heads import HeadConfig
 
-    root, cache, model = two_series
+    root, _, _ = two_series
     xs = FeatureStore(str(root / "xs"))  # made by the test above
-    folder = str(root / "amodel")
-    shutil.copytree(model, folder, dirs_exist_ok=True)
-    torch.manual_seed(1)
-    labels = ["a", "b", "c"]
-    head = build_head(HeadConfig(kind="mean"), xs.dim, len(labels)).eval()
-    save_head(folder, head, HeadConfig(kind="mean"), labels, name="head_mr", features=xs.head_features())
-    update_config(folder, ood={})
+    folder, head = _xs_head_folder(two_series, str(root / "amodel"), HeadConfig(kind="mean"), seed=1)
     an = Analyzer(folder)
     group, _ = read_study(str(root / "dicom" / "mr"), an.cfg)
     assert len(group) == 2
@@ -339,3 +349,84 @@ def test_analyze_rebuilds_the_cross_series_features_the_store_holds(two_series):
     with torch.no_grad():
         logits, _ = head(torch.from_numpy(bag), torch.tensor([0, len(bag)]))
     np.testing.assert_allclose(sc.p_raw, torch.sigmoid(logits[0]).double().numpy(), atol=2e-3)
+
+
+# -- maps fused across the study's series (map source token-fused, Plan Q) ------------------------
+def test_fuse_series_maps_by_hand():
+    from neurovfm.explain.fusion import fuse_series_maps
+
+    a, b = np.array([[1.0], [3.0]]), np.array([[5.0]])
+    ca, cb = np.array([[0.0, 0, 0], [32.0, 0, 0]]), np.array([[2.0, 0, 0]])
+    fa, fb = fuse_series_maps([a, b], [ca, cb])
+    # a's first token pairs with b's only token (2 mm); a's second is 30 mm away from it: its own value
+    np.testing.assert_allclose(fa, [[0.5 * 1 + 0.5 * 5], [3.0]])
+    np.testing.assert_allclose(fb, [[0.5 * 5 + 0.5 * 1]])  # b's token: nearest of a is a's first
+    np.testing.assert_allclose(fuse_series_maps([a, b], [ca, cb], own=1.0)[0], a)
+    np.testing.assert_allclose(fuse_series_maps([a, b], [ca, cb], own=0.0)[0], [[5.0], [3.0]])
+    np.testing.assert_allclose(fuse_series_maps([a], [ca])[0], a)  # one series: unchanged
+    with pytest.raises(ValueError, match="own weight"):
+        fuse_series_maps([a], [ca], own=1.5)
+    with pytest.raises(ValueError, match="centre arrays"):
+        fuse_series_maps([a, b], [ca])
+
+
+def test_token_fused_maps_and_the_map_a_model_folder_records(two_series, tmp_path):
+    """token-fused = the token map fused across the study's two MR series (explain.fusion), renormalised
+    over the study; a folder that records it (set-map) draws it by default in analyze (result.json says
+    which map), an explicit --map-source wins, and bad choices are refused with the folder unchanged."""
+    import shutil
+
+    from neurovfm.analyze.config import AnalyzeConfig
+    from neurovfm.analyze.pipeline import AnalyzeError, Analyzer, read_study, set_map_source
+    from neurovfm.explain.fusion import fuse_series_maps
+    from neurovfm.explain.maps import token_centres_ras
+    from neurovfm.models.folder import read_config, update_config
+    from neurovfm.probe.heads import HeadConfig, build_head
+    from neurovfm.probe.train import save_head
+
+    root, _, _ = two_series
+    xs = FeatureStore(str(root / "xs"))  # made by the test above
+    labels = ["a", "b", "c"]
+    folder, _ = _xs_head_folder(two_series, str(tmp_path / "tmodel"), HeadConfig(kind="topk", top_k=2), seed=2)
+    an = Analyzer(folder)
+    group, _ = read_study(str(root / "dicom" / "mr"), an.cfg)
+    tok = an.score("MR", group, map_source="token")
+    fused = an.score("MR", group, map_source="token-fused", view_features=tok.view_features)
+    assert (tok.map_source, fused.map_source) == ("token", "token-fused")
+    want = fuse_series_maps(tok.per_series_w, [token_centres_ras(s.ts.grid_affine, s.ts.coords) for s in group])
+    tot = sum(w.sum(0) for w in want)
+    for got, w in zip(fused.per_series_w, want):
+        np.testing.assert_allclose(got, w / tot, atol=1e-9)
+    np.testing.assert_allclose(sum(w.sum(0) for w in fused.per_series_w), 1.0, atol=1e-9)
+    assert not all(np.allclose(a, b) for a, b in zip(tok.per_series_w, fused.per_series_w))  # the series overlap
+    np.testing.assert_allclose(fused.p_cal, tok.p_cal)  # the map changes, not the findings
+    assert an.score("MR", group, view_features=tok.view_features).map_source == "head"  # nothing recorded
+    # recorded in the folder: the default of analyze (and of pointing's "default"), unless told otherwise
+    set_map_source(folder, "mr", "token-fused")
+    assert read_config(folder)["heads"]["head_mr"]["map_source"] == "token-fused"
+    an = Analyzer(folder)
+    sc = an.score("MR", group, view_features=tok.view_features)
+    assert sc.map_source == "token-fused"
+    for a, b in zip(sc.per_series_w, fused.per_series_w):
+        np.testing.assert_allclose(a, b)
+    assert Analyzer(folder, AnalyzeConfig(map_source="head")).score("MR", group).map_source == "head"
+    res = an.run(str(root / "dicom" / "mr"), str(tmp_path / "out"))
+    assert [e["map_source"] for e in res["exams"]] == ["token-fused"]
+    # refusals: an unknown map, a head that cannot draw it, a folder recording nonsense
+    before = open(os.path.join(folder, "config.json")).read()
+    with pytest.raises(AnalyzeError, match="'nonsense' is not a map"):
+        set_map_source(folder, "MR", "nonsense")
+    with pytest.raises(AnalyzeError, match="no head_ct"):
+        set_map_source(folder, "CT", "head")
+    mean = str(tmp_path / "mmodel")
+    shutil.copytree(folder, mean)
+    save_head(mean, build_head(HeadConfig(kind="mean"), xs.dim, len(labels)), HeadConfig(kind="mean"), labels,
+              name="head_mr", features=xs.head_features())
+    with pytest.raises(AnalyzeError, match="mean\\) has no token classifier"):
+        set_map_source(mean, "MR", "token-fused")
+    assert open(os.path.join(folder, "config.json")).read() == before
+    heads = read_config(folder)["heads"]
+    heads["head_mr"]["map_source"] = "sideways"
+    update_config(folder, heads=heads)
+    with pytest.raises(AnalyzeError, match="records the map 'sideways'"):
+        Analyzer(folder)

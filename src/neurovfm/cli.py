@@ -580,9 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (nothing is written elsewhere)")
     s.add_argument("--maps", default="top-k", choices=["top-k", "all", "none"])
     s.add_argument("--top-k", type=int, default=3, help="maps for the k most probable labels")
-    s.add_argument("--map-source", default="head", choices=list(MAP_SOURCES),
-                   help="head attention, each token's positive share of the logit (contribution), or "
-                        "attention rollout through the encoder back to input tokens")
+    s.add_argument("--map-source", choices=list(MAP_SOURCES),
+                   help="head attention, each token's positive share of the logit (contribution), each "
+                        "token's probability (token), that fused across the study's series (token-fused), or "
+                        "attention rollout through the encoder (default: the map each head's model folder "
+                        "records, chosen on validation; else head)")
     s.add_argument("--modality", choices=["ct", "mr"], help="modality of NIfTI files without a sidecar")
     s.add_argument("--attention", default="auto", help="encoder attention backend")
     s.add_argument("--show-paths", action="store_true", help="print refused files' paths (terminal only)")
@@ -631,6 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_report_eval)
 
+    s = sub.add_parser("set-map", help="record in a model folder the map each head draws by default "
+                                       "(chosen on validation)")
+    s.add_argument("model", help="model folder with heads")
+    s.add_argument("maps", nargs="+", metavar="MOD=MAP",
+                   help=f"e.g. MR=token-fused (maps: {', '.join(MAP_SOURCES)})")
+    s.set_defaults(func=cmd_set_map)
+
     s = sub.add_parser("pointing", help="pointing game: does the head's map hit the lesion? (synthetic archive)")
     s.add_argument("archive", help="a `neurovfm synth` archive (records.jsonl + lesion masks)")
     s.add_argument("--model", help="model folder with heads (default: the shipped demo model)")
@@ -640,8 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-studies", type=int)
     s.add_argument("--per-lesion", action="store_true",
                    help="one trial per lesion (default: one per study and label, a hit on any of its lesions)")
-    s.add_argument("--map-sources", default="head,contribution",
-                   help="comma-separated map kinds scored side by side from one encoding (head, contribution, rollout)")
+    s.add_argument("--map-sources", default="default,head,contribution",
+                   help="comma-separated map kinds scored side by side from one encoding (default: what analyze "
+                        "draws, each head's recorded map; head, contribution, token, token-fused, rollout); the "
+                        "first is the summary's")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_pointing)
 
@@ -816,13 +827,25 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set_map(a: argparse.Namespace) -> int:
+    from neurovfm.analyze.pipeline import set_map_source
+
+    for pair in a.maps:
+        mod, _, source = pair.partition("=")
+        if mod.upper() not in ("CT", "MR") or not source:
+            raise ValueError(f"set-map takes CT=MAP or MR=MAP, not {pair!r}")
+        set_map_source(a.model, mod, source)
+        print(f"{a.model}: the {mod.upper()} head draws {source} maps by default")
+    return 0
+
+
 def cmd_pointing(a: argparse.Namespace) -> int:
-    from neurovfm.explain.pointing import PointingConfig, run_pointing
+    from neurovfm.explain.pointing import DEFAULT_MAP, PointingConfig, run_pointing
 
     sources = tuple(x.strip() for x in a.map_sources.split(",") if x.strip())
-    bad = [x for x in sources if x not in MAP_SOURCES]
+    bad = [x for x in sources if x not in MAP_SOURCES + (DEFAULT_MAP,)]
     if bad or not sources:
-        raise ValueError(f"--map-sources takes {', '.join(MAP_SOURCES)}, not {a.map_sources!r}")
+        raise ValueError(f"--map-sources takes {', '.join((DEFAULT_MAP,) + MAP_SOURCES)}, not {a.map_sources!r}")
     cfg = PointingConfig(split=a.split, min_size_mm=a.min_size_mm, max_studies=a.max_studies, map_sources=sources,
                          pool_same_label=not a.per_lesion)
     res = run_pointing(a.archive, a.model, a.out, cfg, progress=not a.quiet)

@@ -14,7 +14,8 @@ HEAD_BODY_PARTS = ("", "HEAD", "BRAIN", "SKULL", "HEADNECK", "HEAD_NECK", "CEREB
 class AnalyzeConfig:
     maps: str = "top-k"  # top-k | all | none
     top_k: int = 3
-    map_source: str = "head"  # one of MAP_SOURCES
+    # one of MAP_SOURCES; None: the map each head's model folder records (chosen on validation), else head
+    map_source: str | None = None
     modality: str | None = None  # for NIfTI without a sidecar
     attention: str = "auto"
     tokens_per_batch: int = 16384
@@ -30,7 +31,7 @@ class AnalyzeConfig:
     def __post_init__(self) -> None:
         if self.maps not in ("top-k", "all", "none"):
             raise ValueError(f"--maps must be top-k, all or none, not {self.maps!r}")
-        if self.map_source not in MAP_SOURCES:
+        if self.map_source is not None and self.map_source not in MAP_SOURCES:
             raise ValueError(f"--map-source must be one of {', '.join(MAP_SOURCES)}, not {self.map_source!r}")
         if self.top_k < 1:
             raise ValueError("--top-k must be >= 1")

@@ -25,7 +25,9 @@ from neurovfm.analyze.config import HEAD_BODY_PARTS, AnalyzeConfig
 from neurovfm.analyze.ood import load_ood
 from neurovfm.errors import IngestError, NeuroVFMError
 from neurovfm.eval import calibrate as cal
+from neurovfm.explain import MAP_SOURCES, TOKEN_MAPS
 from neurovfm.explain import maps as M
+from neurovfm.explain.fusion import fuse_series_maps
 from neurovfm.ingest.nifti import is_nifti
 from neurovfm.ingest.pipeline import Unit, discover, process_unit
 from neurovfm.ingest.policy import DEFAULT_POLICY
@@ -174,6 +176,7 @@ class ExamScores:
     n_tokens: int  # foreground tokens of the series (each counted once, not once per CT window)
     ood: dict[str, Any] | None
     view_features: list = field(default_factory=list)  # encoder tokens per series view (the report's input)
+    map_source: str = "head"  # the kind of map per_series_w holds
 
 
 def exam_views(mod: str, group: list[SeriesInput]) -> tuple[list[tuple[np.ndarray, np.ndarray, str]], list[int]]:
@@ -253,6 +256,10 @@ class Analyzer:
             except ContextError as e:
                 raise AnalyzeError(f"{self.model}: head_{mod.lower()}'s features record a bad neighbourhood or "
                                    f"cross-series distance: {e}") from None
+            recorded = hmeta.get("map_source")
+            if recorded is not None and recorded not in MAP_SOURCES:
+                raise AnalyzeError(f"{self.model}: head_{mod.lower()} records the map {recorded!r}, which is none "
+                                   f"of {', '.join(MAP_SOURCES)}")
             if fitted_on and fitted_on != self.model_info["encoder_id"]:
                 raise AnalyzeError(f"{self.model}: head_{mod.lower()} was fitted on features of encoder "
                                    f"{fitted_on[:12]}, but this folder's encoder is "
@@ -262,15 +269,20 @@ class Analyzer:
         self.load_s = time.perf_counter() - t
         self._progress = lambda step, fraction: None
 
-    def check_map_source(self, source: str) -> None:
-        """Refuse a map source some head cannot draw, before any study is read (a ``token`` map
-        needs a token classifier, which mean-pooling heads lack: asked of ``heads.token_logits``,
-        the function that draws the map, on one zero token)."""
-        if source != "token":
-            return
+    def map_source_for(self, mod: str, source: str | None = None) -> str:
+        """The map a head draws: ``source`` if given, else the config's, else the one its model
+        folder records (chosen on validation), else the head's attention."""
+        return source or self.cfg.map_source or self.heads[mod][1].get("map_source") or "head"
+
+    def check_map_source(self, source: str | None) -> None:
+        """Refuse a map source some head cannot draw, before any study is read (``token`` maps
+        need a token classifier, which mean-pooling heads lack: asked of ``heads.token_logits``,
+        the function that draws the map, on one zero token). ``None``: each head's own choice."""
         from neurovfm.probe.heads import token_logits
 
         for mod, (head, hmeta) in self.heads.items():
+            if self.map_source_for(mod, source) not in TOKEN_MAPS:
+                continue
             with torch.inference_mode():
                 none = token_logits(head, torch.zeros(1, head_input_dim(head))) is None
             if none:
@@ -327,7 +339,7 @@ class Analyzer:
         config's, so several kinds of map can come from one encoding."""
         timings = timings if timings is not None else {}
         cfg = self.cfg
-        map_source = map_source or cfg.map_source
+        map_source = self.map_source_for(mod, map_source)
         head, hmeta = self.heads[mod]
         labels: list[str] = hmeta["labels"]
         readout = (hmeta.get("features") or {}).get("readout_layers")  # the blocks the head was fitted on
@@ -357,7 +369,7 @@ class Analyzer:
             contrib = np.clip(token_contributions(head, bag, torch.tensor([0, n_tok])).double().numpy(), 0, None)
             tot = contrib.sum(0, keepdims=True)
             attn = np.divide(contrib, tot, out=np.zeros_like(contrib), where=tot > 0)
-        if map_source == "token":  # each token's own probability of the finding, as a distribution
+        if map_source in TOKEN_MAPS:  # each token's own probability of the finding, as a distribution
             from neurovfm.probe.heads import token_logits
 
             with torch.inference_mode():
@@ -388,6 +400,11 @@ class Analyzer:
                 if o == si:
                     w += attn[offs[vi]:offs[vi + 1]]
             per_series_w.append(w)
+        if map_source == "token-fused":  # with the co-located tokens of the study's other series
+            per_series_w = fuse_series_maps(per_series_w, [M.token_centres_ras(s.ts.grid_affine, s.ts.coords)
+                                                            for s in group])
+            tot = sum(w.sum(0) for w in per_series_w)
+            per_series_w = [np.divide(w, tot, out=np.zeros_like(w), where=tot > 0) for w in per_series_w]
         ood = None
         ood_m = self.ood.get(mod)
         if ood_m is not None:
@@ -397,7 +414,7 @@ class Analyzer:
         timings["heads"] = timings.get("heads", 0.0) + time.perf_counter() - t
         n_fg = int(sum(s.ts.n_tokens for s in group))
         return ExamScores(mod, labels, p_raw, p_cal, thr, acuity, level, decided, drivers, per_series_w, n_fg, ood,
-                          list(feats))
+                          list(feats), map_source)
 
     def _exam(self, mod: str, group: list[SeriesInput], out: str, timings: dict[str, float],
               warnings: list[dict[str, Any]]) -> dict[str, Any]:
@@ -467,7 +484,7 @@ class Analyzer:
                         "warnings": [w["code"] for w in s.warnings]} for s in group],
             "triage": {"level": sc.level, "drivers": sc.drivers},
             "findings": [r["label"] for r in rows if r["decision"]],
-            "labels": rows, "distance_to_training": sc.ood,
+            "labels": rows, "distance_to_training": sc.ood, "map_source": sc.map_source,
         }
         if report is not None:
             exam["report"] = report
@@ -508,6 +525,34 @@ def _acuity(mod: str, label: str) -> str:
         return tables.acuity(mod, label)
     except Exception:  # a custom label set: unknown labels count as Routine
         return "Routine"
+
+
+def set_map_source(model: str, mod: str, source: str) -> dict[str, Any]:
+    """Record in a model folder the map its ``mod`` head draws by default (a choice made on the
+    validation split, e.g. with ``neurovfm pointing --split val --map-sources head,token-fused``);
+    refused, with the folder left as it was, for an unknown map or one the head cannot draw."""
+    from neurovfm.models.folder import update_config
+    from neurovfm.probe.heads import token_logits
+
+    mod = mod.upper()
+    if source not in MAP_SOURCES:
+        raise AnalyzeError(f"{source!r} is not a map ({', '.join(MAP_SOURCES)})")
+    key = f"head_{mod.lower()}"
+    try:
+        heads = read_config(model).get("heads", {})
+        if key not in heads:
+            raise AnalyzeError(f"{model}: no {key} (heads: {', '.join(sorted(heads)) or 'none'})")
+        head, meta = load_head(model, key)
+    except ModelFolderError as e:
+        raise AnalyzeError(str(e)) from None
+    if source in TOKEN_MAPS:
+        with torch.inference_mode():
+            if token_logits(head, torch.zeros(1, head_input_dim(head))) is None:
+                raise AnalyzeError(f"{model}: the {mod} head ({meta['head']['kind']}) has no token classifier "
+                                   f"to draw a {source} map")
+    heads[key] = {**heads[key], "map_source": source}
+    update_config(model, heads=heads)
+    return heads[key]
 
 
 def analyze(study: str, out: str, model: str | None = None, cfg: AnalyzeConfig | None = None, log=None) -> dict:

@@ -38,7 +38,8 @@ class PointingConfig:
     samples_per_axis: tuple[int, int, int] = (2, 4, 4)  # voxels sampled per token to test overlap
     bootstrap: int = 1000
     seed: int = 0
-    map_sources: tuple[str, ...] = ("head", "contribution")  # scored side by side from one encoding
+    # scored side by side from one encoding; "default": what analyze draws (each head's recorded map, else head)
+    map_sources: tuple[str, ...] = ("default", "head", "contribution")
     # one trial per (study, label), hit on any lesion of that label (the standard pointing game: one
     # map per label can point at one place); False: one trial per lesion, as records before 2026-12-06
     pool_same_label: bool = True
@@ -66,6 +67,7 @@ def token_lesion_overlap(ts: Any, mask_img: nib.Nifti1Image, patch: tuple[int, i
     return out
 
 
+DEFAULT_MAP = "default"  # a map source name for "the map analyze draws by default"
 TIE_RTOL = 1e-9  # map values this close to the top one count as tied with it (sums over views differ in the last bits)
 
 
@@ -137,7 +139,7 @@ def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None 
         records = [json.loads(line) for line in fh if line.strip()]
     an = Analyzer(model, AnalyzeConfig(maps="none"))
     for src in cfg.map_sources:
-        an.check_map_source(src)
+        an.check_map_source(None if src == DEFAULT_MAP else src)
     todo = [r for r in records if r["split"] == cfg.split and r["modality"] in an.heads
             and any(f["size_mm"] >= cfg.min_size_mm and f["label"] in an.heads[r["modality"]][1]["labels"]
                     for f in r["findings"])]
@@ -151,7 +153,7 @@ def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None 
         scores = {}
         for src in cfg.map_sources:
             first = next(iter(scores.values()), None)
-            scores[src] = an.score(r["modality"], group, map_source=src,
+            scores[src] = an.score(r["modality"], group, map_source=None if src == DEFAULT_MAP else src,
                                    view_features=first.view_features if first else None)
         sc = scores[cfg.map_sources[0]]
         for trial in pointing_trials(r["findings"], ov, sc.labels, cfg.min_size_mm, cfg.pool_same_label):
@@ -160,6 +162,8 @@ def run_pointing(archive: str, model: str, out: str, cfg: PointingConfig | None 
             row = {"patient": r["patient"], "modality": r["modality"], "label": trial["label"],
                    "size_mm": trial["size_mm"], "side": trial["side"], "n_lesions": trial["n_lesions"],
                    "uniform_hit": float(hit_tokens.mean()), "calibrated_probability": float(sc.p_cal[j])}
+            if DEFAULT_MAP in scores:
+                row["default_map"] = scores[DEFAULT_MAP].map_source
             for src, scs in scores.items():
                 w = np.concatenate([pw[:, j] for pw in scs.per_series_w])
                 row[f"hit_{src}"] = pointing_hit(w, hit_tokens)
