@@ -300,6 +300,8 @@ def test_derived_cross_series_features_are_the_studys_co_located_means(two_serie
     for v1, v2 in zip(FeatureStore(only).views, d.views):
         np.testing.assert_array_equal(np.asarray(v1.feats), np.asarray(v2.feats))
     # refusals, by name: no cache, twice, nothing asked
+    assert cli_main(["add-context", plain, str(root / "mmonly"), "--cross-series-mm", "8", "--quiet"]) == 2
+    assert not os.path.exists(root / "mmonly")  # a distance without --cross-series: refused, nothing written
     with pytest.raises(ContextError, match="--cache"):
         derive_context_store(plain, str(root / "nocache"), None, progress=False, cross_series_mm=16.0)
     with pytest.raises(ContextError, match="already holds cross-series"):

@@ -135,7 +135,9 @@ def cmd_embed(a: argparse.Namespace) -> int:
 def cmd_add_context(a: argparse.Namespace) -> int:
     from neurovfm.probe.context import derive_context_store
 
-    cross = a.cross_series_mm if a.cross_series else None
+    if a.cross_series_mm is not None and not a.cross_series:
+        raise ValueError("--cross-series-mm sets the distance of --cross-series, which was not given")
+    cross = (16.0 if a.cross_series_mm is None else a.cross_series_mm) if a.cross_series else None
     radius = a.radius or None
     print(json.dumps(derive_context_store(a.features, a.out, radius, progress=not a.quiet, cross_series_mm=cross,
                                           cache_dir=a.cache)))
@@ -433,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cross-series", action="store_true",
                    help="also append, per token, the mean features of the co-located tokens of the study's other "
                    "series (a multi-sequence signature; needs --cache)")
-    s.add_argument("--cross-series-mm", type=float, default=16.0,
+    s.add_argument("--cross-series-mm", type=float,
                    help="how far (mm) a co-located token's centre may be (default 16: one token)")
     s.add_argument("--cache", help="the token cache the features were embedded from (world positions of tokens)")
     s.add_argument("--quiet", action="store_true")

@@ -6,7 +6,7 @@ So a token's fused map value is a weighted mean of its own value and the mean va
 co-located tokens of the study's other series (the nearest token centre in world millimetres, within
 ``probe.context.CROSS_SERIES_MM``: the same pairing the cross-series features use). Series that
 share no space with the others (or a study of one series) keep their own map. Chosen on the
-validation split per head (Plan Q, ``bench/explain/map_fusion_val.py``).
+validation split per head (Plan Q: ``neurovfm pointing --split val --map-sources head,token,token-fused``).
 """
 
 from __future__ import annotations
