@@ -427,6 +427,12 @@ def test_token_fused_maps_and_the_map_a_model_folder_records(two_series, tmp_pat
     with pytest.raises(AnalyzeError, match="mean\\) has no token classifier"):
         set_map_source(mean, "MR", "token-fused")
     assert open(os.path.join(folder, "config.json")).read() == before
+    # the command checks every choice before writing: a good MR choice beside a bad CT one writes nothing
+    for bad in (["MR=token", "CT=head"], ["MR=token", "MR=head"], ["MR=token", "XX=head"]):
+        assert cli_main(["set-map", folder, *bad]) == 2, bad
+        assert open(os.path.join(folder, "config.json")).read() == before, bad
+    assert cli_main(["set-map", folder, "MR=token"]) == 0
+    assert read_config(folder)["heads"]["head_mr"]["map_source"] == "token"
     heads = read_config(folder)["heads"]
     heads["head_mr"]["map_source"] = "sideways"
     update_config(folder, heads=heads)

@@ -830,14 +830,17 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
 
 def cmd_set_map(a: argparse.Namespace) -> int:
-    from neurovfm.analyze.pipeline import set_map_source
+    from neurovfm.analyze.pipeline import set_map_sources
 
-    for pair in a.maps:
+    choices: dict[str, str] = {}
+    for pair in a.maps:  # all parsed and checked before the folder is touched
         mod, _, source = pair.partition("=")
-        if mod.upper() not in ("CT", "MR") or not source:
-            raise ValueError(f"set-map takes CT=MAP or MR=MAP, not {pair!r}")
-        set_map_source(a.model, mod, source)
-        print(f"{a.model}: the {mod.upper()} head draws {source} maps by default")
+        if mod.upper() not in ("CT", "MR") or not source or mod.upper() in choices:
+            raise ValueError(f"set-map takes CT=MAP and/or MR=MAP, each once, not {pair!r}")
+        choices[mod.upper()] = source
+    set_map_sources(a.model, choices)
+    for mod, source in choices.items():
+        print(f"{a.model}: the {mod} head draws {source} maps by default")
     return 0
 
 

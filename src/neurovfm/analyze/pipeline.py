@@ -527,32 +527,44 @@ def _acuity(mod: str, label: str) -> str:
         return "Routine"
 
 
-def set_map_source(model: str, mod: str, source: str) -> dict[str, Any]:
-    """Record in a model folder the map its ``mod`` head draws by default (a choice made on the
-    validation split, e.g. with ``neurovfm pointing --split val --map-sources head,token-fused``);
-    refused, with the folder left as it was, for an unknown map or one the head cannot draw."""
+def set_map_sources(model: str, choices: dict[str, str]) -> dict[str, Any]:
+    """Record in a model folder the map each named head draws by default (``{"MR": "token-fused"}``;
+    a choice made on the validation split, e.g. with ``neurovfm pointing --split val --map-sources
+    head,token-fused``). Every choice is checked first and the folder written once, so one bad choice
+    (an unknown map, a missing head, a head that cannot draw the map) leaves the folder as it was."""
     from neurovfm.models.folder import update_config
     from neurovfm.probe.heads import token_logits
 
-    mod = mod.upper()
-    if source not in MAP_SOURCES:
-        raise AnalyzeError(f"{source!r} is not a map ({', '.join(MAP_SOURCES)})")
-    key = f"head_{mod.lower()}"
     try:
         heads = read_config(model).get("heads", {})
-        if key not in heads:
-            raise AnalyzeError(f"{model}: no {key} (heads: {', '.join(sorted(heads)) or 'none'})")
-        head, meta = load_head(model, key)
     except ModelFolderError as e:
         raise AnalyzeError(str(e)) from None
-    if source in TOKEN_MAPS:
-        with torch.inference_mode():
-            if token_logits(head, torch.zeros(1, head_input_dim(head))) is None:
-                raise AnalyzeError(f"{model}: the {mod} head ({meta['head']['kind']}) has no token classifier "
-                                   f"to draw a {source} map")
-    heads[key] = {**heads[key], "map_source": source}
+    for mod, source in choices.items():
+        mod = mod.upper()
+        if source not in MAP_SOURCES:
+            raise AnalyzeError(f"{source!r} is not a map ({', '.join(MAP_SOURCES)})")
+        key = f"head_{mod.lower()}"
+        if key not in heads:
+            raise AnalyzeError(f"{model}: no {key} (heads: {', '.join(sorted(heads)) or 'none'})")
+        if source in TOKEN_MAPS:
+            try:
+                head, meta = load_head(model, key)
+            except ModelFolderError as e:
+                raise AnalyzeError(str(e)) from None
+            with torch.inference_mode():
+                if token_logits(head, torch.zeros(1, head_input_dim(head))) is None:
+                    raise AnalyzeError(f"{model}: the {mod} head ({meta['head']['kind']}) has no token classifier "
+                                       f"to draw a {source} map")
+    for mod, source in choices.items():
+        key = f"head_{mod.lower()}"
+        heads[key] = {**heads[key], "map_source": source}
     update_config(model, heads=heads)
-    return heads[key]
+    return heads
+
+
+def set_map_source(model: str, mod: str, source: str) -> dict[str, Any]:
+    """One head's default map (``set_map_sources`` with one choice); returns that head's entry."""
+    return set_map_sources(model, {mod: source})[f"head_{mod.lower()}"]
 
 
 def analyze(study: str, out: str, model: str | None = None, cfg: AnalyzeConfig | None = None, log=None) -> dict:
